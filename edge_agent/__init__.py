@@ -1,0 +1,1 @@
+"""The device side: profiles, local training, MQTT agent and (torch-free) inference."""

@@ -1,0 +1,240 @@
+"""The device agent: announce, wait for round tasks, train locally, publish one update per round.
+
+All network handling is on paho's thread; training runs on a TrainingPool worker so the
+MQTT keepalive never stalls behind a long epoch.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from models.data import Split
+from models.wire import EnvelopeError, Topics, decode
+from models.wire.envelope import DEFAULT_MAX_BYTES
+from models.wire.messages import (
+    ModelMessage,
+    TaskMessage,
+    build_update_message,
+    parse_model,
+    parse_task,
+    status_payload,
+)
+from models.wire.transport import BrokerConfig, MqttLink
+
+from .pool import TrainingPool
+from .profile import Profile, ProfileError
+from .trainer import LocalTrainer, TrainConfig, TrainResult, estimate_training_mb, job_seed
+
+log = logging.getLogger("fedge.agent")
+
+
+class Agent:
+    """One device: its profile, its local data and its own MQTT connection."""
+
+    def __init__(
+        self,
+        device_id: str,
+        profile: Profile,
+        broker: BrokerConfig,
+        topics: Topics,
+        data: Split,
+        num_classes: int,
+        pool: TrainingPool,
+        seed: int = 0,
+        max_payload: int = DEFAULT_MAX_BYTES,
+    ) -> None:
+        self.device_id = device_id
+        self.profile = profile
+        self.topics = topics
+        self.num_classes = num_classes
+        self.in_shape = tuple(int(d) for d in data.x.shape[1:])
+        self.x = torch.from_numpy(np.ascontiguousarray(data.x))
+        self.y = torch.from_numpy(np.ascontiguousarray(data.y))
+        self.class_counts = np.bincount(data.y, minlength=num_classes).astype(int).tolist()
+        self.pool = pool
+        self.seed = seed
+        self.max_payload = max_payload
+        self._lock = threading.Lock()
+        self._model: ModelMessage | None = None
+        self._task: TaskMessage | None = None
+        self._busy: set[tuple[str, int]] = set()
+        self._done: set[tuple[str, int]] = set()
+        self._dead = False
+        self._fits: set[str] = set()
+        self.finished = threading.Event()
+        self.rounds_trained = 0
+        self.bytes_up = 0
+        self.bytes_down = 0
+        self.link = MqttLink(
+            broker,
+            client_id=f"fedge-dev-{topics.fleet}-{device_id}",
+            will=(topics.device_status(device_id), status_payload("offline", device=device_id)),
+        )
+
+    # -- lifecycle -------------------------------------------------------------------
+    def start(self, timeout: float = 20.0) -> "Agent":
+        self._check_memory_budget()
+        # The model topic is subscribed only while this device is selected and lacks the
+        # round's model: unselected devices never download it (fewer bytes on the air).
+        self.link.subscribe(self.topics.round, self._on_task)
+        self.link.on_connect(self._announce)
+        self.link.start(timeout)
+        return self
+
+    def stop(self) -> None:
+        """Clean shutdown: retained 'offline' status, then disconnect."""
+        self._dead = True
+        self.link.stop(final=(self.topics.device_status(self.device_id), status_payload("offline", device=self.device_id)))
+
+    def crash(self) -> None:
+        """Simulate a device dying: no goodbye, results in flight are dropped, the will fires."""
+        self._dead = True
+        sock = self.link.client.socket()
+        self.link.client.loop_stop()
+        if sock is not None:
+            sock.close()
+
+    def _check_memory_budget(self, model_name: str | None = None) -> None:
+        """Refuse a model whose training would not fit the profile's memory budget."""
+        from models.registry import build_model, count_parameters  # noqa: PLC0415
+
+        name = model_name or self.profile.model
+        if name in self._fits:
+            return
+        params = count_parameters(build_model(name, self.in_shape, self.num_classes))
+        need = estimate_training_mb(params, self.profile.batch_size, int(np.prod(self.in_shape)), self.profile.optimizer)
+        if need > self.profile.memory_budget_mb:
+            raise ProfileError(
+                f"profile {self.profile.name!r}: training {name} needs about {need:.0f} MiB, "
+                f"above memory_budget_mb={self.profile.memory_budget_mb}; lower batch_size or raise the budget"
+            )
+        self._fits.add(name)
+
+    def _announce(self) -> None:
+        info: dict[str, Any] = {
+            "device": self.device_id,
+            "num_samples": int(len(self.y)),
+            "class_counts": self.class_counts,
+            "profile": self.profile.summary(),
+        }
+        self.link.publish(self.topics.device_status(self.device_id), status_payload("online", **info), retain=True)
+
+    # -- inbound ---------------------------------------------------------------------
+    def _decode(self, payload: bytes, what: str):  # noqa: ANN202
+        self.bytes_down += len(payload)
+        try:
+            return decode(payload, max_bytes=self.max_payload)
+        except EnvelopeError as exc:
+            log.warning("%s: dropped %s message: %s", self.device_id, what, exc)
+            return None
+
+    def _on_model(self, topic: str, payload: bytes) -> None:
+        if not payload:
+            return
+        env = self._decode(payload, "model")
+        if env is None:
+            return
+        try:
+            msg = parse_model(env)
+        except EnvelopeError as exc:
+            log.warning("%s: dropped model: %s", self.device_id, exc)
+            return
+        if msg.fleet != self.topics.fleet:
+            log.warning("%s: dropped model of fleet %r", self.device_id, msg.fleet)
+            return
+        with self._lock:
+            self._model = msg
+            task = self._task
+            wanted = task is not None and task.state == "open" and msg.run == task.run and msg.version == task.model_version
+        if wanted:
+            self.link.unsubscribe(self.topics.model)
+        self._maybe_train()
+
+    def _on_task(self, topic: str, payload: bytes) -> None:
+        if not payload:
+            return
+        env = self._decode(payload, "task")
+        if env is None:
+            return
+        try:
+            task = parse_task(env)
+        except EnvelopeError as exc:
+            log.warning("%s: dropped task: %s", self.device_id, exc)
+            return
+        if task.fleet != self.topics.fleet:
+            return
+        with self._lock:
+            self._task = task
+        if task.state == "finished":
+            self.finished.set()
+            return
+        self.finished.clear()
+        self._maybe_train()
+
+    # -- training --------------------------------------------------------------------
+    def _maybe_train(self) -> None:
+        with self._lock:
+            task, model = self._task, self._model
+            if self._dead or task is None or task.state != "open" or self.device_id not in task.selected:
+                return
+            key = (task.run, task.round)
+            if key in self._done or key in self._busy:
+                return
+            if model is None or model.run != task.run or model.version != task.model_version:
+                need_model = True  # its handler calls us again when it arrives
+            else:
+                need_model = False
+            if time.time() > task.deadline:
+                log.info("%s: round %d already past its deadline, skipping", self.device_id, task.round)
+                return
+            if not need_model:
+                self._busy.add(key)
+        if need_model:
+            self.link.subscribe(self.topics.model, self._on_model)
+            return
+        try:
+            self._check_memory_budget(model.model)
+        except (ProfileError, ValueError) as exc:
+            log.error("%s: cannot train round %d: %s", self.device_id, task.round, exc)
+            with self._lock:
+                self._busy.discard(key)
+                self._done.add(key)
+            return
+        cfg = TrainConfig.resolve(self.profile, task.train)
+        seed = job_seed(self.seed, task.round, self.device_id)
+        tensors = model.tensors
+
+        def job(trainer: LocalTrainer) -> TrainResult:
+            return trainer.train(tensors, self.x, self.y, cfg, seed)
+
+        self.pool.submit(
+            (model.model, self.in_shape, self.num_classes), job, lambda result: self._finish(task, result)
+        )
+
+    def _finish(self, task: TaskMessage, result: TrainResult | Exception) -> None:
+        key = (task.run, task.round)
+        with self._lock:
+            self._busy.discard(key)
+        if self._dead:
+            return
+        if isinstance(result, Exception):
+            log.error("%s: training for round %d failed: %s", self.device_id, task.round, result)
+            return
+        payload = build_update_message(
+            fleet=task.fleet, run=task.run, device=self.device_id, round_id=task.round,
+            base_version=task.model_version, tensors=result.state, num_samples=result.num_samples,
+            metrics={"loss": result.loss, "accuracy": result.accuracy, "seconds": result.seconds},
+            codec=task.codec or self.profile.precision,
+        )
+        self.link.publish(self.topics.device_update(self.device_id), payload, qos=1)
+        self.bytes_up += len(payload)
+        with self._lock:
+            self._done.add(key)
+            self.rounds_trained += 1
+        log.debug("%s: published update for round %d (%d bytes)", self.device_id, task.round, len(payload))

@@ -1,0 +1,65 @@
+"""Training workers: one thread each, each with its own resident trainer per model.
+
+A standalone agent uses a pool of one; the fleet simulator shares one pool among all its
+virtual devices, so N devices cost W model instances, not N.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from typing import Any, Callable
+
+import torch
+
+from .trainer import LocalTrainer
+
+log = logging.getLogger("fedge.pool")
+
+Job = Callable[[LocalTrainer], Any]
+Done = Callable[[Any], None]
+
+
+class TrainingPool:
+    def __init__(self, workers: int = 1, threads_per_worker: int | None = None, device: str = "cpu") -> None:
+        if workers < 1:
+            raise ValueError("a training pool needs at least one worker")
+        if threads_per_worker:
+            torch.set_num_threads(threads_per_worker * workers)
+        self.device = device
+        self._jobs: queue.Queue = queue.Queue()
+        self._threads = [
+            threading.Thread(target=self._work, name=f"fedge-train-{i}", daemon=True) for i in range(workers)
+        ]
+        for t in self._threads:
+            t.start()
+
+    def submit(self, model_key: tuple[str, tuple[int, ...], int], job: Job, done: Done) -> None:
+        """Run `job(trainer)` on a worker; `done` gets the result or the exception raised."""
+        self._jobs.put((model_key, job, done))
+
+    def close(self) -> None:
+        for _ in self._threads:
+            self._jobs.put(None)
+        for t in self._threads:
+            t.join(timeout=30)
+
+    def _work(self) -> None:
+        trainers: dict[tuple, LocalTrainer] = {}
+        while True:
+            item = self._jobs.get()
+            if item is None:
+                return
+            key, job, done = item
+            try:
+                if key not in trainers:
+                    trainers[key] = LocalTrainer(key[0], key[1], key[2], device=self.device)
+                result: Any = job(trainers[key])
+            except Exception as exc:  # noqa: BLE001 - handed to the caller, worker survives
+                log.exception("training job failed")
+                result = exc
+            try:
+                done(result)
+            except Exception:  # noqa: BLE001
+                log.exception("training completion callback failed")

@@ -1,0 +1,109 @@
+"""Firmware profiles: what a class of device may do (model, mode, batch, threads, memory).
+
+The schema lives here and nowhere else; the hub reads the same fields from a device's
+status message. Every error names the file, the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+import firmware_profiles
+
+PROFILE_DIR = Path(firmware_profiles.__file__).resolve().parent
+
+
+class ProfileError(ValueError):
+    """A profile file that is missing, unparsable or breaks the schema."""
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    description: str = ""
+    device: str = "cpu"  # cpu | cuda
+    threads: int = 1  # torch intra-op threads while training
+    batch_size: int = 32  # upper bound: a round task may ask for less, never more
+    memory_budget_mb: int = 512  # training refuses to start above this estimate
+    model: str = "mlp"
+    mode: str = "dense"  # dense | mpt
+    local_epochs: int = 1
+    precision: str = "fp32"  # wire codec of uploaded updates: fp32 | fp16
+    lr: float = 0.05
+    optimizer: str = "sgd"  # sgd | adam
+    momentum: float = 0.9
+
+    def summary(self) -> dict[str, Any]:
+        """What the device announces to the hub in its status message."""
+        return asdict(self)
+
+
+# key -> (python types, allowed values or None, human description)
+_SCHEMA: dict[str, tuple[tuple[type, ...], tuple | None, str]] = {
+    "name": ((str,), None, "a short profile name"),
+    "description": ((str,), None, "free text"),
+    "device": ((str,), ("cpu", "cuda"), "where training runs"),
+    "threads": ((int,), None, "positive integer"),
+    "batch_size": ((int,), None, "positive integer"),
+    "memory_budget_mb": ((int,), None, "positive integer (MiB)"),
+    "model": ((str,), None, "a registered model name"),
+    "mode": ((str,), ("dense", "mpt"), "training mode"),
+    "local_epochs": ((int,), None, "positive integer"),
+    "precision": ((str,), ("fp32", "fp16"), "update codec"),
+    "lr": ((int, float), None, "positive number"),
+    "optimizer": ((str,), ("sgd", "adam"), "local optimiser"),
+    "momentum": ((int, float), None, "number in [0, 1)"),
+}
+assert set(_SCHEMA) == {f.name for f in fields(Profile)}, "schema and Profile must list the same keys"
+
+
+def validate(raw: Any, source: str) -> Profile:
+    """Check a parsed mapping against the schema and build a Profile."""
+    if not isinstance(raw, dict):
+        raise ProfileError(f"{source}: a profile must be a YAML mapping, got {type(raw).__name__}")
+    for key, value in raw.items():
+        if key not in _SCHEMA:
+            raise ProfileError(f"{source}: unknown key {key!r}; allowed keys: {', '.join(sorted(_SCHEMA))}")
+        types, allowed, what = _SCHEMA[key]
+        if isinstance(value, bool) or not isinstance(value, types):
+            raise ProfileError(f"{source}: key {key!r} must be {what}, got {value!r} ({type(value).__name__})")
+        if allowed is not None and value not in allowed:
+            raise ProfileError(f"{source}: key {key!r} is {value!r}; allowed: {', '.join(allowed)}")
+        if key in ("threads", "batch_size", "memory_budget_mb", "local_epochs", "lr") and value <= 0:
+            raise ProfileError(f"{source}: key {key!r} must be positive, got {value!r}")
+        if key == "momentum" and not 0 <= value < 1:
+            raise ProfileError(f"{source}: key 'momentum' must be in [0, 1), got {value!r}")
+    if "name" not in raw:
+        raise ProfileError(f"{source}: missing required key 'name'")
+    from models.registry import model_names  # noqa: PLC0415 - torch only when a profile is validated
+
+    if raw.get("model", "mlp") not in model_names():
+        raise ProfileError(f"{source}: key 'model' is {raw['model']!r}; allowed: {', '.join(model_names())}")
+    return Profile(**raw)
+
+
+def available_profiles() -> list[str]:
+    return sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
+
+
+def load_profile(name_or_path: str) -> Profile:
+    """A built-in profile by name (e.g. 'rpi4') or the user's own YAML file by path."""
+    path = Path(name_or_path)
+    if not (path.suffix in (".yaml", ".yml") or path.exists()):
+        path = PROFILE_DIR / f"{name_or_path}.yaml"
+        if not path.exists():
+            raise ProfileError(
+                f"no profile named {name_or_path!r}; built-in profiles: {', '.join(available_profiles())}, "
+                f"or pass the path of a YAML file"
+            )
+    if not path.exists():
+        raise ProfileError(f"profile file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ProfileError(f"{path}: not valid YAML: {exc}") from None
+    return validate(raw, str(path))

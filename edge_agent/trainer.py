@@ -1,0 +1,112 @@
+"""Local training of one device's data, starting from the global model it was sent.
+
+The trainer keeps its model object between rounds (only the weights are reloaded), so a
+worker serving many virtual devices never rebuilds networks or data loaders.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from models.registry import build_model, count_parameters, get_state, set_state
+
+from .profile import Profile
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters of one local training job."""
+
+    epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.05
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+
+    @classmethod
+    def resolve(cls, profile: Profile, task: Mapping[str, Any] | None) -> "TrainConfig":
+        """The hub's round settings win (paper 004), but never a batch above the profile's cap."""
+        task = dict(task or {})
+        return cls(
+            epochs=int(task.get("epochs", profile.local_epochs)),
+            batch_size=min(int(task.get("batch_size", profile.batch_size)), profile.batch_size),
+            lr=float(task.get("lr", profile.lr)),
+            optimizer=str(task.get("optimizer", profile.optimizer)),
+            momentum=float(task.get("momentum", profile.momentum)),
+            weight_decay=float(task.get("weight_decay", 0.0)),
+        )
+
+
+@dataclass
+class TrainResult:
+    state: "dict[str, np.ndarray]"
+    num_samples: int
+    loss: float
+    accuracy: float
+    seconds: float
+
+
+def job_seed(base_seed: int, round_id: int, device_id: str) -> int:
+    """Same seed for the same (run seed, round, device) on any machine or in any worker."""
+    return (int(base_seed) * 1_000_003 + int(round_id) * 10_007 + zlib.crc32(device_id.encode())) % (2**31 - 1)
+
+
+def estimate_training_mb(num_params: int, batch_size: int, in_numel: int, optimizer: str) -> float:
+    """Rough resident estimate: weights + grads + optimiser state + a batch of activations."""
+    copies = 4 if optimizer == "adam" else 3
+    return (num_params * 4 * copies + batch_size * in_numel * 4 * 64) / 2**20
+
+
+class LocalTrainer:
+    """Holds one model instance and trains it on whatever partition a job brings."""
+
+    def __init__(self, model_name: str, in_shape: tuple[int, ...], num_classes: int, device: str = "cpu") -> None:
+        if device == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("profile asks for device 'cuda' but torch sees no CUDA GPU; use a cpu profile")
+        self.device = torch.device(device)
+        self.model = build_model(model_name, in_shape, num_classes).to(self.device)
+        self.model_name = model_name
+        self.num_params = count_parameters(self.model)
+
+    def train(
+        self, state: Mapping[str, np.ndarray], x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, seed: int
+    ) -> TrainResult:
+        start = time.perf_counter()
+        set_state(self.model, state)
+        model = self.model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        if cfg.optimizer == "adam":
+            opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        else:
+            opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        gen = torch.Generator().manual_seed(seed)
+        n = len(y)
+        total_loss, correct, seen = 0.0, 0, 0
+        for _ in range(cfg.epochs):
+            order = torch.randperm(n, generator=gen)
+            for begin in range(0, n, cfg.batch_size):
+                idx = order[begin : begin + cfg.batch_size]
+                xb, yb = x[idx].to(self.device), y[idx].to(self.device)
+                logits = model(xb)
+                loss = F.cross_entropy(logits, yb)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total_loss += float(loss.detach()) * len(idx)
+                correct += int((logits.argmax(1) == yb).sum())
+                seen += len(idx)
+        return TrainResult(
+            state=get_state(model),
+            num_samples=n,
+            loss=total_loss / max(1, seen),
+            accuracy=correct / max(1, seen),
+            seconds=time.perf_counter() - start,
+        )

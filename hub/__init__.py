@@ -1,0 +1,1 @@
+"""The hub: rounds, aggregation, persistence, evaluation, and the fleet simulator."""

@@ -1,0 +1,94 @@
+"""An MQTT broker inside this process (amqtt), so a demo fleet needs no Mosquitto.
+
+amqtt is asyncio-based; it runs on its own event loop in a daemon thread so the rest of
+fedge (paho clients, torch training) stays synchronous.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import threading
+
+log = logging.getLogger("fedge.broker")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on right now (tests and the fleet pick one per run)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+class EmbeddedBroker:
+    """Start/stop an amqtt broker on 127.0.0.1:<port> from synchronous code."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int | None = None) -> None:
+        self.host = host
+        self.port = port or free_port(host)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._broker = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://{self.host}:{self.port}"
+
+    def start(self, timeout: float = 15.0) -> "EmbeddedBroker":
+        try:
+            from amqtt.broker import Broker
+        except ImportError as exc:  # pragma: no cover - amqtt is a declared dependency
+            raise RuntimeError("the embedded broker needs the 'amqtt' package (pip install amqtt)") from exc
+        for name in ("amqtt", "transitions"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+        config = {
+            "listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{self.port}", "max_connections": 0}},
+            "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
+        }
+        ready = threading.Event()
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            loop = asyncio.new_event_loop()
+            asyncio.set_event_loop(loop)
+            self._loop = loop
+            try:
+                self._broker = Broker(config, loop=loop)
+                loop.run_until_complete(self._broker.start())
+            except BaseException as exc:  # noqa: BLE001 - reported to the starting thread
+                errors.append(exc)
+                ready.set()
+                return
+            ready.set()
+            loop.run_forever()
+            loop.close()
+
+        self._thread = threading.Thread(target=run, name="fedge-embedded-broker", daemon=True)
+        self._thread.start()
+        if not ready.wait(timeout):
+            raise RuntimeError(f"embedded broker did not start on port {self.port} within {timeout}s")
+        if errors:
+            raise RuntimeError(f"embedded broker failed to start on port {self.port}: {errors[0]}")
+        log.info("embedded MQTT broker listening on %s", self.url)
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self._loop is None or self._broker is None:
+            return
+        fut = asyncio.run_coroutine_threadsafe(self._broker.shutdown(), self._loop)
+        try:
+            fut.result(timeout)
+        except Exception as exc:  # noqa: BLE001 - shutting down anyway
+            log.warning("embedded broker shutdown: %s", exc)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self._loop = None
+        self._broker = None
+
+    def __enter__(self) -> "EmbeddedBroker":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,187 @@
+"""The fleet simulator: N virtual devices in one process, each a real MQTT client with its own
+data partition, sharing a small pool of training workers; plus the hub and, if no broker is
+given, an embedded broker. The hub cannot tell these devices from real ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import statistics
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_agent.agent import Agent
+from edge_agent.pool import TrainingPool
+from edge_agent.profile import load_profile
+from models.data import Dataset, load_dataset
+from models.partition import PartitionSpec, class_counts, partition
+from models.wire import Topics
+from models.wire.transport import BrokerConfig
+
+from .broker import EmbeddedBroker
+from .hub import Hub, HubConfig
+from .report import write_run_report
+from .store import RunStore
+
+log = logging.getLogger("fedge.fleet")
+
+
+def new_run_id(prefix: str = "run") -> str:
+    return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
+
+
+@dataclass
+class FleetConfig:
+    devices: int = 10
+    dataset: str = "fashion-mnist"
+    data_root: str | None = None
+    partition: PartitionSpec = field(default_factory=PartitionSpec)
+    profile: str = "sim"
+    workers: int = 1
+    threads: int = 0  # torch threads for training in total (0 = all cores)
+    broker: str | None = None  # None: start an embedded broker in this process
+    runs_dir: str = "runs"
+    run_id: str | None = None
+    central: bool = False  # also train the same model centrally on the union (baseline)
+    recipe: str | None = None
+    seed: int = 0
+    progress: bool = True
+    hub: HubConfig = field(default_factory=HubConfig)
+
+
+class Fleet:
+    """Set up with start(), run rounds with run(), always close()."""
+
+    def __init__(self, cfg: FleetConfig, dataset: Dataset | None = None) -> None:
+        self.cfg = cfg
+        self.dataset = dataset
+        self.broker: EmbeddedBroker | None = None
+        self.pool: TrainingPool | None = None
+        self.agents: list[Agent] = []
+        self.parts: list[np.ndarray] = []
+        self.run_id = cfg.run_id or new_run_id(cfg.recipe or "fleet")
+        self.run_dir = Path(cfg.runs_dir) / self.run_id
+        self.broker_config: BrokerConfig | None = None
+
+    # -- set-up ----------------------------------------------------------------------
+    def start(self) -> "Fleet":
+        cfg = self.cfg
+        if self.dataset is None:
+            self.dataset = load_dataset(cfg.dataset, cfg.data_root, seed=cfg.seed)
+        ds = self.dataset
+        hub = cfg.hub
+        hub.in_shape = ds.in_shape
+        hub.num_classes = ds.num_classes
+        self.parts = partition(ds.train.y, cfg.devices, cfg.partition, seed=cfg.seed, num_classes=ds.num_classes)
+        if cfg.broker:
+            self.broker_config = BrokerConfig.from_url(cfg.broker)
+        else:
+            self.broker = EmbeddedBroker().start()
+            self.broker_config = BrokerConfig.from_url(self.broker.url)
+        threads = cfg.threads or os.cpu_count() or 1
+        self.pool = TrainingPool(workers=cfg.workers, threads_per_worker=max(1, threads // cfg.workers))
+        profile = dataclasses.replace(load_profile(cfg.profile), model=hub.model)
+        topics = Topics(hub.fleet, hub.prefix)
+        for i, idx in enumerate(self.parts):
+            agent = Agent(
+                device_id=f"dev{i:03d}", profile=profile, broker=self.broker_config, topics=topics,
+                data=ds.train.subset(idx), num_classes=ds.num_classes, pool=self.pool, seed=cfg.seed,
+            )
+            self.agents.append(agent.start())
+        log.info("%d virtual devices connected to %s", len(self.agents), self.broker_config.url)
+        return self
+
+    def close(self) -> None:
+        for agent in self.agents:
+            try:
+                agent.stop()
+            except Exception:  # noqa: BLE001 - best effort on shutdown
+                pass
+        if self.pool:
+            self.pool.close()
+        if self.broker:
+            self.broker.stop()
+
+    def __enter__(self) -> "Fleet":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- running ---------------------------------------------------------------------
+    def make_hub(self, resume: bool = False, on_round=None) -> Hub:  # noqa: ANN001
+        assert self.dataset is not None and self.broker_config is not None, "call start() first"
+        store = RunStore(self.run_dir)
+        hub_cfg = self.cfg.hub
+        if resume and store.get_meta("config") is not None:
+            hub_cfg = HubConfig.from_json(store.get_meta("config"))
+        hub_cfg.min_devices = hub_cfg.min_devices or len(self.agents)
+        return Hub(hub_cfg, self.broker_config, store, self.dataset.test.x, self.dataset.test.y, on_round=on_round)
+
+    def run(self, hub: Hub | None = None) -> dict[str, Any]:
+        """Run the hub to completion (or resume it), then write runs/<id>/ and return run.json."""
+        started = time.time()
+        hub = hub or self.make_hub()
+        bar = None
+        if self.cfg.progress:
+            from tqdm import tqdm  # noqa: PLC0415
+
+            bar = tqdm(total=hub.config.rounds, desc=f"fleet {self.run_id}", unit="round", initial=hub.version)
+
+        def on_round(record: dict) -> None:
+            if bar is not None:
+                acc = record.get("accuracy")
+                bar.set_postfix(acc=f"{acc:.3f}" if acc is not None else "n/a",
+                                up=f"{record['bytes_up'] / 2**20:.1f}MiB", down=f"{record['bytes_down'] / 2**20:.1f}MiB")
+                bar.update(1)
+
+        hub.on_round = on_round
+        try:
+            history = hub.run()
+        finally:
+            if bar is not None:
+                bar.close()
+        final_loss, final_acc = hub.evaluate(hub.global_state, full=True)
+        central = self.train_central(hub.config, epochs=len(history)) if self.cfg.central else None
+        return write_run_report(
+            run_dir=self.run_dir, hub=hub, history=history, final=(final_loss, final_acc), central=central,
+            partition_counts=class_counts(self.dataset.train.y, self.parts, self.dataset.num_classes),
+            fleet_config=self.cfg, wall_time=time.time() - started,
+        )
+
+    def train_central(self, hub_cfg: HubConfig, epochs: int) -> dict[str, Any]:
+        """The same model trained on the union of all partitions, one epoch per FL round."""
+        import torch  # noqa: PLC0415
+
+        from edge_agent.trainer import LocalTrainer, TrainConfig  # noqa: PLC0415
+        from models.evaluate import evaluate  # noqa: PLC0415
+        from models.registry import build_model, get_state  # noqa: PLC0415
+
+        ds = self.dataset
+        idx = np.concatenate(self.parts)
+        x, y = torch.from_numpy(ds.train.x[idx]), torch.from_numpy(ds.train.y[idx])
+        tx, ty = torch.from_numpy(ds.test.x), torch.from_numpy(ds.test.y)
+        profile = dataclasses.replace(load_profile(self.cfg.profile), model=hub_cfg.model)
+        cfg = TrainConfig.resolve(profile, hub_cfg.train)
+        trainer = LocalTrainer(hub_cfg.model, ds.in_shape, ds.num_classes)
+        state = get_state(build_model(hub_cfg.model, ds.in_shape, ds.num_classes, seed=hub_cfg.seed))
+        curve = []
+        from tqdm import tqdm  # noqa: PLC0415
+
+        for epoch in tqdm(range(1, epochs + 1), desc="central baseline", unit="epoch", disable=not self.cfg.progress):
+            state = trainer.train(state, x, y, cfg, seed=self.cfg.seed * 7919 + epoch).state
+            loss, acc = evaluate(trainer.model, tx, ty)
+            curve.append({"epoch": epoch, "accuracy": acc, "loss": loss})
+        return {"epochs": epochs, "accuracy": curve[-1]["accuracy"] if curve else None, "curve": curve,
+                "train_images": int(len(idx))}
+
+
+def median_seconds(history: list[dict]) -> float | None:
+    return statistics.median(r["seconds"] for r in history) if history else None

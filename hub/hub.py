@@ -1,0 +1,415 @@
+"""The hub: select devices, publish model + task, collect updates until quorum or deadline,
+aggregate, evaluate, persist, repeat until a stop rule fires.
+
+Update handling runs on paho's thread and never raises: every defect becomes a logged,
+stored rejection. The round loop runs on the caller's thread.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from models.wire import EnvelopeError, Topics, check_against, decode
+from models.wire.envelope import DEFAULT_MAX_BYTES
+from models.wire.messages import (
+    TaskMessage,
+    build_model_message,
+    build_task_message,
+    parse_model,
+    parse_status,
+    parse_update,
+    status_payload,
+)
+from models.wire.topics import ROOT
+from models.wire.transport import BrokerConfig, MqttLink
+
+from .store import RunStore
+from .strategies import get_strategy, weight_change
+
+log = logging.getLogger("fedge.hub")
+
+
+@dataclass
+class HubConfig:
+    """Everything that defines a run; persisted so `--resume` needs nothing else."""
+
+    fleet: str = "default"
+    prefix: str = ROOT
+    model: str = "mlp"
+    in_shape: tuple[int, ...] = (1, 28, 28)
+    num_classes: int = 10
+    rounds: int = 10
+    clients_per_round: int = 0  # 0 = every online device
+    min_devices: int = 1  # online devices needed before a round starts
+    wait_devices_s: float = 120.0
+    deadline_s: float = 120.0  # stragglers past this are ignored for the round (paper 004)
+    quorum: float = 1.0  # fraction of the selected whose updates close the round early
+    min_updates: int = 1  # fewer at the deadline: the round is re-run with a new selection
+    max_round_retries: int = 3
+    target_accuracy: float | None = None
+    min_weight_change: float | None = None
+    strategy: str = "fedavg"
+    train: dict = field(default_factory=dict)  # lr, epochs, batch_size, optimizer, momentum
+    update_codec: str | None = None
+    model_codec: str = "fp32"
+    seed: int = 0
+    max_payload: int = DEFAULT_MAX_BYTES
+    keep_checkpoints: int = 2
+    eval_size: int = 0  # test images evaluated each round (0 = all); the final model sees all
+    resume_grace_s: float = 30.0
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["in_shape"] = list(self.in_shape)
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "HubConfig":
+        data = dict(data)
+        data["in_shape"] = tuple(data.get("in_shape", (1, 28, 28)))
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass
+class Accepted:
+    tensors: "OrderedDict[str, np.ndarray]"
+    num_samples: int
+    metrics: dict
+    nbytes: int
+
+
+RoundCallback = Callable[[dict], None]
+
+
+class Hub:
+    def __init__(
+        self,
+        config: HubConfig,
+        broker: BrokerConfig,
+        store: RunStore,
+        test_x: np.ndarray | None = None,
+        test_y: np.ndarray | None = None,
+        on_round: RoundCallback | None = None,
+    ) -> None:
+        import torch  # noqa: PLC0415 - the hub evaluates with torch; the wire stays torch-free
+
+        from models.registry import build_model, get_state  # noqa: PLC0415
+
+        self.config = config
+        self.store = store
+        self.run_id = store.dir.name
+        self.topics = Topics(config.fleet, config.prefix)
+        self.strategy = get_strategy(config.strategy)
+        self.on_round = on_round
+        self._torch = torch
+        self.model = build_model(config.model, config.in_shape, config.num_classes, seed=config.seed)
+        self.reference = get_state(self.model)
+        self.test_x = torch.from_numpy(test_x) if test_x is not None else None
+        self.test_y = torch.from_numpy(test_y) if test_y is not None else None
+        self.global_state = self.reference
+        self.version = 0
+        self._cond = threading.Condition()
+        self._online: dict[str, dict] = {}
+        self._task: TaskMessage | None = None
+        self._accepted: dict[str, Accepted] = {}
+        self._closed_rounds: set[int] = set()
+        self.rejections = 0
+        self._stop = threading.Event()
+        client_tag = hashlib.sha1(f"{config.prefix}/{config.fleet}".encode()).hexdigest()[:8]
+        self.link = MqttLink(
+            broker,
+            client_id=f"fedge-hub-{config.fleet}-{client_tag}",
+            will=(self.topics.hub_status, status_payload("offline", role="hub")),
+            clean_session=False,  # updates published while the hub is down wait for it
+        )
+        self._restore_or_init()
+
+    # -- persistence -----------------------------------------------------------------
+    def _restore_or_init(self) -> None:
+        stored = self.store.get_meta("config")
+        if stored is None:
+            self.store.set_meta("config", self.config.to_json())
+            self.store.set_meta("status", "running")
+            self.store.save_checkpoint(0, self._model_payload(0, self.global_state), keep=0)
+            return
+        last = self.store.last_round()
+        msg = parse_model(decode(self.store.load_checkpoint(last)))
+        self.global_state = msg.tensors
+        self.version = last
+        self._closed_rounds = set(range(1, last + 1))
+        log.info("resuming run %s after round %d", self.run_id, last)
+
+    def _model_payload(self, version: int, state: "OrderedDict[str, np.ndarray]") -> bytes:
+        return build_model_message(
+            self.config.fleet, self.run_id, version, self.config.model, state, codec=self.config.model_codec,
+            meta={"in_shape": list(self.config.in_shape), "num_classes": self.config.num_classes},
+        )
+
+    # -- MQTT inbound ----------------------------------------------------------------
+    def _on_status(self, topic: str, payload: bytes) -> None:
+        device = self.topics.device_of(topic)
+        if device is None or not payload:
+            return
+        try:
+            info = parse_status(payload)
+        except EnvelopeError as exc:
+            log.warning("ignored status of %s: %s", device, exc)
+            return
+        with self._cond:
+            if info["state"] == "online":
+                self._online[device] = info
+            else:
+                self._online.pop(device, None)
+            self._cond.notify_all()
+
+    def _reject(self, device: str | None, round_id: int | None, reason: str) -> None:
+        self.rejections += 1
+        log.warning("rejected update from %s (round %s): %s", device or "?", round_id, reason)
+        try:
+            self.store.reject(device, round_id, reason)
+        except Exception:  # noqa: BLE001 - bookkeeping must not break intake
+            log.exception("could not record rejection")
+
+    def _on_update(self, topic: str, payload: bytes) -> None:
+        device = self.topics.device_of(topic)
+        round_id: int | None = None
+        try:
+            env = decode(payload, max_bytes=self.config.max_payload)
+            round_id = env.header.get("round") if isinstance(env.header.get("round"), int) else None
+            upd = parse_update(env)
+            reason = self._admit(device, upd)
+            if reason:
+                self._reject(device, round_id, reason)
+                return
+            check_against(upd.tensors, self.reference)
+        except EnvelopeError as exc:
+            self._reject(device, round_id, str(exc))
+            return
+        except Exception as exc:  # noqa: BLE001 - the hub never crashes on what a device sends
+            self._reject(device, round_id, f"unexpected {type(exc).__name__}: {exc}")
+            return
+        with self._cond:
+            task = self._task
+            if task is None or task.round != upd.round or upd.device in self._accepted:
+                return  # round closed meanwhile, or a duplicate raced in
+            if not self.store.add_pending(upd.round, upd.device, bytes(payload)):
+                log.info("duplicate update from %s for round %d ignored", device, upd.round)
+                return
+            self._accepted[upd.device] = Accepted(upd.tensors, upd.num_samples, upd.metrics, len(payload))
+            self._cond.notify_all()
+
+    def _admit(self, device: str | None, upd) -> str | None:  # noqa: ANN001
+        """Why this update may not enter the open round, or None if it may."""
+        if device is None:
+            return "not sent on a device update topic"
+        if upd.device != device:
+            return f"header says device {upd.device!r} but it was published on {device!r}'s topic"
+        if upd.fleet != self.config.fleet or upd.run != self.run_id:
+            return f"belongs to fleet {upd.fleet!r} run {upd.run!r}, not this run"
+        with self._cond:
+            task = self._task
+            if upd.round in self._closed_rounds:
+                return f"late or replayed: round {upd.round} is already closed"
+            if task is None or upd.round != task.round:
+                return f"round {upd.round} is not open (open round: {task.round if task else 'none'})"
+            if device not in task.selected:
+                return f"device was not selected for round {upd.round}"
+            if upd.base_version != task.model_version:
+                return f"trained on model version {upd.base_version}, the round uses {task.model_version}"
+            if device in self._accepted:
+                return f"duplicate: an update for round {upd.round} was already accepted"
+        return None
+
+    # -- the round loop --------------------------------------------------------------
+    def online_devices(self) -> list[str]:
+        with self._cond:
+            return sorted(self._online)
+
+    def stop(self) -> None:
+        """Ask the round loop to stop after the current wait (SIGTERM handler)."""
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+
+    def _wait_for_devices(self, needed: int) -> list[str]:
+        end = time.time() + self.config.wait_devices_s
+        with self._cond:
+            while len(self._online) < needed and not self._stop.is_set():
+                remaining = end - time.time()
+                if remaining <= 0:
+                    raise TimeoutError(
+                        f"only {len(self._online)} device(s) online after {self.config.wait_devices_s:.0f}s; "
+                        f"need {needed} (--min-devices)"
+                    )
+                self._cond.wait(min(remaining, 1.0))
+            return sorted(self._online)
+
+    def _select(self, online: list[str], round_id: int, attempt: int) -> list[str]:
+        k = self.config.clients_per_round or len(online)
+        k = min(k, len(online))
+        rng = np.random.default_rng([self.config.seed, round_id, attempt])
+        return sorted(rng.choice(online, size=k, replace=False).tolist())
+
+    def _open(self, round_id: int, attempt: int) -> TaskMessage:
+        resumed = self.store.get_open_round()
+        if resumed and resumed[0] == round_id and attempt == 0:
+            task = TaskMessage(**resumed[1])
+            task.deadline = max(task.deadline, time.time() + self.config.resume_grace_s)
+            log.info("round %d was open when the hub stopped; %d update(s) already stored", round_id,
+                     len(self.store.pending(round_id)))
+        else:
+            online = self._wait_for_devices(max(self.config.min_devices, 1))
+            task = TaskMessage(
+                fleet=self.config.fleet, run=self.run_id, round=round_id, model_version=self.version,
+                selected=self._select(online, round_id, attempt), deadline=time.time() + self.config.deadline_s,
+                train=dict(self.config.train), state="open", codec=self.config.update_codec,
+            )
+        self.store.open_round(round_id, asdict(task))
+        with self._cond:
+            self._task = task
+            self._accepted = {}
+            for device, payload in self.store.pending(round_id).items():
+                upd = parse_update(decode(payload))
+                self._accepted[device] = Accepted(upd.tensors, upd.num_samples, upd.metrics, len(payload))
+        return task
+
+    def _collect(self, task: TaskMessage) -> dict[str, Accepted]:
+        need = max(1, math.ceil(self.config.quorum * len(task.selected)))
+        with self._cond:
+            while len(self._accepted) < need and not self._stop.is_set():
+                remaining = task.deadline - time.time()
+                if remaining <= 0:
+                    break
+                self._cond.wait(min(remaining, 0.5))
+            accepted = dict(self._accepted)
+            self._closed_rounds.add(task.round)
+            self._task = None
+        late = sorted(set(task.selected) - set(accepted))
+        if late:
+            log.info("round %d closed with %d/%d updates; ignored for this round: %s", task.round,
+                     len(accepted), len(task.selected), ", ".join(late))
+        return accepted
+
+    def evaluate(self, state: "OrderedDict[str, np.ndarray]", full: bool = False) -> tuple[float | None, float | None]:
+        if self.test_x is None:
+            return None, None
+        from models.evaluate import evaluate  # noqa: PLC0415
+        from models.registry import set_state  # noqa: PLC0415
+
+        set_state(self.model, state)
+        n = len(self.test_y) if (full or not self.config.eval_size) else min(self.config.eval_size, len(self.test_y))
+        loss, acc = evaluate(self.model, self.test_x[:n], self.test_y[:n])
+        return loss, acc
+
+    def run(self) -> list[dict]:
+        """Run (or resume) rounds until a stop rule fires; returns the full round history."""
+        self.link.subscribe(self.topics.all_device_status, self._on_status)
+        self.link.subscribe(self.topics.all_device_updates, self._on_update)
+        self.link.on_connect(
+            lambda: self.link.publish(self.topics.hub_status, status_payload("online", role="hub", run=self.run_id), retain=True)
+        )
+        self.link.start()
+        try:
+            self._loop()
+        finally:
+            self.link.stop(final=(self.topics.hub_status, status_payload("offline", role="hub", run=self.run_id)))
+        return self.store.rounds()
+
+    def _loop(self) -> None:
+        history = self.store.rounds()
+        if history and self._should_stop(history[-1], len(history)):
+            self._finish()
+            return
+        round_id = self.version + 1
+        attempt = 0
+        while round_id <= self.config.rounds and not self._stop.is_set():
+            started = time.time()
+            task = self._open(round_id, attempt)
+            model_payload = self._model_payload(self.version, self.global_state)
+            task_payload = build_task_message(task)
+            self.link.publish(self.topics.model, model_payload, qos=1, retain=True)
+            self.link.publish(self.topics.round, task_payload, qos=1, retain=True)
+            accepted = self._collect(task)
+            if self._stop.is_set():
+                return
+            if len(accepted) < self.config.min_updates:
+                self.store.discard_open_round(round_id)
+                attempt += 1
+                log.warning("round %d got %d update(s) < min_updates=%d; re-running it (attempt %d)",
+                            round_id, len(accepted), self.config.min_updates, attempt + 1)
+                with self._cond:
+                    self._closed_rounds.discard(round_id)
+                if attempt > self.config.max_round_retries:
+                    raise RuntimeError(f"round {round_id} failed {attempt} times: no devices answered in time")
+                continue
+            record = self._complete(task, accepted, started, len(model_payload) + len(task_payload))
+            attempt = 0
+            if self.on_round:
+                self.on_round(record)
+            if self._should_stop(record, round_id):
+                break
+            round_id += 1
+        if not self._stop.is_set():
+            self._finish()
+
+    def _complete(self, task: TaskMessage, accepted: dict[str, Accepted], started: float, down_bytes: int) -> dict:
+        updates = [(a.tensors, a.num_samples) for a in accepted.values()]
+        new_state = self.strategy(self.global_state, updates)
+        change = weight_change(self.global_state, new_state)
+        loss, acc = self.evaluate(new_state)
+        new_version = self.version + 1
+        self.store.save_checkpoint(new_version, self._model_payload(new_version, new_state), keep=self.config.keep_checkpoints)
+        train_losses = [a.metrics.get("loss") for a in accepted.values() if isinstance(a.metrics.get("loss"), (int, float))]
+        record = {
+            "round": task.round,
+            "model_version": new_version,
+            "accuracy": acc,
+            "loss": loss,
+            "participants": sorted(accepted),
+            "selected": list(task.selected),
+            "bytes_up": int(sum(a.nbytes for a in accepted.values())),
+            "bytes_down": int(down_bytes * len(task.selected)),
+            "seconds": time.time() - started,
+            "weight_change": change,
+            "train_loss": float(np.mean(train_losses)) if train_losses else None,
+        }
+        self.store.complete_round(record)
+        self.global_state = new_state
+        self.version = new_version
+        log.info("round %d: %d updates, accuracy %s, change %.4f", task.round, len(accepted),
+                 f"{acc:.4f}" if acc is not None else "n/a", change)
+        return record
+
+    def _should_stop(self, record: dict, round_id: int) -> bool:
+        cfg = self.config
+        if round_id >= cfg.rounds:
+            return True
+        if cfg.target_accuracy is not None and record.get("accuracy") is not None and record["accuracy"] >= cfg.target_accuracy:
+            log.info("target accuracy %.4f reached at round %d", cfg.target_accuracy, round_id)
+            return True
+        if cfg.min_weight_change is not None and record.get("weight_change") is not None and record["weight_change"] < cfg.min_weight_change:
+            log.info("weight change %.5f below %.5f at round %d", record["weight_change"], cfg.min_weight_change, round_id)
+            return True
+        return False
+
+    def _finish(self) -> None:
+        """Publish the final model and a 'finished' task so agents know the run is over."""
+        self.link.publish(self.topics.model, self._model_payload(self.version, self.global_state), qos=1, retain=True)
+        done = TaskMessage(fleet=self.config.fleet, run=self.run_id, round=self.version, model_version=self.version,
+                           selected=[], deadline=time.time(), train={}, state="finished")
+        info = self.link.publish(self.topics.round, build_task_message(done), qos=1, retain=True)
+        try:
+            info.wait_for_publish(timeout=5)
+        except (RuntimeError, ValueError):
+            pass
+        self.store.set_meta("status", "finished")

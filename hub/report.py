@@ -1,0 +1,104 @@
+"""What a finished run leaves behind: runs/<id>/run.json, final model, partition report, plot."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import statistics
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .hub import Hub
+
+
+def machine_info() -> dict[str, Any]:
+    """Recorded with every result so numbers are never quoted without their machine."""
+    info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(),
+                            "cpus": os.cpu_count()}
+    try:
+        import torch  # noqa: PLC0415
+
+        info["torch"] = torch.__version__
+        info["torch_threads"] = torch.get_num_threads()
+    except ImportError:
+        pass
+    return info
+
+
+def _jsonable(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {k: _jsonable(v) for k, v in dataclasses.asdict(obj).items()}
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    return obj
+
+
+def summarise(history: list[dict]) -> dict[str, Any]:
+    """The top-level keys every run.json carries, whatever produced it."""
+    ups = [r["bytes_up"] / max(1, len(r["participants"])) for r in history]
+    downs = [r["bytes_down"] / max(1, len(r["selected"])) for r in history]
+    return {
+        "rounds_completed": len(history),
+        "uplink_bytes_per_device": statistics.mean(ups) if ups else None,
+        "downlink_bytes_per_device": statistics.mean(downs) if downs else None,
+        "seconds_per_round": statistics.median(r["seconds"] for r in history) if history else None,
+    }
+
+
+def plot_accuracy(path: Path, history: list[dict], central: dict | None, title: str) -> None:
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    rounds = [r["round"] for r in history if r.get("accuracy") is not None]
+    accs = [100 * r["accuracy"] for r in history if r.get("accuracy") is not None]
+    ax.plot(rounds, accs, marker="o", ms=3, label="federated (global model)")
+    if central and central.get("curve"):
+        ax.plot([c["epoch"] for c in central["curve"]], [100 * c["accuracy"] for c in central["curve"]],
+                marker="s", ms=3, label="centralised (same model, 1 epoch per round)")
+    ax.set_xlabel("round / epoch")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_run_report(
+    run_dir: Path, hub: "Hub", history: list[dict], final: tuple[float | None, float | None],
+    central: dict | None, partition_counts: list[list[int]], fleet_config: Any, wall_time: float,
+) -> dict[str, Any]:
+    run_dir = Path(run_dir)
+    final_model = run_dir / "final_model.fedge"
+    final_model.write_bytes(hub._model_payload(hub.version, hub.global_state))
+    (run_dir / "partition.json").write_text(json.dumps(
+        {"devices": {f"dev{i:03d}": counts for i, counts in enumerate(partition_counts)},
+         "images_per_device": [sum(c) for c in partition_counts]}, indent=1))
+    report: dict[str, Any] = {
+        "run_id": hub.run_id,
+        "final_accuracy": final[1],
+        "final_loss": final[0],
+        "central_accuracy": central["accuracy"] if central else None,
+        **summarise(history),
+        "wall_time_s": wall_time,
+        "rejected_updates": len(hub.store.rejections()),
+        "config": _jsonable(fleet_config),
+        "rounds": history,
+        "central": central,
+        "machine": machine_info(),
+        "files": {"model": final_model.name, "partition": "partition.json", "plot": "accuracy.png"},
+    }
+    if central and central.get("accuracy") and final[1] is not None:
+        report["federated_over_central"] = final[1] / central["accuracy"]
+    (run_dir / "run.json").write_text(json.dumps(report, indent=1, default=str))
+    plot_accuracy(run_dir / "accuracy.png", history, central, f"{hub.run_id}: {hub.config.model}, {len(partition_counts)} devices")
+    return report

@@ -1,0 +1,159 @@
+"""The run store: one SQLite file and one checkpoint folder per run, so a crash loses nothing.
+
+Order of writes when a round completes: checkpoint file (atomic rename) first, then one
+transaction that records the round and clears its pending updates. A crash between the
+two re-runs the round from the same persisted updates; it is never counted twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS rounds (
+    round INTEGER PRIMARY KEY, model_version INTEGER NOT NULL, accuracy REAL, loss REAL,
+    participants TEXT NOT NULL, selected TEXT NOT NULL, bytes_up INTEGER NOT NULL, bytes_down INTEGER NOT NULL,
+    seconds REAL NOT NULL, weight_change REAL, train_loss REAL, completed_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS open_round (round INTEGER PRIMARY KEY, task TEXT NOT NULL, started_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS pending (
+    round INTEGER NOT NULL, device TEXT NOT NULL, payload BLOB NOT NULL, received_at REAL NOT NULL,
+    PRIMARY KEY (round, device));
+CREATE TABLE IF NOT EXISTS rejections (ts REAL NOT NULL, device TEXT, round INTEGER, reason TEXT NOT NULL);
+"""
+
+
+class RunStore:
+    """Thread-safe (one lock) access to a run's SQLite file and checkpoints."""
+
+    def __init__(self, run_dir: str | os.PathLike) -> None:
+        self.dir = Path(run_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "checkpoints").mkdir(exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.dir / "run.sqlite", check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # -- meta ------------------------------------------------------------------------
+    def set_meta(self, key: str, value: Any) -> None:
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value)))
+
+    def get_meta(self, key: str, default: Any = None) -> Any:
+        with self._lock:
+            row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return json.loads(row[0]) if row else default
+
+    # -- checkpoints -----------------------------------------------------------------
+    def checkpoint_path(self, version: int) -> Path:
+        return self.dir / "checkpoints" / f"model_v{version:05d}.fedge"
+
+    def save_checkpoint(self, version: int, payload: bytes, keep: int = 2) -> Path:
+        path = self.checkpoint_path(version)
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "wb") as fh:
+            fh.write(payload)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        if keep > 0:
+            for old in sorted(self.dir.glob("checkpoints/model_v*.fedge"))[:-keep]:
+                if old != self.checkpoint_path(0):
+                    old.unlink(missing_ok=True)
+        return path
+
+    def load_checkpoint(self, version: int) -> bytes:
+        path = self.checkpoint_path(version)
+        if not path.exists():
+            raise FileNotFoundError(f"checkpoint for model version {version} missing: {path}")
+        return path.read_bytes()
+
+    # -- rounds ----------------------------------------------------------------------
+    def open_round(self, round_id: int, task: dict) -> None:
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO open_round VALUES (?, ?, ?)", (round_id, json.dumps(task), time.time()))
+
+    def get_open_round(self) -> tuple[int, dict] | None:
+        with self._lock:
+            row = self._db.execute("SELECT round, task FROM open_round ORDER BY round DESC LIMIT 1").fetchone()
+        return (int(row[0]), json.loads(row[1])) if row else None
+
+    def discard_open_round(self, round_id: int) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM open_round WHERE round = ?", (round_id,))
+            self._db.execute("DELETE FROM pending WHERE round = ?", (round_id,))
+
+    def add_pending(self, round_id: int, device: str, payload: bytes) -> bool:
+        """Persist an accepted update; False if this device already has one for the round."""
+        with self._lock:
+            cur = self._db.execute(
+                "INSERT OR IGNORE INTO pending VALUES (?, ?, ?, ?)", (round_id, device, payload, time.time())
+            )
+            return cur.rowcount == 1
+
+    def pending(self, round_id: int) -> dict[str, bytes]:
+        with self._lock:
+            rows = self._db.execute("SELECT device, payload FROM pending WHERE round = ?", (round_id,)).fetchall()
+        return {d: bytes(p) for d, p in rows}
+
+    def complete_round(self, record: dict) -> None:
+        """Record a finished round and drop its pending updates, atomically."""
+        with self._lock:
+            db = self._db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.execute(
+                    "INSERT INTO rounds VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                    (
+                        record["round"], record["model_version"], record.get("accuracy"), record.get("loss"),
+                        json.dumps(record["participants"]), json.dumps(record["selected"]), record["bytes_up"],
+                        record["bytes_down"], record["seconds"], record.get("weight_change"),
+                        record.get("train_loss"), time.time(),
+                    ),
+                )
+                db.execute("DELETE FROM pending WHERE round = ?", (record["round"],))
+                db.execute("DELETE FROM open_round WHERE round = ?", (record["round"],))
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+
+    def rounds(self) -> list[dict]:
+        with self._lock:
+            cur = self._db.execute("SELECT * FROM rounds ORDER BY round")
+            cols = [c[0] for c in cur.description]
+            rows = cur.fetchall()
+        out = []
+        for row in rows:
+            rec = dict(zip(cols, row))
+            rec["participants"] = json.loads(rec["participants"])
+            rec["selected"] = json.loads(rec["selected"])
+            out.append(rec)
+        return out
+
+    def last_round(self) -> int:
+        with self._lock:
+            row = self._db.execute("SELECT MAX(round) FROM rounds").fetchone()
+        return int(row[0] or 0)
+
+    # -- rejections ------------------------------------------------------------------
+    def reject(self, device: str | None, round_id: int | None, reason: str) -> None:
+        with self._lock:
+            self._db.execute("INSERT INTO rejections VALUES (?, ?, ?, ?)", (time.time(), device, round_id, reason))
+
+    def rejections(self) -> list[dict]:
+        with self._lock:
+            rows = self._db.execute("SELECT ts, device, round, reason FROM rejections ORDER BY ts").fetchall()
+        return [{"ts": r[0], "device": r[1], "round": r[2], "reason": r[3]} for r in rows]

@@ -1,0 +1,112 @@
+"""Seeded splits of a labelled set over devices: iid, dominant label, shards, Dirichlet, sizes.
+
+Each partitioner returns one index array per device; no index is used twice. Numpy only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+PARTITIONERS = ("iid", "dominant", "shards", "dirichlet", "sizes")
+
+
+class PartitionError(ValueError):
+    """The requested split does not fit the data (too few images of some class, ...)."""
+
+
+@dataclass
+class PartitionSpec:
+    """How to split. Fields used depend on `kind` (see docs/recipes.md)."""
+
+    kind: str = "iid"
+    per_device: int | None = None  # iid/dominant: images per device (default: all data evenly)
+    dominant_fraction: float = 0.55  # dominant: share of the device's own class
+    classes_per_device: int = 2  # shards
+    images_per_class: int = 20  # shards
+    alpha: float = 0.5  # dirichlet
+    sizes: list[int] = field(default_factory=list)  # sizes: explicit images per device
+
+
+def _by_class(y: np.ndarray, num_classes: int, rng: np.random.Generator) -> list[list[int]]:
+    pools = []
+    for c in range(num_classes):
+        idx = np.flatnonzero(y == c)
+        rng.shuffle(idx)
+        pools.append(list(idx))
+    return pools
+
+
+def _take(pools: list[list[int]], c: int, n: int, device: int) -> list[int]:
+    if len(pools[c]) < n:
+        raise PartitionError(f"device {device} needs {n} images of class {c} but only {len(pools[c])} are left")
+    taken, pools[c] = pools[c][:n], pools[c][n:]
+    return taken
+
+
+def partition(y: np.ndarray, num_devices: int, spec: PartitionSpec, seed: int = 0, num_classes: int | None = None) -> list[np.ndarray]:
+    """Split label vector `y` over `num_devices` devices according to `spec`."""
+    if num_devices < 1:
+        raise PartitionError("num_devices must be at least 1")
+    y = np.asarray(y)
+    k = int(num_classes or (int(y.max()) + 1 if len(y) else 0))
+    rng = np.random.default_rng(seed)
+    kind = spec.kind
+    if kind == "iid":
+        per = spec.per_device or len(y) // num_devices
+        if per * num_devices > len(y):
+            raise PartitionError(f"iid: {num_devices} x {per} images exceeds the {len(y)} available")
+        perm = rng.permutation(len(y))
+        parts = [perm[i * per : (i + 1) * per] for i in range(num_devices)]
+    elif kind == "dominant":
+        per = spec.per_device or len(y) // num_devices
+        n_dom = int(round(per * spec.dominant_fraction))
+        n_other = (per - n_dom) // max(1, k - 1)
+        pools = _by_class(y, k, rng)
+        parts = []
+        for d in range(num_devices):
+            dom = d % k
+            idx = _take(pools, dom, n_dom, d)
+            for c in range(k):
+                if c != dom:
+                    idx += _take(pools, c, n_other, d)
+            parts.append(np.array(idx))
+    elif kind == "shards":
+        pools = _by_class(y, k, rng)
+        if spec.classes_per_device > k:
+            raise PartitionError(f"shards: {spec.classes_per_device} classes per device but the data has {k}")
+        parts = []
+        for d in range(num_devices):
+            # consecutive class pairs cycle through all classes so every class is used evenly
+            classes = [(d * spec.classes_per_device + j) % k for j in range(spec.classes_per_device)]
+            idx: list[int] = []
+            for c in classes:
+                idx += _take(pools, c, spec.images_per_class, d)
+            parts.append(np.array(idx))
+    elif kind == "dirichlet":
+        if spec.alpha <= 0:
+            raise PartitionError("dirichlet: alpha must be positive")
+        buckets: list[list[int]] = [[] for _ in range(num_devices)]
+        for c, pool in enumerate(_by_class(y, k, rng)):
+            shares = rng.dirichlet([spec.alpha] * num_devices)
+            cuts = (np.cumsum(shares)[:-1] * len(pool)).astype(int)
+            for d, chunk in enumerate(np.split(np.array(pool, dtype=np.int64), cuts)):
+                buckets[d] += chunk.tolist()
+        parts = [np.array(b, dtype=np.int64) for b in buckets]
+    elif kind == "sizes":
+        if len(spec.sizes) != num_devices:
+            raise PartitionError(f"sizes: {len(spec.sizes)} sizes given for {num_devices} devices")
+        if sum(spec.sizes) > len(y) or min(spec.sizes) < 1:
+            raise PartitionError(f"sizes: total {sum(spec.sizes)} must be positive per device and <= {len(y)}")
+        perm = rng.permutation(len(y))
+        ends = np.cumsum(spec.sizes)
+        parts = [perm[e - s : e] for s, e in zip(spec.sizes, ends)]
+    else:
+        raise PartitionError(f"unknown partition {kind!r}; choose one of {', '.join(PARTITIONERS)}")
+    return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
+
+
+def class_counts(y: np.ndarray, parts: list[np.ndarray], num_classes: int) -> list[list[int]]:
+    """Per device, how many images of each class it holds (the partition report)."""
+    return [np.bincount(np.asarray(y)[p], minlength=num_classes).astype(int).tolist() for p in parts]

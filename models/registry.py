@@ -1,0 +1,61 @@
+"""Models by name, and the conversion between a torch model and wire-ready numpy tensors."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Callable, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from .nets import MLP, Conv4
+
+Builder = Callable[[tuple[int, ...], int], nn.Module]
+
+MODELS: dict[str, Builder] = {
+    "mlp": lambda in_shape, num_classes: MLP(in_shape, num_classes),
+    "conv4": lambda in_shape, num_classes: Conv4(in_shape, num_classes),
+}
+
+
+def model_names() -> list[str]:
+    return sorted(MODELS)
+
+
+def build_model(name: str, in_shape: tuple[int, ...] = (1, 28, 28), num_classes: int = 10, seed: int | None = None) -> nn.Module:
+    """Instantiate a registered model; with `seed`, its initial weights are reproducible."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(model_names())}")
+    if seed is not None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return MODELS[name](tuple(in_shape), int(num_classes))
+    return MODELS[name](tuple(in_shape), int(num_classes))
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def get_state(model: nn.Module) -> "OrderedDict[str, np.ndarray]":
+    """Every float tensor of the model (parameters and float buffers), as float32 numpy."""
+    out: OrderedDict[str, np.ndarray] = OrderedDict()
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point():
+            out[name] = tensor.detach().to("cpu", torch.float32).numpy().copy()
+    return out
+
+
+def set_state(model: nn.Module, state: Mapping[str, np.ndarray]) -> None:
+    """Load wire tensors into a model in place (strict on names, shapes checked by torch)."""
+    current = model.state_dict()
+    tensors = {}
+    for name, arr in state.items():
+        if name not in current:
+            raise KeyError(f"tensor {name!r} is not part of the model")
+        tensors[name] = torch.from_numpy(np.asarray(arr, dtype=np.float32)).to(current[name].dtype)
+    missing = [k for k, v in current.items() if v.is_floating_point() and k not in tensors]
+    if missing:
+        raise KeyError(f"state misses tensors {missing[:5]}")
+    model.load_state_dict(tensors, strict=False)

@@ -1,0 +1,91 @@
+"""Codecs between a named set of tensors (numpy arrays) and an envelope body.
+
+The header carries the manifest (`codec` plus `tensors`: a list of [name, shape]); the body
+is the tensors' elements concatenated in manifest order, row-major, little-endian.
+Torch-free: both the hub and a torch-less device import this.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Mapping
+
+import numpy as np
+
+from .envelope import EnvelopeError
+
+Tensors = "OrderedDict[str, np.ndarray]"
+
+# codec name -> numpy dtype of one element on the wire
+CODECS: dict[str, np.dtype] = {
+    "fp32": np.dtype("<f4"),
+    "fp16": np.dtype("<f2"),
+}
+
+
+def manifest_of(tensors: Mapping[str, np.ndarray]) -> list[list]:
+    """The [name, shape] list that tells a receiver how to cut the body."""
+    return [[name, [int(d) for d in np.shape(arr)]] for name, arr in tensors.items()]
+
+
+def encode_tensors(tensors: Mapping[str, np.ndarray], codec: str = "fp32") -> tuple[dict, bytes]:
+    """Return (header fields, body) for the tensors under the chosen codec."""
+    if codec not in CODECS:
+        raise ValueError(f"unknown codec {codec!r}; known: {sorted(CODECS)}")
+    dtype = CODECS[codec]
+    parts = [np.ascontiguousarray(np.asarray(arr), dtype=dtype).tobytes() for arr in tensors.values()]
+    return {"codec": codec, "tensors": manifest_of(tensors)}, b"".join(parts)
+
+
+def _check_manifest(manifest: object) -> list[tuple[str, tuple[int, ...]]]:
+    if not isinstance(manifest, list):
+        raise EnvelopeError("header field 'tensors' must be a list of [name, shape]")
+    out = []
+    for entry in manifest:
+        if (
+            not isinstance(entry, list)
+            or len(entry) != 2
+            or not isinstance(entry[0], str)
+            or not isinstance(entry[1], list)
+            or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**31 for d in entry[1])
+        ):
+            raise EnvelopeError(f"bad tensor manifest entry {entry!r}")
+        out.append((entry[0], tuple(entry[1])))
+    return out
+
+
+def decode_tensors(header: Mapping, body: bytes) -> "OrderedDict[str, np.ndarray]":
+    """Cut the body into named float32 arrays; EnvelopeError if it does not add up."""
+    codec = header.get("codec")
+    if codec not in CODECS:
+        raise EnvelopeError(f"unknown codec {codec!r}; known: {sorted(CODECS)}")
+    dtype = CODECS[codec]
+    entries = _check_manifest(header.get("tensors"))
+    sizes = [int(np.prod(shape, dtype=np.int64)) for _, shape in entries]
+    expected = sum(sizes) * dtype.itemsize
+    if expected != len(body):
+        raise EnvelopeError(f"body has {len(body)} bytes but the manifest needs {expected} for codec {codec}")
+    out: OrderedDict[str, np.ndarray] = OrderedDict()
+    offset = 0
+    for (name, shape), size in zip(entries, sizes):
+        if name in out:
+            raise EnvelopeError(f"tensor {name!r} appears twice in the manifest")
+        arr = np.frombuffer(body, dtype=dtype, count=size, offset=offset).reshape(shape)
+        out[name] = arr.astype(np.float32)
+        offset += size * dtype.itemsize
+    return out
+
+
+def check_against(tensors: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> None:
+    """Reject tensors whose names, shapes or values do not fit the reference model."""
+    if list(tensors) != list(reference):
+        missing = [k for k in reference if k not in tensors]
+        extra = [k for k in tensors if k not in reference]
+        raise EnvelopeError(f"tensor names do not match the model (missing {missing[:3]}, unexpected {extra[:3]})")
+    for name, arr in tensors.items():
+        if tuple(arr.shape) != tuple(reference[name].shape):
+            raise EnvelopeError(
+                f"tensor {name!r} has shape {tuple(arr.shape)}, the model has {tuple(reference[name].shape)}"
+            )
+        if not np.all(np.isfinite(arr)):
+            raise EnvelopeError(f"tensor {name!r} contains NaN or Inf")

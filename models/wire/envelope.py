@@ -1,0 +1,118 @@
+"""The fedge envelope: the one binary frame every model, round task and update travels in.
+
+Layout (all integers big-endian), documented byte for byte in docs/protocol.md:
+
+    offset 0   4 bytes  magic b"FEDG"
+    offset 4   1 byte   protocol version (PROTOCOL_VERSION)
+    offset 5   1 byte   flags (bit 0: an authentication tag follows the digest)
+    offset 6   4 bytes  header length H
+    offset 10  4 bytes  body length B
+    offset 14  H bytes  header, UTF-8 JSON object
+    then       B bytes  body (codec-defined)
+    then       32 bytes SHA-256 of every byte before it
+    then       32 bytes HMAC-SHA256 tag (only when flags bit 0 is set)
+
+Torch-free on purpose: a device that only runs inference, or a device written in
+another language, needs nothing but this file's rules.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+MAGIC = b"FEDG"
+PROTOCOL_VERSION = 1
+FLAG_TAGGED = 0x01
+_PREFIX = struct.Struct(">4sBBII")
+PREFIX_SIZE = _PREFIX.size  # 14
+DIGEST_SIZE = 32
+TAG_SIZE = 32
+DEFAULT_MAX_BYTES = 256 * 1024 * 1024
+MAX_HEADER_BYTES = 1024 * 1024
+
+KINDS = ("model", "task", "update")
+
+
+class EnvelopeError(ValueError):
+    """A message that is not a valid fedge envelope; the text says exactly why."""
+
+
+@dataclass
+class Envelope:
+    """A decoded message: JSON header plus opaque body (interpreted by a codec)."""
+
+    header: dict[str, Any]
+    body: bytes = b""
+    tag: bytes | None = field(default=None, repr=False)
+
+    @property
+    def kind(self) -> str:
+        return str(self.header.get("kind", ""))
+
+
+def encode(header: dict[str, Any], body: bytes = b"", key: bytes | None = None) -> bytes:
+    """Frame header and body; with a key, append an HMAC-SHA256 tag over the digest."""
+    if not isinstance(header, dict):
+        raise TypeError("envelope header must be a dict")
+    head = json.dumps(header, separators=(",", ":"), sort_keys=True).encode("utf-8")
+    flags = FLAG_TAGGED if key is not None else 0
+    framed = _PREFIX.pack(MAGIC, PROTOCOL_VERSION, flags, len(head), len(body)) + head + bytes(body)
+    digest = hashlib.sha256(framed).digest()
+    out = framed + digest
+    if key is not None:
+        out += hmac.new(key, digest, hashlib.sha256).digest()
+    return out
+
+
+def decode(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES, key: bytes | None = None) -> Envelope:
+    """Parse and verify a frame; raise EnvelopeError (never anything else) on any defect.
+
+    With `key`, an untagged message or a tag that does not match is rejected.
+    """
+    try:
+        data = bytes(data)
+    except Exception as exc:  # noqa: BLE001 - anything not bytes-like is a bad payload
+        raise EnvelopeError(f"payload is not bytes: {type(data).__name__}") from exc
+    if len(data) > max_bytes:
+        raise EnvelopeError(f"payload of {len(data)} bytes exceeds the limit of {max_bytes}")
+    if len(data) < PREFIX_SIZE + DIGEST_SIZE:
+        raise EnvelopeError(f"truncated: {len(data)} bytes is shorter than the minimal envelope")
+    magic, version, flags, head_len, body_len = _PREFIX.unpack_from(data, 0)
+    if magic != MAGIC:
+        raise EnvelopeError(f"wrong magic {magic!r}, expected {MAGIC!r}")
+    if version != PROTOCOL_VERSION:
+        raise EnvelopeError(f"unsupported protocol version {version}, this side speaks {PROTOCOL_VERSION}")
+    if flags & ~FLAG_TAGGED:
+        raise EnvelopeError(f"unknown flag bits 0x{flags:02x}")
+    if head_len > MAX_HEADER_BYTES:
+        raise EnvelopeError(f"header length {head_len} exceeds {MAX_HEADER_BYTES}")
+    tagged = bool(flags & FLAG_TAGGED)
+    expected = PREFIX_SIZE + head_len + body_len + DIGEST_SIZE + (TAG_SIZE if tagged else 0)
+    if len(data) != expected:
+        what = "truncated" if len(data) < expected else "trailing bytes"
+        raise EnvelopeError(f"{what}: length {len(data)} but the prefix declares {expected}")
+    end = PREFIX_SIZE + head_len + body_len
+    digest = data[end : end + DIGEST_SIZE]
+    if not hmac.compare_digest(hashlib.sha256(data[:end]).digest(), digest):
+        raise EnvelopeError("digest mismatch: the message was corrupted or altered")
+    tag = data[end + DIGEST_SIZE :] if tagged else None
+    if key is not None:
+        if tag is None:
+            raise EnvelopeError("message is not authenticated but this receiver requires a tag")
+        if not hmac.compare_digest(hmac.new(key, digest, hashlib.sha256).digest(), tag):
+            raise EnvelopeError("authentication tag does not match the sender's key")
+    try:
+        header = json.loads(data[PREFIX_SIZE : PREFIX_SIZE + head_len].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise EnvelopeError(f"header is not UTF-8 JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise EnvelopeError(f"header must be a JSON object, got {type(header).__name__}")
+    kind = header.get("kind")
+    if kind not in KINDS:
+        raise EnvelopeError(f"unknown message kind {kind!r}; expected one of {KINDS}")
+    return Envelope(header=header, body=data[PREFIX_SIZE + head_len : end], tag=tag)

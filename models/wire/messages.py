@@ -1,0 +1,156 @@
+"""The three envelope kinds (model, task, update) and the JSON status message.
+
+Builders and parsers live together so the header fields are defined once; every parser
+raises EnvelopeError naming the bad field.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import numpy as np
+
+from .codecs import decode_tensors, encode_tensors
+from .envelope import Envelope, EnvelopeError, encode
+
+
+def _field(header: Mapping[str, Any], name: str, types: type | tuple[type, ...]) -> Any:
+    if name not in header:
+        raise EnvelopeError(f"header misses field {name!r}")
+    value = header[name]
+    if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+        raise EnvelopeError(f"header field {name!r} has type bool")
+    if not isinstance(value, types):
+        raise EnvelopeError(f"header field {name!r} has type {type(value).__name__}")
+    return value
+
+
+# ----------------------------------------------------------------------------- model
+@dataclass
+class ModelMessage:
+    fleet: str
+    run: str
+    version: int
+    model: str
+    tensors: "OrderedDict[str, np.ndarray]"
+    meta: dict = field(default_factory=dict)
+
+
+def build_model_message(
+    fleet: str, run: str, version: int, model: str, tensors: Mapping[str, np.ndarray], codec: str = "fp32",
+    meta: Mapping[str, Any] | None = None, key: bytes | None = None,
+) -> bytes:
+    fields_, body = encode_tensors(tensors, codec)
+    header = {"kind": "model", "fleet": fleet, "run": run, "version": int(version), "model": model,
+              "meta": dict(meta or {}), "created": time.time(), **fields_}
+    return encode(header, body, key=key)
+
+
+def parse_model(env: Envelope) -> ModelMessage:
+    h = env.header
+    if env.kind != "model":
+        raise EnvelopeError(f"expected a model message, got kind {env.kind!r}")
+    return ModelMessage(
+        fleet=_field(h, "fleet", str), run=_field(h, "run", str), version=_field(h, "version", int),
+        model=_field(h, "model", str), tensors=decode_tensors(h, env.body), meta=dict(h.get("meta") or {}),
+    )
+
+
+# ----------------------------------------------------------------------------- task
+@dataclass
+class TaskMessage:
+    fleet: str
+    run: str
+    round: int
+    model_version: int
+    selected: list[str]
+    deadline: float
+    train: dict
+    state: str  # "open" (train now) or "finished" (the run is over)
+    codec: str | None = None  # update codec the hub asks for; None = the device's profile decides
+
+
+def build_task_message(task: TaskMessage, key: bytes | None = None) -> bytes:
+    header = {"kind": "task", "fleet": task.fleet, "run": task.run, "round": task.round,
+              "model_version": task.model_version, "selected": list(task.selected), "deadline": task.deadline,
+              "train": dict(task.train), "state": task.state, "update_codec": task.codec}
+    return encode(header, b"", key=key)
+
+
+def parse_task(env: Envelope) -> TaskMessage:
+    h = env.header
+    if env.kind != "task":
+        raise EnvelopeError(f"expected a task message, got kind {env.kind!r}")
+    selected = _field(h, "selected", list)
+    if not all(isinstance(s, str) for s in selected):
+        raise EnvelopeError("header field 'selected' must list device ids")
+    state = _field(h, "state", str)
+    if state not in ("open", "finished"):
+        raise EnvelopeError(f"task state {state!r} is neither 'open' nor 'finished'")
+    return TaskMessage(
+        fleet=_field(h, "fleet", str), run=_field(h, "run", str), round=_field(h, "round", int),
+        model_version=_field(h, "model_version", int), selected=selected,
+        deadline=float(_field(h, "deadline", (int, float))), train=_field(h, "train", dict), state=state,
+        codec=h.get("update_codec") if isinstance(h.get("update_codec"), str) else None,
+    )
+
+
+# ----------------------------------------------------------------------------- update
+@dataclass
+class UpdateMessage:
+    fleet: str
+    run: str
+    device: str
+    round: int
+    base_version: int
+    num_samples: int
+    tensors: "OrderedDict[str, np.ndarray]"
+    metrics: dict
+
+
+def build_update_message(
+    fleet: str, run: str, device: str, round_id: int, base_version: int, tensors: Mapping[str, np.ndarray],
+    num_samples: int, metrics: Mapping[str, float] | None = None, codec: str = "fp32", key: bytes | None = None,
+) -> bytes:
+    fields_, body = encode_tensors(tensors, codec)
+    header = {"kind": "update", "fleet": fleet, "run": run, "device": device, "round": int(round_id),
+              "base_version": int(base_version), "num_samples": int(num_samples),
+              "metrics": dict(metrics or {}), **fields_}
+    return encode(header, body, key=key)
+
+
+def parse_update(env: Envelope) -> UpdateMessage:
+    h = env.header
+    if env.kind != "update":
+        raise EnvelopeError(f"expected an update message, got kind {env.kind!r}")
+    num_samples = _field(h, "num_samples", int)
+    if num_samples < 1:
+        raise EnvelopeError(f"num_samples must be positive, got {num_samples}")
+    metrics = h.get("metrics") or {}
+    if not isinstance(metrics, dict):
+        raise EnvelopeError("header field 'metrics' must be an object")
+    return UpdateMessage(
+        fleet=_field(h, "fleet", str), run=_field(h, "run", str), device=_field(h, "device", str),
+        round=_field(h, "round", int), base_version=_field(h, "base_version", int), num_samples=num_samples,
+        tensors=decode_tensors(h, env.body), metrics=metrics,
+    )
+
+
+# ----------------------------------------------------------------------------- status
+def status_payload(state: str, **info: Any) -> bytes:
+    """Device/hub presence: small UTF-8 JSON so `mosquitto_sub` shows it readably."""
+    return json.dumps({"state": state, "ts": time.time(), **info}, separators=(",", ":")).encode()
+
+
+def parse_status(payload: bytes) -> dict[str, Any]:
+    try:
+        data = json.loads(payload.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise EnvelopeError(f"status is not UTF-8 JSON: {exc}") from None
+    if not isinstance(data, dict) or data.get("state") not in ("online", "offline"):
+        raise EnvelopeError("status must be a JSON object with state 'online' or 'offline'")
+    return data

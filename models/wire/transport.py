@@ -1,0 +1,188 @@
+"""MQTT transport shared by agent and hub: broker URL, TLS/auth, persistent session, backoff.
+
+One wrapper so both sides reconnect, resubscribe and queue QoS 1 publishes the same way.
+Torch-free (paho-mqtt only).
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import threading
+from dataclasses import dataclass
+from typing import Callable
+from urllib.parse import unquote, urlparse
+
+import paho.mqtt.client as mqtt
+
+log = logging.getLogger("fedge.mqtt")
+
+Handler = Callable[[str, bytes], None]
+
+
+@dataclass
+class BrokerConfig:
+    """Where and how to connect. Built from `mqtt://[user[:pass]@]host[:port]` or `mqtts://...`."""
+
+    host: str = "127.0.0.1"
+    port: int = 1883
+    username: str | None = None
+    password: str | None = None
+    tls: bool = False
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    keepalive: int = 30
+
+    @classmethod
+    def from_url(cls, url: str, **overrides: object) -> "BrokerConfig":
+        parsed = urlparse(url if "://" in url else f"mqtt://{url}")
+        if parsed.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
+            raise ValueError(f"broker URL {url!r}: scheme must be mqtt:// or mqtts://")
+        if not parsed.hostname:
+            raise ValueError(f"broker URL {url!r} has no host")
+        tls = parsed.scheme in ("mqtts", "ssl")
+        try:
+            port = parsed.port or (8883 if tls else 1883)
+        except ValueError as exc:
+            raise ValueError(f"broker URL {url!r}: {exc}") from None
+        cfg = cls(
+            host=parsed.hostname,
+            port=port,
+            username=unquote(parsed.username) if parsed.username else None,
+            password=unquote(parsed.password) if parsed.password else None,
+            tls=tls,
+        )
+        for key, value in overrides.items():
+            if value is not None:
+                setattr(cfg, key, value)
+        if cfg.ca_file or cfg.cert_file:
+            cfg.tls = True
+        return cfg
+
+    @property
+    def url(self) -> str:
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+
+class MqttLink:
+    """A paho client with a persistent session, automatic reconnect and topic handlers.
+
+    Subscriptions are re-sent on every (re)connect; QoS 1 messages published while the
+    broker is away stay in paho's queue and go out after reconnect.
+    """
+
+    def __init__(
+        self,
+        config: BrokerConfig,
+        client_id: str,
+        will: tuple[str, bytes] | None = None,
+        clean_session: bool = False,
+        max_queued: int = 0,
+    ) -> None:
+        self.config = config
+        self.client_id = client_id
+        self._subs: dict[str, tuple[int, Handler]] = {}
+        self._connected = threading.Event()
+        self._on_connect_hooks: list[Callable[[], None]] = []
+        self.client = mqtt.Client(
+            callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            clean_session=clean_session,
+            protocol=mqtt.MQTTv311,
+        )
+        self.client.max_queued_messages_set(max_queued)
+        self.client.max_inflight_messages_set(100)
+        self.client.reconnect_delay_set(min_delay=1, max_delay=30)
+        if config.username:
+            self.client.username_pw_set(config.username, config.password)
+        if config.tls:
+            self.client.tls_set(
+                ca_certs=config.ca_file,
+                certfile=config.cert_file,
+                keyfile=config.key_file,
+                cert_reqs=ssl.CERT_REQUIRED,
+                tls_version=ssl.PROTOCOL_TLS_CLIENT,
+            )
+        if will is not None:
+            self.client.will_set(will[0], will[1], qos=1, retain=True)
+        self.client.on_connect = self._handle_connect
+        self.client.on_disconnect = self._handle_disconnect
+        self.client.on_message = self._handle_message
+        self.last_error: str | None = None
+        self._stopping = False
+
+    # -- lifecycle -------------------------------------------------------------------
+    def on_connect(self, hook: Callable[[], None]) -> None:
+        """Run `hook` after every successful (re)connect, after resubscribing."""
+        self._on_connect_hooks.append(hook)
+
+    def start(self, timeout: float = 20.0) -> "MqttLink":
+        """Connect in the background (paho retries with backoff) and wait for the first CONNACK."""
+        self.client.connect_async(self.config.host, self.config.port, keepalive=self.config.keepalive)
+        self.client.loop_start()
+        if not self._connected.wait(timeout):
+            self.client.loop_stop()
+            reason = f": {self.last_error}" if self.last_error else ""
+            raise ConnectionError(f"{self.client_id}: no connection to {self.config.url} within {timeout}s{reason}")
+        return self
+
+    def stop(self, final: tuple[str, bytes] | None = None) -> None:
+        """Optionally publish a last retained message (e.g. 'offline'), then disconnect."""
+        if final is not None and self._connected.is_set():
+            info = self.client.publish(final[0], final[1], qos=1, retain=True)
+            try:
+                info.wait_for_publish(timeout=3)
+            except (RuntimeError, ValueError):
+                pass
+        self._stopping = True
+        self.client.disconnect()
+        self.client.loop_stop()
+        self._connected.clear()
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    # -- pub/sub ---------------------------------------------------------------------
+    def subscribe(self, topic: str, handler: Handler, qos: int = 1) -> None:
+        self._subs[topic] = (qos, handler)
+        if self._connected.is_set():
+            self.client.subscribe(topic, qos)
+
+    def unsubscribe(self, topic: str) -> None:
+        if self._subs.pop(topic, None) is not None and self._connected.is_set():
+            self.client.unsubscribe(topic)
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> mqtt.MQTTMessageInfo:
+        """Publish; while disconnected a QoS>0 message is queued and sent after reconnect."""
+        return self.client.publish(topic, payload, qos=qos, retain=retain)
+
+    # -- paho callbacks --------------------------------------------------------------
+    def _handle_connect(self, client, userdata, flags, reason_code, properties=None) -> None:  # noqa: ANN001
+        if reason_code.is_failure:
+            self.last_error = str(reason_code)
+            log.warning("%s: broker refused connection: %s", self.client_id, reason_code)
+            return
+        for topic, (qos, _) in list(self._subs.items()):
+            client.subscribe(topic, qos)
+        self._connected.set()
+        for hook in self._on_connect_hooks:
+            try:
+                hook()
+            except Exception:  # noqa: BLE001 - a hook must not kill paho's thread
+                log.exception("%s: on-connect hook failed", self.client_id)
+
+    def _handle_disconnect(self, client, userdata, flags, reason_code, properties=None) -> None:  # noqa: ANN001
+        if self._connected.is_set() and not self._stopping:
+            log.info("%s: disconnected (%s); reconnecting with backoff", self.client_id, reason_code)
+        self._connected.clear()
+
+    def _handle_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:  # noqa: ANN001
+        for pattern, (_, handler) in list(self._subs.items()):
+            if mqtt.topic_matches_sub(pattern, msg.topic):
+                try:
+                    handler(msg.topic, msg.payload)
+                except Exception:  # noqa: BLE001 - never let a bad message kill the network loop
+                    log.exception("%s: handler for %s failed", self.client_id, msg.topic)
+                return
