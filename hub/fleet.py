@@ -122,7 +122,8 @@ class Fleet:
         hub_cfg = self.cfg.hub
         if resume and store.get_meta("config") is not None:
             hub_cfg = HubConfig.from_json(store.get_meta("config"))
-        hub_cfg.min_devices = hub_cfg.min_devices or len(self.agents)
+        if not hub_cfg.min_devices:
+            hub_cfg.min_devices = len(self.agents)
         return Hub(hub_cfg, self.broker_config, store, self.dataset.test.x, self.dataset.test.y, on_round=on_round)
 
     def run(self, hub: Hub | None = None) -> dict[str, Any]:

@@ -49,7 +49,7 @@ class HubConfig:
     num_classes: int = 10
     rounds: int = 10
     clients_per_round: int = 0  # 0 = every online device
-    min_devices: int = 1  # online devices needed before a round starts
+    min_devices: int = 0  # online devices needed before a round starts (0: 1, or the whole simulated fleet)
     wait_devices_s: float = 120.0
     deadline_s: float = 120.0  # stragglers past this are ignored for the round (paper 004)
     quorum: float = 1.0  # fraction of the selected whose updates close the round early

@@ -151,7 +151,7 @@ def synthetic(
     def make(n: int) -> Split:
         y = np.arange(n) % num_classes
         rng.shuffle(y)
-        x = protos[y] * 0.12 + rng.normal(0, 1, size=(n, *shape)).astype(np.float32)
+        x = protos[y] * 0.2 + rng.normal(0, 1, size=(n, *shape)).astype(np.float32)
         return Split(x.astype(np.float32), y.astype(np.int64))
 
     return Dataset(name="synthetic", train=make(n_train), test=make(n_test), num_classes=num_classes)

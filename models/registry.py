@@ -16,6 +16,23 @@ Builder = Callable[[tuple[int, ...], int], nn.Module]
 MODELS: dict[str, Builder] = {
     "mlp": lambda in_shape, num_classes: MLP(in_shape, num_classes),
     "conv4": lambda in_shape, num_classes: Conv4(in_shape, num_classes),
+    # 1-bit Multi-Prize Lottery Tickets (models/mpt_nets.py, imported lazily): the state is only the
+    # scores (plus BatchNorm running statistics for 1/1); frozen weights come from the fixed seed 0
+    "conv4-mpt": lambda in_shape, num_classes: __import__("models.mpt_nets", fromlist=["build_mpt"]).build_mpt(
+        "conv4", in_shape, num_classes, variant="mpt-1/32", prune_ratio=0.8, seed=0
+    ),
+    "conv4-mpt11": lambda in_shape, num_classes: __import__("models.mpt_nets", fromlist=["build_mpt"]).build_mpt(
+        "conv4", in_shape, num_classes, variant="mpt-1/1", prune_ratio=0.8, seed=0
+    ),
+    "conv4-bnn": lambda in_shape, num_classes: __import__("models.mpt_nets", fromlist=["build_mpt"]).build_mpt(
+        "conv4", in_shape, num_classes, variant="bnn-1/32", seed=0
+    ),
+    "conv4-bnn11": lambda in_shape, num_classes: __import__("models.mpt_nets", fromlist=["build_mpt"]).build_mpt(
+        "conv4", in_shape, num_classes, variant="bnn-1/1", seed=0
+    ),
+    "mlp-mpt": lambda in_shape, num_classes: __import__("models.mpt_nets", fromlist=["build_mpt"]).build_mpt(
+        "mlp", in_shape, num_classes, variant="mpt-1/32", prune_ratio=0.8, seed=0
+    ),
 }
 
 

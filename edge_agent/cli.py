@@ -1,0 +1,102 @@
+"""`fedge agent`: run this machine as a fleet device."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import socket
+from pathlib import Path
+
+import numpy as np
+
+from fedge.common import add_broker_args, add_logging_args, broker_from_args, setup_logging, stop_event_on_signals
+
+log = logging.getLogger("fedge.agent")
+
+
+def load_local_data(spec: str, num_classes: int = 10):  # noqa: ANN201 - returns models.data.Split
+    """--data: a .npz written by `fedge partition` (x, y), an idx folder, or 'synthetic'."""
+    from models.data import DataError, Split, load_idx_dataset, synthetic  # noqa: PLC0415
+
+    if spec == "synthetic":
+        return synthetic(n_train=1000, num_classes=num_classes).train
+    path = Path(spec)
+    if path.is_dir():
+        return load_idx_dataset(path).train
+    if not path.exists():
+        raise DataError(f"--data {spec}: no such file or folder")
+    if path.suffix != ".npz":
+        raise DataError(f"--data {spec}: expected a .npz file from `fedge partition`, an idx folder or 'synthetic'")
+    with np.load(path) as npz:
+        missing = {"x", "y"} - set(npz.files)
+        if missing:
+            raise DataError(f"--data {spec}: missing arrays {sorted(missing)} (found {npz.files})")
+        x, y = npz["x"].astype(np.float32), npz["y"].astype(np.int64)
+    if x.ndim == 3:
+        x = x[:, None]
+    if x.ndim != 4 or len(x) != len(y) or len(y) == 0:
+        raise DataError(f"--data {spec}: x must be [N,C,H,W] (or [N,H,W]) with one label per image, got {x.shape}, {y.shape}")
+    if y.min() < 0 or y.max() >= num_classes:
+        raise DataError(f"--data {spec}: labels must be in [0, {num_classes}), found {y.min()}..{y.max()}")
+    return Split(x, y)
+
+
+def default_device_id() -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:64] or "device"
+
+
+def add_agent_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "agent",
+        help="run this machine as a device: train on local data when the hub asks",
+        description="Connect to the fleet's MQTT broker, announce this device (profile, dataset size), "
+                    "train on local data whenever the hub selects it, and publish one update per round "
+                    "(QoS 1). Reconnects with backoff; SIGINT/SIGTERM shut it down cleanly.",
+        epilog="example: fedge agent --broker mqtt://hub.local --profile rpi4 --data parts/dev003.npz",
+    )
+    add_broker_args(parser, required=False)
+    parser.add_argument("--profile", default="rpi4", help="built-in profile name or a YAML file (default: %(default)s)")
+    parser.add_argument("--data", default="synthetic",
+                        help="local training data: .npz from `fedge partition`, an idx folder, or 'synthetic'")
+    parser.add_argument("--num-classes", type=int, default=10, help="label count of the fleet's task")
+    parser.add_argument("--device-id", default=default_device_id(), help="this device's id (default: hostname)")
+    parser.add_argument("--seed", type=int, default=0, help="base seed for local shuffling")
+    parser.add_argument("--once", action="store_true", help="exit when the hub announces the run finished")
+    add_logging_args(parser)
+    parser.set_defaults(func=run_agent)
+    return parser
+
+
+def run_agent(args: argparse.Namespace) -> int:
+    import torch  # noqa: PLC0415
+
+    from models.wire import Topics  # noqa: PLC0415
+
+    from .agent import Agent  # noqa: PLC0415
+    from .pool import TrainingPool  # noqa: PLC0415
+    from .profile import load_profile  # noqa: PLC0415
+
+    setup_logging(args)
+    if not args.broker:
+        raise SystemExit("fedge agent: --broker (or FEDGE_BROKER) is required, e.g. --broker mqtt://hub.local:1883")
+    profile = load_profile(args.profile)
+    torch.set_num_threads(min(profile.threads, os.cpu_count() or 1))
+    data = load_local_data(args.data, args.num_classes)
+    stop = stop_event_on_signals()
+    pool = TrainingPool(workers=1, device=profile.device)
+    agent = Agent(args.device_id, profile, broker_from_args(args), Topics(args.fleet, args.topic_prefix), data,
+                  args.num_classes, pool, seed=args.seed)
+    agent.start()
+    log.info("device %s online with %d samples (profile %s); waiting for round tasks", args.device_id, len(data), profile.name)
+    try:
+        while not stop.wait(0.5):
+            if args.once and agent.finished.is_set():
+                log.info("hub announced the run finished")
+                break
+    finally:
+        agent.stop()
+        pool.close()
+    log.info("trained %d round(s); sent %d bytes, received %d bytes", agent.rounds_trained, agent.bytes_up, agent.bytes_down)
+    return 0

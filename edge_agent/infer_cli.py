@@ -1,0 +1,257 @@
+"""Command-line entry points for ONNX export and torch-free on-device inference.
+
+fedge/cli.py registers them:
+
+    add_export_parser(top_level_subparsers)     # fedge export RUN_OR_MODEL --out model.onnx
+    agent_sub = ...                             # the `fedge agent` group's subparsers
+    add_predict_parser(agent_sub)               # fedge agent predict --model m.onnx x.npy ...
+    add_serve_parser(agent_sub)                 # fedge agent serve --broker URL --fleet F
+
+Each sets `func(args) -> int`. Standalone: `python -m edge_agent.infer_cli {export,predict,serve} ...`.
+Importing this module imports neither torch nor onnxruntime; predict/serve never import
+torch, export does (lazily).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+
+def _labels(value: str | None) -> list[str] | None:
+    if not value or value == "none":
+        return None
+    if value == "fashion-mnist":
+        from .infer import FASHION_LABELS  # noqa: PLC0415
+
+        return list(FASHION_LABELS)
+    return [s.strip() for s in value.split(",")]
+
+
+def _read_key(path: str | None) -> bytes | None:
+    if not path:
+        return None
+    data = Path(path).read_bytes().strip()
+    try:
+        return bytes.fromhex(data.decode())
+    except ValueError:
+        return data
+
+
+def _add_common_infer(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads (default 1)")
+    p.add_argument("--labels", default=None,
+                   help="class names: 'fashion-mnist' or a comma-separated list (default: class numbers only)")
+    p.add_argument("--auth-key-file", default=None,
+                   help="HMAC key (hex or raw bytes) that .fedge model messages must be tagged with")
+
+
+# ----------------------------------------------------------------------------- predict
+def add_predict_parser(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "predict", help="classify .npy arrays or images with an ONNX model (no torch needed)",
+        description="Classify inputs with ONNX Runtime. --model takes an .onnx file or a fedge model "
+                    "message (.fedge, e.g. runs/<id>/final_model.fedge), whose graph is rebuilt without torch. "
+                    "Inputs: .npy float32 arrays shaped like the model input or a batch [N, C, H, W] "
+                    "(already normalised), .npy uint8 pixels, or images (.png, .jpg; needs Pillow), which are "
+                    "scaled to [0,1] and normalised with --mean/--std.",
+    )
+    p.add_argument("--model", required=True, help=".onnx file or .fedge model message")
+    p.add_argument("inputs", nargs="+", help=".npy arrays and/or image files")
+    p.add_argument("--mean", type=float, default=None, help="normalisation mean for pixels (default: Fashion-MNIST 0.2860)")
+    p.add_argument("--std", type=float, default=None, help="normalisation std for pixels (default: Fashion-MNIST 0.3530)")
+    p.add_argument("--json", action="store_true", help="print one JSON object per input instead of a table")
+    _add_common_infer(p)
+    p.set_defaults(func=cmd_predict)
+    return p
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .infer import FASHION_MEAN, FASHION_STD, InferenceError, Predictor, load_inputs  # noqa: PLC0415
+
+    labels = _labels(args.labels)
+    try:
+        predictor = Predictor.load(args.model, threads=args.threads, key=_read_key(args.auth_key_file))
+        x, names = load_inputs(args.inputs, predictor.in_shape,
+                               FASHION_MEAN if args.mean is None else args.mean, FASHION_STD if args.std is None else args.std)
+        pred = predictor.predict(x)
+    except (InferenceError, ValueError, OSError) as exc:
+        print(f"fedge agent predict: {exc}", file=sys.stderr)
+        return 2
+    for name, cls, conf in zip(names, pred.classes.tolist(), pred.confidence.tolist()):
+        label = labels[cls] if labels and cls < len(labels) else None
+        if args.json:
+            print(json.dumps({"input": name, "class": cls, "label": label, "confidence": round(conf, 6)}))
+        else:
+            print(f"{name}\t{cls}\t{conf:.4f}" + (f"\t{label}" if label else ""))
+    return 0
+
+
+# ----------------------------------------------------------------------------- serve
+def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "serve", help="serve predictions over local HTTP, swapping in each new global model from the hub",
+        description="Long-running inference: loads --model (if given), subscribes to the fleet's model topic "
+                    "(if --broker is given) and swaps in every new global model, rebuilt as ONNX without torch. "
+                    "HTTP on --host:--port: GET /health, GET /model, POST /predict with JSON "
+                    '{"inputs": [...]} or a raw .npy body (Content-Type: application/x-npy).',
+    )
+    p.add_argument("--model", default=None, help="initial .onnx or .fedge model (optional with --broker)")
+    p.add_argument("--broker", default=None, help="mqtt://host:port or mqtts://... of the fleet's broker")
+    p.add_argument("--fleet", default=None, help="fleet id whose global model to follow (required with --broker)")
+    p.add_argument("--prefix", default=None, help="topic prefix (default fedge/v1)")
+    p.add_argument("--ca-file", default=None, help="CA certificate for mqtts://")
+    p.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default 127.0.0.1: local clients only)")
+    p.add_argument("--port", type=int, default=None, help="HTTP port (default 8765; 0 = any free port)")
+    p.add_argument("--save", default=None,
+                   help="write every swapped-in model to this .onnx path (atomically) and start from it next time")
+    _add_common_infer(p)
+    p.set_defaults(func=cmd_serve)
+    return p
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import signal  # noqa: PLC0415
+    import threading  # noqa: PLC0415
+
+    from .infer import DEFAULT_PORT, InferenceError, LiveModel, ModelFollower, Predictor, make_server  # noqa: PLC0415
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    key = _read_key(args.auth_key_file)
+    if not args.model and not args.broker:
+        print("fedge agent serve: give --model, --broker (with --fleet), or both", file=sys.stderr)
+        return 2
+    if args.broker and not args.fleet:
+        print("fedge agent serve: --broker needs --fleet", file=sys.stderr)
+        return 2
+    live = LiveModel()
+    initial = args.model or (args.save if args.save and Path(args.save).is_file() else None)
+    if initial:
+        try:
+            live.swap(Predictor.load(initial, threads=args.threads, key=key))
+        except (InferenceError, ValueError, OSError) as exc:
+            print(f"fedge agent serve: {exc}", file=sys.stderr)
+            return 2
+    follower = None
+    if args.broker:
+        follower = ModelFollower(live, fleet=args.fleet, key=key, threads=args.threads, save_to=args.save)
+        from models.wire.transport import BrokerConfig  # noqa: PLC0415 - torch-free
+
+        try:
+            follower.connect(BrokerConfig.from_url(args.broker, ca_file=args.ca_file), prefix=args.prefix)
+        except (ConnectionError, ValueError, OSError) as exc:
+            print(f"fedge agent serve: {exc}", file=sys.stderr)
+            return 2
+    port = DEFAULT_PORT if args.port is None else args.port
+    server = make_server(live, args.host, port, follower=follower, labels=_labels(args.labels))
+    host, port = server.server_address[:2]
+    print(f"serving predictions on http://{host}:{port} (GET /health, POST /predict); Ctrl-C stops", flush=True)
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:  # noqa: ARG001
+        stop.set()
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        server.serve_forever(poll_interval=0.5)
+    finally:
+        server.server_close()
+        if follower is not None:
+            follower.stop()
+    return 0
+
+
+# ----------------------------------------------------------------------------- export
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        dims = tuple(int(d) for d in text.replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"shape {text!r}: expected e.g. 1,28,28") from None
+    if not dims or any(d < 1 for d in dims):
+        raise argparse.ArgumentTypeError(f"shape {text!r}: dimensions must be positive")
+    return dims
+
+
+def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "export", help="export a run's final model (or a model) to ONNX, optionally int8",
+        description="Export to ONNX (dynamic batch axis, opset 17), check it with onnx.checker and against torch. "
+                    "RUN_OR_MODEL: a run folder (uses final_model.fedge or its newest checkpoint), a run id under "
+                    "--runs-dir, a .fedge model message, or a registry model name (fresh seeded weights).",
+    )
+    p.add_argument("source", metavar="RUN_OR_MODEL")
+    p.add_argument("--out", default=None, help="output .onnx (default: next to the source, or ./<model>.onnx)")
+    p.add_argument("--runs-dir", default="runs", help="where run ids are looked up (default runs)")
+    p.add_argument("--int8", choices=("dynamic", "static"), default=None,
+                   help="also write <out>.int8.onnx: dynamic (weights only, no data) or static (calibrated)")
+    p.add_argument("--calib", default="fashion-mnist",
+                   help="static int8 calibration inputs: fashion-mnist, synthetic, or a .npy batch (default fashion-mnist)")
+    p.add_argument("--calib-size", type=int, default=512, help="calibration samples (default 512)")
+    p.add_argument("--data-root", default=None, help="dataset folder for --calib fashion-mnist")
+    p.add_argument("--builder", choices=("torch", "graph"), default="torch",
+                   help="torch: torch.onnx legacy exporter (default); graph: fedge's torch-free graph builder")
+    p.add_argument("--in-shape", type=_shape, default=(1, 28, 28), help="input shape for a model name (default 1,28,28)")
+    p.add_argument("--num-classes", type=int, default=10, help="classes for a model name (default 10)")
+    p.add_argument("--seed", type=int, default=0, help="init seed for a model name (default 0)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=cmd_export)
+    return p
+
+
+def _calibration(args: argparse.Namespace, n: int):  # noqa: ANN202
+    import numpy as np  # noqa: PLC0415
+
+    if args.calib.endswith(".npy"):
+        return np.load(args.calib, allow_pickle=False).astype(np.float32)[:n]
+    from models.data import load_dataset  # noqa: PLC0415
+
+    ds = load_dataset(args.calib, args.data_root, download=False)
+    return ds.train.x[:n]
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from models.data import DataError  # noqa: PLC0415
+    from models.export import ExportError, export, summary_json  # noqa: PLC0415
+
+    try:
+        calib = _calibration(args, args.calib_size) if args.int8 == "static" else None
+        summary = export(args.source, out=args.out, runs_dir=args.runs_dir, int8=args.int8, calibration=calib,
+                         builder=args.builder, in_shape=tuple(args.in_shape), num_classes=args.num_classes, seed=args.seed)
+    except (ExportError, DataError, ValueError, KeyError, OSError) as exc:
+        print(f"fedge export: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(summary_json(summary))
+    else:
+        print(f"wrote {summary['onnx']} ({summary['bytes'] / 1024:.0f} KiB, {summary['model']}, input "
+              f"[batch, {', '.join(map(str, summary['in_shape']))}]); onnx.checker ok; "
+              f"max |torch - onnxruntime| = {summary['max_abs_diff']:.2e}")
+        if "int8" in summary:
+            print(f"wrote {summary['int8']} ({summary['int8_bytes'] / 1024:.0f} KiB, int8 {summary['int8_method']})")
+    return 0
+
+
+# ----------------------------------------------------------------------------- standalone
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m edge_agent.infer_cli",
+                                     description="fedge ONNX export and torch-free inference")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_export_parser(sub)
+    add_predict_parser(sub)
+    add_serve_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

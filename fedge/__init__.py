@@ -1,0 +1,1 @@
+"""fedge command line (the `fedge` console script)."""

@@ -1,0 +1,101 @@
+"""`fedge`: one command, one subcommand per role (agent, hub, fleet, ...)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+DESCRIPTION = """\
+fedge - federated learning for edge devices over MQTT.
+
+Roles:
+  fedge fleet       simulate a whole fleet on this machine (the quickest way to see fedge work)
+  fedge hub         the server on your home server: rounds, aggregation, persistence, evaluation
+  fedge agent       a device (Raspberry Pi, Jetson, ...): trains on local data when selected
+  fedge partition   split a dataset into per-device files for real agents
+  fedge profiles    list, show or validate firmware profiles
+
+Start here:  fedge fleet            (10 virtual devices, an in-process broker, Fashion-MNIST)
+Then:        fedge <command> --help
+"""
+
+
+def _add_profiles_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("profiles", help="list, show or validate firmware profiles",
+                              description="Without arguments lists the built-in profiles; with names or YAML "
+                                          "paths validates and prints each one.")
+    p.add_argument("names", nargs="*", help="profile names or YAML files to validate and show")
+    p.set_defaults(func=_run_profiles)
+
+
+def _run_profiles(args: argparse.Namespace) -> int:
+    import yaml  # noqa: PLC0415
+
+    from edge_agent.profile import ProfileError, available_profiles, load_profile  # noqa: PLC0415
+
+    if not args.names:
+        for name in available_profiles():
+            prof = load_profile(name)
+            print(f"{name:12s} {prof.device:4s} {prof.model:8s} {prof.mode:5s} batch {prof.batch_size:<4d} "
+                  f"{prof.memory_budget_mb:>6d} MiB  {prof.description}")
+        return 0
+    status = 0
+    for name in args.names:
+        try:
+            print(yaml.safe_dump(load_profile(name).summary(), sort_keys=False).strip(), end="\n---\n")
+        except ProfileError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            status = 2
+    return status
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from edge_agent.cli import add_agent_parser  # noqa: PLC0415
+    from hub.cli import add_fleet_parser, add_hub_parser, add_partition_parser  # noqa: PLC0415
+
+    parser = argparse.ArgumentParser(prog="fedge", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    add_fleet_parser(sub)
+    add_hub_parser(sub)
+    agent = add_agent_parser(sub)
+    add_partition_parser(sub)
+    _add_profiles_parser(sub)
+    _add_optional_commands(sub, agent)
+    return parser
+
+
+def _add_optional_commands(sub: argparse._SubParsersAction, agent: argparse.ArgumentParser) -> None:
+    """ONNX export and torch-free inference live in their own modules."""
+    try:
+        from edge_agent import infer_cli  # noqa: PLC0415
+    except ImportError:
+        return
+    agent_sub = agent.add_subparsers(dest="agent_command", metavar="ACTION", required=False,
+                                     title="inference (torch-free)")
+    infer_cli.add_predict_parser(agent_sub)
+    infer_cli.add_serve_parser(agent_sub)
+    infer_cli.add_export_parser(sub)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    from edge_agent.profile import ProfileError  # noqa: PLC0415
+    from models.data import DataError  # noqa: PLC0415
+    from models.partition import PartitionError  # noqa: PLC0415
+
+    try:
+        return int(args.func(args) or 0)
+    except (ProfileError, DataError, PartitionError, ValueError, ConnectionError, TimeoutError, FileNotFoundError) as exc:
+        print(f"fedge {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""Command-line pieces shared by `fedge agent` and `fedge hub`: broker flags and logging."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import threading
+
+from models.wire.transport import BrokerConfig
+
+
+def add_broker_args(parser: argparse.ArgumentParser, required: bool = True, default: str | None = None) -> None:
+    group = parser.add_argument_group("broker connection")
+    group.add_argument(
+        "--broker", required=required and default is None, default=default or os.environ.get("FEDGE_BROKER"),
+        help="MQTT broker URL: mqtt://[user[:pass]@]host[:port] or mqtts://... for TLS "
+             "(env FEDGE_BROKER)",
+    )
+    group.add_argument("--username", help="MQTT username (overrides the URL's)")
+    group.add_argument("--password", default=os.environ.get("FEDGE_MQTT_PASSWORD"),
+                       help="MQTT password (env FEDGE_MQTT_PASSWORD keeps it out of `ps`)")
+    group.add_argument("--ca-file", help="CA certificate (PEM) that signed the broker's certificate; implies TLS")
+    group.add_argument("--cert-file", help="client certificate (PEM) for brokers that require one")
+    group.add_argument("--key-file", help="private key (PEM) of --cert-file")
+    group.add_argument("--fleet", default="default", help="fleet id: one hub and its devices (default: %(default)s)")
+    group.add_argument("--topic-prefix", default="fedge/v1", help="topic root (default: %(default)s)")
+
+
+def broker_from_args(args: argparse.Namespace) -> BrokerConfig:
+    return BrokerConfig.from_url(
+        args.broker, username=args.username, password=args.password, ca_file=args.ca_file,
+        cert_file=args.cert_file, key_file=args.key_file,
+    )
+
+
+def add_logging_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+
+
+def setup_logging(args: argparse.Namespace) -> None:
+    level = logging.WARNING if getattr(args, "quiet", False) else (
+        logging.DEBUG if getattr(args, "verbose", 0) > 1 else logging.INFO)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    for noisy in ("amqtt", "transitions", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def stop_event_on_signals() -> threading.Event:
+    """An event set by SIGINT/SIGTERM, so long-running commands shut down cleanly."""
+    event = threading.Event()
+
+    def handler(signum: int, frame: object) -> None:
+        logging.getLogger("fedge").info("received %s, shutting down", signal.Signals(signum).name)
+        event.set()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+    return event

@@ -1,0 +1,269 @@
+"""`fedge hub`, `fedge fleet` and `fedge partition`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from pathlib import Path
+
+from fedge.common import add_broker_args, add_logging_args, broker_from_args, setup_logging, stop_event_on_signals
+from models.data import DATASETS, DEFAULT_FASHION_ROOT
+from models.partition import PARTITIONERS, PartitionSpec
+
+log = logging.getLogger("fedge")
+
+
+def _add_round_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("rounds (defaults come from the recipe, else fedge's defaults)")
+    g.add_argument("--model", help="model name (mlp, conv4, ...)")
+    g.add_argument("--rounds", type=int, help="maximum number of rounds")
+    g.add_argument("--clients-per-round", type=int, help="devices selected per round (0 = all online)")
+    g.add_argument("--deadline", type=float, help="seconds a round waits for stragglers")
+    g.add_argument("--quorum", type=float, help="fraction of selected devices whose updates close a round early")
+    g.add_argument("--min-updates", type=int, help="fewest updates to aggregate; fewer re-runs the round")
+    g.add_argument("--target-accuracy", type=float, help="stop once test accuracy reaches this (0-1)")
+    g.add_argument("--min-weight-change", type=float, help="stop once the relative weight change falls below this")
+    g.add_argument("--strategy", help="aggregation rule (fedavg)")
+    g.add_argument("--lr", type=float, help="local learning rate sent with each task")
+    g.add_argument("--epochs", type=int, help="local epochs per round")
+    g.add_argument("--batch-size", type=int, help="local batch size (capped by each device's profile)")
+    g.add_argument("--update-codec", choices=["fp32", "fp16"], help="codec devices use for updates")
+    g.add_argument("--eval-size", type=int, help="test images evaluated each round (0 = all)")
+    g.add_argument("--seed", type=int, help="seed of model init, selection and partitions")
+
+
+def _apply_round_args(cfg, args: argparse.Namespace) -> None:  # noqa: ANN001 - HubConfig
+    mapping = {"model": "model", "rounds": "rounds", "clients_per_round": "clients_per_round",
+               "deadline": "deadline_s", "quorum": "quorum", "min_updates": "min_updates",
+               "target_accuracy": "target_accuracy", "min_weight_change": "min_weight_change",
+               "strategy": "strategy", "update_codec": "update_codec", "eval_size": "eval_size", "seed": "seed"}
+    for arg, attr in mapping.items():
+        value = getattr(args, arg, None)
+        if value is not None:
+            setattr(cfg, attr, value)
+    for arg, key in (("lr", "lr"), ("epochs", "epochs"), ("batch_size", "batch_size")):
+        value = getattr(args, arg, None)
+        if value is not None:
+            cfg.train = {**cfg.train, key: value}
+
+
+# ----------------------------------------------------------------------------- hub
+def add_hub_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "hub", help="run the server: rounds, aggregation, persistence, evaluation",
+        description="Track online devices, run rounds (select, deadline, quorum, stop rule), aggregate, "
+                    "evaluate on a server test set, and persist every round in runs/<id>/ "
+                    "(SQLite + checkpoints) so `--resume` continues after a crash.",
+        epilog="example: fedge hub --broker mqtt://localhost --model mlp --rounds 30 --min-devices 4",
+    )
+    add_broker_args(p, required=False)
+    _add_round_args(p)
+    p.add_argument("--min-devices", type=int, default=1, help="online devices needed before a round starts")
+    p.add_argument("--wait-devices", type=float, default=600, help="seconds to wait for --min-devices")
+    p.add_argument("--dataset", default="fashion-mnist", choices=DATASETS, help="server test set for evaluation")
+    p.add_argument("--data-root", help=f"dataset folder (fashion-mnist default: {DEFAULT_FASHION_ROOT})")
+    p.add_argument("--no-eval", action="store_true", help="do not evaluate (no test set on the server)")
+    p.add_argument("--in-shape", default="1,28,28", help="model input shape with --no-eval (C,H,W)")
+    p.add_argument("--runs-dir", default="runs", help="where runs/<id>/ is written (default: %(default)s)")
+    p.add_argument("--run-id", help="name of a new run (default: hub-<timestamp>)")
+    p.add_argument("--resume", metavar="RUN", help="continue run RUN (id under --runs-dir, or its folder)")
+    add_logging_args(p)
+    p.set_defaults(func=run_hub)
+
+
+def run_hub(args: argparse.Namespace) -> int:
+    from models.data import load_dataset  # noqa: PLC0415
+
+    from .fleet import new_run_id  # noqa: PLC0415
+    from .hub import Hub, HubConfig  # noqa: PLC0415
+    from .report import summarise  # noqa: PLC0415
+    from .store import RunStore  # noqa: PLC0415
+
+    setup_logging(args)
+    if not args.broker:
+        raise SystemExit("fedge hub: --broker (or FEDGE_BROKER) is required, e.g. --broker mqtt://localhost:1883")
+    if args.resume:
+        run_dir = Path(args.resume) if Path(args.resume).is_dir() else Path(args.runs_dir) / args.resume
+        if not (run_dir / "run.sqlite").exists():
+            raise SystemExit(f"fedge hub --resume: no run store at {run_dir / 'run.sqlite'}")
+        store = RunStore(run_dir)
+        cfg = HubConfig.from_json(store.get_meta("config"))
+        if args.rounds is not None:
+            cfg.rounds = args.rounds
+            store.set_meta("config", cfg.to_json())
+    else:
+        cfg = HubConfig(fleet=args.fleet, prefix=args.topic_prefix, min_devices=args.min_devices,
+                        wait_devices_s=args.wait_devices)
+        _apply_round_args(cfg, args)
+        run_dir = Path(args.runs_dir) / (args.run_id or new_run_id("hub"))
+        if (run_dir / "run.sqlite").exists():
+            raise SystemExit(f"fedge hub: run {run_dir} exists; use --resume {run_dir.name} or another --run-id")
+        store = None
+    test_x = test_y = None
+    if not args.no_eval:
+        ds = load_dataset(args.dataset, args.data_root, download=True)
+        test_x, test_y = ds.test.x, ds.test.y
+        cfg.in_shape, cfg.num_classes = ds.in_shape, ds.num_classes
+    else:
+        cfg.in_shape = tuple(int(v) for v in args.in_shape.split(","))
+    store = store or RunStore(run_dir)
+    hub = Hub(cfg, broker_from_args(args), store, test_x, test_y)
+    stop = stop_event_on_signals()
+    import threading  # noqa: PLC0415
+
+    threading.Thread(target=lambda: (stop.wait(), hub.stop()), daemon=True).start()
+    history = hub.run()
+    summary = {"run_dir": str(run_dir), "rounds": len(history),
+               "final_accuracy": history[-1]["accuracy"] if history else None, **summarise(history)}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(json.dumps(summary, indent=1))
+    return 0 if not stop.is_set() else 130
+
+
+# ----------------------------------------------------------------------------- fleet
+def add_fleet_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "fleet", help="simulate a whole fleet on this machine (each device a real MQTT client)",
+        description="Run N virtual devices (each with its own MQTT connection and data partition) and a hub "
+                    "in one process. Without --broker an MQTT broker is started in-process. Writes "
+                    "runs/<id>/run.json, final_model.fedge, partition.json and accuracy.png.",
+        epilog="examples:\n  fedge fleet                          # 10 devices, Fashion-MNIST, 10 rounds\n"
+               "  fedge fleet --recipe paper001        # paper 001 (30 rounds + centralised baseline)\n"
+               "  fedge fleet --broker mqtt://127.0.0.1:1883 --devices 20 --partition dirichlet --alpha 0.3",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--recipe", help="a paper's experiment design (paper001); flags below override it")
+    p.add_argument("--broker", default=None, help="external MQTT broker URL (default: embedded broker)")
+    p.add_argument("--fleet", help="fleet id (topic level)")
+    p.add_argument("--topic-prefix", help="topic root (default fedge/v1)")
+    p.add_argument("--devices", type=int, help="number of virtual devices (default 10)")
+    p.add_argument("--dataset", choices=DATASETS, help="fashion-mnist (default), mnist, cifar10, synthetic")
+    p.add_argument("--data-root", help="dataset folder")
+    p.add_argument("--partition", choices=PARTITIONERS, help="how data is split over devices (default dominant)")
+    p.add_argument("--per-device", type=int, help="images per device (iid, dominant)")
+    p.add_argument("--dominant-fraction", type=float, help="dominant: share of the device's own label (0.55)")
+    p.add_argument("--classes-per-device", type=int, help="shards: labels per device")
+    p.add_argument("--images-per-class", type=int, help="shards: images per label per device")
+    p.add_argument("--alpha", type=float, help="dirichlet concentration")
+    p.add_argument("--sizes", help="sizes: comma-separated images per device")
+    p.add_argument("--workers", type=int, help="training workers (threads) shared by all devices (default 1)")
+    p.add_argument("--threads", type=int, help="torch threads for training in total (default: all cores)")
+    p.add_argument("--central", action=argparse.BooleanOptionalAction, default=None,
+                   help="also train the same model centrally on the union of the partitions")
+    p.add_argument("--runs-dir", help="where runs/<id>/ is written (default runs)")
+    p.add_argument("--run-id", help="name of the run folder")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_round_args(p)
+    add_logging_args(p)
+    p.set_defaults(func=run_fleet)
+
+
+def fleet_config_from_args(args: argparse.Namespace):  # noqa: ANN201 - FleetConfig
+    from .fleet import FleetConfig  # noqa: PLC0415
+    from .hub import HubConfig  # noqa: PLC0415
+    from .recipes import get_recipe  # noqa: PLC0415
+
+    if args.recipe:
+        cfg = get_recipe(args.recipe)
+    else:
+        cfg = FleetConfig(partition=PartitionSpec(kind="dominant"),
+                          hub=HubConfig(fleet="demo", rounds=10, deadline_s=300, train={"lr": 0.05, "batch_size": 32}))
+        if args.dataset is None and args.data_root is None and not Path(DEFAULT_FASHION_ROOT).is_dir():
+            log.warning("Fashion-MNIST not found at %s (apt-get install dataset-fashion-mnist); "
+                        "using the generated dataset instead", DEFAULT_FASHION_ROOT)
+            cfg.dataset = "synthetic"
+            cfg.partition = PartitionSpec(kind="iid")
+    for arg, attr in (("broker", "broker"), ("devices", "devices"), ("dataset", "dataset"), ("data_root", "data_root"),
+                      ("workers", "workers"), ("threads", "threads"), ("central", "central"),
+                      ("runs_dir", "runs_dir"), ("run_id", "run_id"), ("seed", "seed")):
+        value = getattr(args, arg, None)
+        if value is not None:
+            setattr(cfg, attr, value)
+    part = cfg.partition
+    for arg, attr in (("partition", "kind"), ("per_device", "per_device"), ("dominant_fraction", "dominant_fraction"),
+                      ("classes_per_device", "classes_per_device"), ("images_per_class", "images_per_class"),
+                      ("alpha", "alpha")):
+        value = getattr(args, arg, None)
+        if value is not None:
+            setattr(part, attr, value)
+    if args.sizes:
+        part.kind = "sizes"
+        part.sizes = [int(s) for s in args.sizes.split(",")]
+    if args.partition and args.partition != "dominant" and not args.per_device and args.recipe is None:
+        part.per_device = None
+    if args.devices is not None and args.recipe is None:
+        part.per_device = None  # split the whole training set over the requested devices
+    if args.fleet:
+        cfg.hub.fleet = args.fleet
+    if args.topic_prefix:
+        cfg.hub.prefix = args.topic_prefix
+    _apply_round_args(cfg.hub, args)
+    cfg.hub.min_devices = cfg.devices
+    cfg.progress = not args.no_progress
+    return cfg
+
+
+def run_fleet(args: argparse.Namespace) -> int:
+    from .fleet import Fleet  # noqa: PLC0415
+
+    setup_logging(args)
+    if not args.verbose:
+        logging.getLogger("fedge").setLevel(logging.WARNING)  # the progress bar tells the story
+    cfg = fleet_config_from_args(args)
+    stop = stop_event_on_signals()
+    with Fleet(cfg) as fleet:
+        hub = fleet.make_hub()
+        import threading  # noqa: PLC0415
+
+        threading.Thread(target=lambda: (stop.wait(), hub.stop()), daemon=True).start()
+        report = fleet.run(hub)
+    keys = ("run_id", "final_accuracy", "central_accuracy", "federated_over_central", "rounds_completed",
+            "uplink_bytes_per_device", "downlink_bytes_per_device", "seconds_per_round", "wall_time_s")
+    print(json.dumps({k: report.get(k) for k in keys}, indent=1))
+    print(f"results: {fleet.run_dir}/ (run.json, accuracy.png, final_model.fedge, partition.json)")
+    return 0
+
+
+# ----------------------------------------------------------------------------- partition
+def add_partition_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "partition", help="split a dataset into per-device .npz files for real agents",
+        description="Write one .npz (x, y) per device, for `fedge agent --data FILE` on real hardware, "
+                    "plus partition.json with the class counts per device.",
+    )
+    p.add_argument("--dataset", default="fashion-mnist", choices=DATASETS)
+    p.add_argument("--data-root")
+    p.add_argument("--devices", type=int, default=10)
+    p.add_argument("--partition", default="iid", choices=PARTITIONERS)
+    p.add_argument("--per-device", type=int)
+    p.add_argument("--dominant-fraction", type=float, default=0.55)
+    p.add_argument("--classes-per-device", type=int, default=2)
+    p.add_argument("--images-per-class", type=int, default=20)
+    p.add_argument("--alpha", type=float, default=0.5)
+    p.add_argument("--sizes", help="comma-separated images per device (partition sizes)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(func=run_partition)
+
+
+def run_partition(args: argparse.Namespace) -> int:
+    import numpy as np  # noqa: PLC0415
+
+    from models.data import load_dataset  # noqa: PLC0415
+    from models.partition import class_counts, partition  # noqa: PLC0415
+
+    ds = load_dataset(args.dataset, args.data_root, seed=args.seed)
+    spec = PartitionSpec(kind=args.partition, per_device=args.per_device, dominant_fraction=args.dominant_fraction,
+                         classes_per_device=args.classes_per_device, images_per_class=args.images_per_class,
+                         alpha=args.alpha, sizes=[int(s) for s in args.sizes.split(",")] if args.sizes else [])
+    parts = partition(ds.train.y, args.devices, spec, seed=args.seed, num_classes=ds.num_classes)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for i, idx in enumerate(parts):
+        np.savez_compressed(out / f"dev{i:03d}.npz", x=ds.train.x[idx], y=ds.train.y[idx])
+    counts = class_counts(ds.train.y, parts, ds.num_classes)
+    (out / "partition.json").write_text(json.dumps({f"dev{i:03d}": c for i, c in enumerate(counts)}, indent=1))
+    print(f"wrote {len(parts)} device files to {out}{os.sep}")
+    return 0

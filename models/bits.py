@@ -1,0 +1,465 @@
+"""1-bit storage for supermask models, torch-free (numpy + bitarray).
+
+What lives here:
+
+* bit packing of boolean arrays (masks, weight signs) to bytes / `bitarray` and back,
+  bit-exact. Bit order is MSB first ("big", numpy's and bitarray's default): element i of
+  the C-order flattened array is bit ``7 - i % 8`` of byte ``i // 8``; the last byte is
+  zero-padded.
+* the frozen random weights of a supermask layer, as a pure function of (model seed,
+  layer index, shape): ``regenerate_signs`` / ``regenerate_normal``. Hub, devices and an
+  inference-only client with no torch all get the same weights from the same seed.
+* ``keep_count``: how many weights a layer keeps at a given prune ratio. fedge's
+  ``prune_ratio`` is the fraction REMOVED (0.8 keeps 20 %); the MPT / edge-popup code's
+  ``prune_rate`` / ``k`` is the fraction KEPT.
+* ``MaskFile``: a trained MPT model as a file (magic, JSON header, packed mask bits, optional
+  float32 extras such as BatchNorm running statistics).
+* helpers for mask-based aggregation ("mpt-mask"): top-k masks from a score state, the
+  weighted average of masks (keep probabilities) and scores derived from it.
+
+Importing this module imports no torch, so the hub and a torch-less device can use it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import struct
+import zlib
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import numpy as np
+from bitarray import bitarray
+
+BIT_ORDER = "big"
+SCORES_SUFFIX = ".scores"
+
+# ----------------------------------------------------------------------------- prune ratio
+
+
+def keep_count(numel: int, prune_ratio: float) -> int:
+    """Number of weights kept out of `numel` when a fraction `prune_ratio` is removed.
+
+    removed = floor(prune_ratio * numel) (with a 1e-7 guard against float error, so 0.29*100
+    removes 29, not 28); kept = numel - removed. This is the MPT / edge-popup rule
+    ``j = int((1 - k) * numel)`` pruned, with their k = 1 - prune_ratio. At 0.8 a layer keeps
+    ceil(0.2 * numel) weights, i.e. 20 % rounded up.
+    """
+    numel = int(numel)
+    p = float(prune_ratio)
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"prune_ratio must be in [0, 1) (fraction of weights removed), got {prune_ratio!r}")
+    removed = int(math.floor(p * numel + 1e-7))
+    return numel - min(removed, numel)
+
+
+# ----------------------------------------------------------------------------- packing
+
+
+def packed_size(numel: int) -> int:
+    """Bytes needed for `numel` bits."""
+    return (int(numel) + 7) // 8
+
+
+def pack_bits(arr: np.ndarray) -> bytes:
+    """Boolean (or 0/1) array -> bytes, C order, MSB first, last byte zero-padded."""
+    flat = np.ascontiguousarray(np.asarray(arr)).reshape(-1)
+    if flat.dtype != np.bool_:
+        if not np.all((flat == 0) | (flat == 1)):
+            raise ValueError("pack_bits takes a boolean or 0/1 array")
+        flat = flat.astype(np.bool_)
+    return np.packbits(flat, bitorder=BIT_ORDER).tobytes()
+
+
+def unpack_bits(data: bytes | bytearray | memoryview, shape: Sequence[int] | int, offset_bits: int = 0) -> np.ndarray:
+    """Bytes -> boolean array of `shape`, reading `prod(shape)` bits from bit `offset_bits`."""
+    shape = (int(shape),) if isinstance(shape, (int, np.integer)) else tuple(int(d) for d in shape)
+    n = int(np.prod(shape, dtype=np.int64))
+    buf = np.frombuffer(data, dtype=np.uint8)
+    if offset_bits % 8 == 0:
+        start = offset_bits // 8
+        if start + packed_size(n) > len(buf):
+            raise ValueError(f"need {packed_size(n)} bytes at byte {start}, buffer has {len(buf)}")
+        bits = np.unpackbits(buf[start : start + packed_size(n)], count=n, bitorder=BIT_ORDER)
+    else:
+        end = offset_bits + n
+        if packed_size(end) > len(buf):
+            raise ValueError(f"need {packed_size(end)} bytes, buffer has {len(buf)}")
+        bits = np.unpackbits(buf[: packed_size(end)], count=end, bitorder=BIT_ORDER)[offset_bits:]
+    return bits.astype(np.bool_).reshape(shape)
+
+
+def to_bitarray(arr: np.ndarray) -> bitarray:
+    """Boolean array -> bitarray (same bit order as pack_bits), length = arr.size."""
+    flat = np.asarray(arr).reshape(-1)
+    out = bitarray(endian=BIT_ORDER)
+    out.frombytes(pack_bits(flat))
+    del out[flat.size :]
+    return out
+
+
+def from_bitarray(bits: bitarray, shape: Sequence[int] | int) -> np.ndarray:
+    """bitarray -> boolean array of `shape` (bit-exact inverse of to_bitarray)."""
+    if bits.endian != BIT_ORDER:
+        raise ValueError(f"expected a {BIT_ORDER}-endian bitarray")
+    shape = (int(shape),) if isinstance(shape, (int, np.integer)) else tuple(int(d) for d in shape)
+    n = int(np.prod(shape, dtype=np.int64))
+    if len(bits) != n:
+        raise ValueError(f"bitarray has {len(bits)} bits, shape {shape} needs {n}")
+    # a bitarray exposes its buffer (pad bits at the end are ignored by count=n)
+    return np.unpackbits(np.frombuffer(memoryview(bits), dtype=np.uint8), count=n, bitorder=BIT_ORDER).astype(
+        np.bool_
+    ).reshape(shape)
+
+
+# ----------------------------------------------------------------------------- frozen weights
+
+WEIGHT_INITS = ("signed_constant", "kaiming_normal")
+RELU_GAIN = math.sqrt(2.0)
+
+
+def fan_in(shape: Sequence[int]) -> int:
+    """torch's fan_in for a Linear [out, in] or Conv [out, in, kh, kw] weight."""
+    shape = tuple(int(d) for d in shape)
+    return int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else int(shape[0])
+
+
+def weight_scale(shape: Sequence[int], gain: float = RELU_GAIN) -> float:
+    """gain / sqrt(fan_in): the magnitude of a signed-constant weight, the std of a Kaiming one."""
+    return float(gain / math.sqrt(fan_in(shape)))
+
+
+def _seed_sequence(seed: int, index: int) -> np.random.SeedSequence:
+    return np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(index) & 0xFFFFFFFF, 0x6D7074])  # 'mpt'
+
+
+def regenerate_signs(seed: int, index: int, shape: Sequence[int]) -> np.ndarray:
+    """Signs (True = +1, False = -1) of the signed-constant weights of layer `index`.
+
+    The bits are the raw output of PCG64 seeded with SeedSequence([seed, index, 'mpt']), taken
+    as little-endian uint64 words and unpacked MSB first per byte. numpy guarantees the bit
+    generators' and SeedSequence's streams across versions, so the weights never change; the
+    distribution is exactly that of sign(N(0, 1)).
+    """
+    shape = tuple(int(d) for d in shape)
+    n = int(np.prod(shape, dtype=np.int64))
+    words = np.random.PCG64(_seed_sequence(seed, index)).random_raw((n + 63) // 64)
+    raw = np.asarray(words, dtype="<u8").view(np.uint8)
+    return np.unpackbits(raw, count=n, bitorder=BIT_ORDER).astype(np.bool_).reshape(shape)
+
+
+def regenerate_normal(seed: int, index: int, shape: Sequence[int]) -> np.ndarray:
+    """Standard normal draw (float32) for a 'kaiming_normal' layer; scale by weight_scale(shape).
+
+    Uses numpy's Generator.standard_normal on the same seed sequence; stable in practice but
+    numpy only guarantees the raw bit streams, so prefer 'signed_constant' (the default) for
+    models that must reload bit-exactly years later.
+    """
+    shape = tuple(int(d) for d in shape)
+    rng = np.random.Generator(np.random.PCG64(_seed_sequence(seed, index)))
+    return rng.standard_normal(int(np.prod(shape, dtype=np.int64)), dtype=np.float32).reshape(shape)
+
+
+def regenerate_weight(seed: int, index: int, shape: Sequence[int], init: str = "signed_constant") -> np.ndarray:
+    """The float32 frozen weight of layer `index` (what a supermask layer multiplies by its mask)."""
+    scale = weight_scale(shape)
+    if init == "signed_constant":
+        return np.where(regenerate_signs(seed, index, shape), np.float32(scale), np.float32(-scale))
+    if init == "kaiming_normal":
+        return regenerate_normal(seed, index, shape) * np.float32(scale)
+    raise ValueError(f"unknown weight init {init!r}; known: {WEIGHT_INITS}")
+
+
+# ----------------------------------------------------------------------------- masks from scores
+
+
+def topk_mask(scores: np.ndarray, kept: int) -> np.ndarray:
+    """Boolean mask of the `kept` largest |scores| (ties broken towards the lower index)."""
+    a = np.abs(np.asarray(scores, dtype=np.float32)).reshape(-1)
+    kept = int(kept)
+    mask = np.zeros(a.size, dtype=np.bool_)
+    if kept >= a.size:
+        mask[:] = True
+    elif kept > 0:
+        order = np.argsort(-a, kind="stable")
+        mask[order[:kept]] = True
+    return mask.reshape(np.shape(scores))
+
+
+def masks_from_scores(state: Mapping[str, np.ndarray], prune_ratio: float) -> "OrderedDict[str, np.ndarray]":
+    """Masks of every '*.scores' tensor of a model state (what an MPT model computes in forward)."""
+    out: OrderedDict[str, np.ndarray] = OrderedDict()
+    for name, arr in state.items():
+        if name.endswith(SCORES_SUFFIX):
+            out[name] = topk_mask(arr, keep_count(np.size(arr), prune_ratio))
+    return out
+
+
+def keep_probability(
+    masks: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float] | None = None
+) -> "OrderedDict[str, np.ndarray]":
+    """Weighted average of several devices' masks: per weight, the probability it is kept."""
+    if not masks:
+        raise ValueError("keep_probability needs at least one mask set")
+    w = np.ones(len(masks)) if weights is None else np.asarray(weights, dtype=np.float64)
+    if len(w) != len(masks) or np.any(w < 0) or w.sum() <= 0:
+        raise ValueError("weights must be one non-negative number per mask set, not all zero")
+    w = w / w.sum()
+    out: OrderedDict[str, np.ndarray] = OrderedDict()
+    for name in masks[0]:
+        acc = np.zeros(np.shape(masks[0][name]), dtype=np.float64)
+        for m, wi in zip(masks, w):
+            acc += np.asarray(m[name], dtype=np.float64) * wi
+        out[name] = acc.astype(np.float32)
+    return out
+
+
+def scores_from_keep_prob(
+    keep_prob: Mapping[str, np.ndarray],
+    previous: Mapping[str, np.ndarray] | None = None,
+    scale: float | None = None,
+    tie_eps: float = 1e-3,
+) -> "OrderedDict[str, np.ndarray]":
+    """Next global scores from keep probabilities (for a mask-averaging 'mpt-mask' strategy).
+
+    score = scale * (p + tie_eps * r), where r in [0, 1) is the rank of |previous score| within
+    the layer (0 when no previous scores are given), so the top-k of the new scores is the
+    set of most-often-kept weights, with ties between equal p broken by the old scores.
+    `scale` defaults to 1/sqrt(fan_in) per layer, the size of a fresh Kaiming-uniform score,
+    so local training moves the new scores as fast as it moved fresh ones.
+    """
+    out: OrderedDict[str, np.ndarray] = OrderedDict()
+    for name, p in keep_prob.items():
+        p = np.asarray(p, dtype=np.float64)
+        r = np.zeros(p.size)
+        if previous is not None and name in previous:
+            prev = np.abs(np.asarray(previous[name], dtype=np.float64)).reshape(-1)
+            r[np.argsort(prev, kind="stable")] = np.arange(p.size) / max(1, p.size)
+        s = scale if scale is not None else 1.0 / math.sqrt(max(1, fan_in(p.shape)))
+        out[name] = (s * (p.reshape(-1) + tie_eps * r)).reshape(p.shape).astype(np.float32)
+    return out
+
+
+# ----------------------------------------------------------------------------- mask file
+
+MAGIC = b"FEDGEMPT"
+FORMAT_VERSION = 1
+
+
+class MaskFileError(ValueError):
+    """A mask file that is truncated, corrupt or inconsistent; the message says what."""
+
+
+@dataclass
+class LayerInfo:
+    """One supermask layer in a mask file. `name` is its scores tensor's state name."""
+
+    name: str
+    shape: tuple[int, ...]
+    index: int  # layer index that seeds its frozen weights
+    kept: int
+    alpha: float  # per-layer scale of the effective weight alpha * sign(W) * mask
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+
+@dataclass
+class MaskFile:
+    """A trained MPT model as 1-bit masks plus what is needed to regenerate the rest.
+
+    Layout: MAGIC (8 bytes) | header length (uint32 LE) | header (UTF-8 JSON) |
+    mask payload: all layers' masks packed back to back, MSB first, padded only at the very
+    end (``ceil(total weights / 8)`` bytes: 241,544 for Conv-4 on 28x28) |
+    extras: float32 little-endian tensors listed in the header (BatchNorm running
+    statistics of 1/1 models; empty for 1/32).
+    """
+
+    model: str
+    variant: str
+    prune_ratio: float
+    seed: int
+    in_shape: tuple[int, ...]
+    num_classes: int
+    weight_init: str
+    layers: list[LayerInfo]
+    masks: "OrderedDict[str, np.ndarray]"
+    extras: "OrderedDict[str, np.ndarray]" = field(default_factory=OrderedDict)
+    meta: dict = field(default_factory=dict)
+
+    # --------------------------------------------------------------- sizes
+    @property
+    def total_weights(self) -> int:
+        return sum(layer.numel for layer in self.layers)
+
+    @property
+    def mask_payload_bytes(self) -> int:
+        return packed_size(self.total_weights)
+
+    # --------------------------------------------------------------- encode / decode
+    def mask_payload(self) -> bytes:
+        flat = [np.asarray(self.masks[layer.name], dtype=np.bool_).reshape(-1) for layer in self.layers]
+        for layer, m in zip(self.layers, flat):
+            if m.size != layer.numel:
+                raise MaskFileError(f"mask {layer.name!r} has {m.size} entries, the layer has {layer.numel}")
+        return pack_bits(np.concatenate(flat) if flat else np.zeros(0, np.bool_))
+
+    def header(self, payload: bytes) -> dict:
+        return {
+            "format": "fedge-mpt-mask",
+            "version": FORMAT_VERSION,
+            "model": self.model,
+            "variant": self.variant,
+            "prune_ratio": float(self.prune_ratio),
+            "prune_ratio_means": "fraction of weights removed per layer",
+            "seed": int(self.seed),
+            "in_shape": [int(d) for d in self.in_shape],
+            "num_classes": int(self.num_classes),
+            "weight_init": self.weight_init,
+            "bit_order": BIT_ORDER,
+            "layers": [
+                {"name": l.name, "shape": list(l.shape), "index": l.index, "kept": l.kept, "alpha": l.alpha}
+                for l in self.layers
+            ],
+            "mask_bytes": len(payload),
+            "mask_crc32": zlib.crc32(payload),
+            "extras": [[k, [int(d) for d in v.shape]] for k, v in self.extras.items()],
+            "meta": self.meta,
+        }
+
+    def to_bytes(self) -> bytes:
+        payload = self.mask_payload()
+        head = json.dumps(self.header(payload), separators=(",", ":"), sort_keys=True).encode()
+        extras = b"".join(np.ascontiguousarray(v, dtype="<f4").tobytes() for v in self.extras.values())
+        return MAGIC + struct.pack("<I", len(head)) + head + payload + extras
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "MaskFile":
+        data = bytes(data)
+        if len(data) < len(MAGIC) + 4 or data[: len(MAGIC)] != MAGIC:
+            raise MaskFileError("not a fedge mask file (bad magic)")
+        (hlen,) = struct.unpack_from("<I", data, len(MAGIC))
+        start = len(MAGIC) + 4
+        if start + hlen > len(data):
+            raise MaskFileError("truncated mask file header")
+        try:
+            h = json.loads(data[start : start + hlen].decode())
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise MaskFileError(f"mask file header is not JSON: {exc}") from None
+        if h.get("format") != "fedge-mpt-mask" or h.get("version") != FORMAT_VERSION:
+            raise MaskFileError(f"unsupported mask file format {h.get('format')!r} v{h.get('version')!r}")
+        layers = [
+            LayerInfo(str(l["name"]), tuple(int(d) for d in l["shape"]), int(l["index"]), int(l["kept"]), float(l["alpha"]))
+            for l in h["layers"]
+        ]
+        pos = start + hlen
+        nbytes = int(h["mask_bytes"])
+        if nbytes != packed_size(sum(l.numel for l in layers)):
+            raise MaskFileError(f"header says {nbytes} mask bytes, the layers need {packed_size(sum(l.numel for l in layers))}")
+        payload = data[pos : pos + nbytes]
+        if len(payload) != nbytes:
+            raise MaskFileError(f"truncated mask payload: {len(payload)} of {nbytes} bytes")
+        if zlib.crc32(payload) != int(h["mask_crc32"]):
+            raise MaskFileError("mask payload CRC mismatch (corrupt file)")
+        pos += nbytes
+        masks: OrderedDict[str, np.ndarray] = OrderedDict()
+        offset = 0
+        for l in layers:
+            masks[l.name] = unpack_bits(payload, l.shape, offset_bits=offset)
+            offset += l.numel
+            if int(masks[l.name].sum()) != l.kept:
+                raise MaskFileError(f"layer {l.name!r}: mask keeps {int(masks[l.name].sum())}, header says {l.kept}")
+        extras: OrderedDict[str, np.ndarray] = OrderedDict()
+        for name, shape in h.get("extras", []):
+            n = int(np.prod(shape, dtype=np.int64))
+            chunk = data[pos : pos + 4 * n]
+            if len(chunk) != 4 * n:
+                raise MaskFileError(f"truncated extra tensor {name!r}")
+            extras[name] = np.frombuffer(chunk, dtype="<f4").reshape(shape).astype(np.float32)
+            pos += 4 * n
+        if pos != len(data):
+            raise MaskFileError(f"{len(data) - pos} unexpected trailing bytes")
+        return cls(
+            model=str(h["model"]),
+            variant=str(h["variant"]),
+            prune_ratio=float(h["prune_ratio"]),
+            seed=int(h["seed"]),
+            in_shape=tuple(int(d) for d in h["in_shape"]),
+            num_classes=int(h["num_classes"]),
+            weight_init=str(h["weight_init"]),
+            layers=layers,
+            masks=masks,
+            extras=extras,
+            meta=dict(h.get("meta") or {}),
+        )
+
+    def save(self, path: str | os.PathLike) -> int:
+        """Write the file (atomically, via a temporary name); returns its size in bytes."""
+        data = self.to_bytes()
+        tmp = f"{os.fspath(path)}.tmp"
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+        return len(data)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "MaskFile":
+        with open(path, "rb") as fh:
+            return cls.from_bytes(fh.read())
+
+    # --------------------------------------------------------------- torch-free inference weights
+    def effective_weights(self) -> "OrderedDict[str, np.ndarray]":
+        """alpha * sign(W) * mask per layer, float32, regenerating W's signs from the seed."""
+        out: OrderedDict[str, np.ndarray] = OrderedDict()
+        for l in self.layers:
+            if self.weight_init == "signed_constant":
+                signs = regenerate_signs(self.seed, l.index, l.shape)
+            else:
+                signs = regenerate_normal(self.seed, l.index, l.shape) >= 0
+            w = np.where(signs, np.float32(l.alpha), np.float32(-l.alpha))
+            out[l.name] = np.where(self.masks[l.name], w, np.float32(0)).astype(np.float32)
+        return out
+
+
+def save_mask_file(mask_file: MaskFile, path: str | os.PathLike) -> int:
+    return mask_file.save(path)
+
+
+def load_mask_file(src: str | os.PathLike | bytes | bytearray | io.BufferedIOBase) -> MaskFile:
+    """Load from a path, raw bytes or an open binary file."""
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        return MaskFile.from_bytes(bytes(src))
+    if hasattr(src, "read"):
+        return MaskFile.from_bytes(src.read())  # type: ignore[union-attr]
+    return MaskFile.load(src)  # type: ignore[arg-type]
+
+
+__all__ = [
+    "BIT_ORDER",
+    "LayerInfo",
+    "MaskFile",
+    "MaskFileError",
+    "WEIGHT_INITS",
+    "fan_in",
+    "from_bitarray",
+    "keep_count",
+    "keep_probability",
+    "load_mask_file",
+    "masks_from_scores",
+    "pack_bits",
+    "packed_size",
+    "regenerate_normal",
+    "regenerate_signs",
+    "regenerate_weight",
+    "save_mask_file",
+    "scores_from_keep_prob",
+    "to_bitarray",
+    "topk_mask",
+    "unpack_bits",
+    "weight_scale",
+]

@@ -1,0 +1,320 @@
+"""torch -> ONNX export of the models fedge trains, the checker, parity and int8 quantisation.
+
+This side needs torch (it runs where training runs: the hub, a workstation). The device
+side, edge_agent/infer.py and edge_agent/onnx_graph.py, is torch-free.
+
+Why `torch.onnx.export(..., dynamo=False)`: since torch 2.9 the default is the
+torch.export/dynamo exporter, which requires the extra `onnxscript` package (not a fedge
+dependency, not installed) and gains nothing for these static feed-forward nets. The
+legacy TorchScript exporter produces a plain Flatten/Gemm/Conv/MaxPool graph with a
+dynamic batch axis that ONNX Runtime matches to ~1e-7. It emits a DeprecationWarning,
+which we silence here; if a future torch removes it, `builder="graph"` (the torch-free
+graph builder in edge_agent.onnx_graph) exports the registered models without it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from edge_agent import onnx_graph
+
+from .registry import build_model, get_state, set_state
+
+OPSET = onnx_graph.OPSET
+INPUT_NAME = onnx_graph.INPUT_NAME
+OUTPUT_NAME = onnx_graph.OUTPUT_NAME
+#: Stated tolerance for |torch - onnxruntime| on fp32 logits (measured: ~1e-7 .. 1e-6).
+PARITY_ATOL = 1e-4
+
+
+class ExportError(RuntimeError):
+    """A source that cannot be exported; the text says what to pass instead."""
+
+
+# ----------------------------------------------------------------------------- supermask hook
+def materialize_if_needed(model: nn.Module) -> nn.Module:
+    """A plain dense equivalent of a supermask (MPT) model, or the model itself.
+
+    Calls models.supermask.materialize(model) when that module exists and the model has a
+    supermask layer: a submodule whose class is defined in models.supermask (or, if the
+    module provides it, `models.supermask.has_supermask(model)` is true).
+    """
+    try:
+        if importlib.util.find_spec("models.supermask") is None:
+            return model
+    except (ImportError, ValueError):
+        return model
+    sm = importlib.import_module("models.supermask")
+    if hasattr(sm, "has_supermask"):
+        has = bool(sm.has_supermask(model))
+    else:
+        has = any(type(m).__module__ == sm.__name__ for m in model.modules())
+    if not has:
+        return model
+    dense = sm.materialize(model)
+    if not isinstance(dense, nn.Module):
+        raise ExportError("models.supermask.materialize did not return an nn.Module")
+    return dense
+
+
+# ----------------------------------------------------------------------------- export
+def export_onnx(
+    model: nn.Module, path: str | os.PathLike, in_shape: tuple[int, ...] = (1, 28, 28),
+    meta: Mapping[str, Any] | None = None, opset: int = OPSET, check: bool = True,
+) -> Path:
+    """Export `model` to ONNX with a dynamic batch axis, then run onnx.checker on the file.
+
+    Input "input" [batch, *in_shape] float32, output "logits" [batch, classes]. Supermask
+    models are materialised first. `meta` lands in metadata_props as fedge.<key>.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = materialize_if_needed(model)
+    was_training = model.training
+    model.eval()
+    dummy = torch.zeros(2, *in_shape, dtype=torch.float32)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            torch.onnx.export(
+                model, (dummy,), str(path), dynamo=False, export_params=True, do_constant_folding=True,
+                input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], opset_version=opset,
+                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            )
+    finally:
+        model.train(was_training)
+    proto = onnx.load(str(path))
+    info = {"in_shape": [int(d) for d in in_shape], "builder": "torch.onnx(dynamo=False)"}
+    with torch.no_grad():
+        info["num_classes"] = int(model(dummy[:1]).shape[-1])
+    info.update(dict(meta or {}))
+    onnx_graph.set_metadata(proto, info)
+    proto.producer_name = "fedge.export"
+    onnx.save(proto, str(path))
+    if check:
+        onnx.checker.check_model(str(path), full_check=True)
+    return path
+
+
+def export_state(
+    model_name: str, tensors: Mapping[str, np.ndarray], path: str | os.PathLike, in_shape: tuple[int, ...] = (1, 28, 28),
+    num_classes: int = 10, meta: Mapping[str, Any] | None = None, builder: str = "torch",
+) -> Path:
+    """Export wire tensors of registry model `model_name` ("torch": via torch.onnx; "graph":
+    via the torch-free builder, registered dense models only)."""
+    info = {"model": model_name, **dict(meta or {})}
+    if builder == "graph":
+        proto = onnx_graph.build_onnx(model_name, tensors, in_shape, num_classes, meta=info)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        onnx.save(proto, str(path))
+        onnx.checker.check_model(str(path), full_check=True)
+        return path
+    if builder != "torch":
+        raise ValueError(f"builder must be 'torch' or 'graph', not {builder!r}")
+    model = build_model(model_name, tuple(in_shape), int(num_classes))
+    set_state(model, tensors)
+    return export_onnx(model, path, tuple(in_shape), meta=info)
+
+
+# ----------------------------------------------------------------------------- sources
+def resolve_source(source: str | os.PathLike, runs_dir: str | os.PathLike = "runs") -> Path | None:
+    """The model file a RUN_OR_MODEL argument names, or None when it is a registry model name.
+
+    Accepts a .fedge model envelope, a run folder (its final_model.fedge, else its newest
+    checkpoint), or a run id under `runs_dir`.
+    """
+    text = str(source)
+    path = Path(text)
+    if not path.exists() and (Path(runs_dir) / text).is_dir():
+        path = Path(runs_dir) / text
+    if path.is_dir():
+        final = path / "final_model.fedge"
+        if final.is_file():
+            return final
+        checkpoints = sorted(path.glob("checkpoints/model_v*.fedge"))
+        if checkpoints:
+            return checkpoints[-1]
+        raise ExportError(f"{path} holds neither final_model.fedge nor checkpoints/model_v*.fedge")
+    if path.is_file():
+        return path
+    from .registry import model_names  # noqa: PLC0415
+
+    if text in model_names():
+        return None
+    raise ExportError(
+        f"{text!r} is not a run folder, a run id under {runs_dir}/, a .fedge model file or a model name "
+        f"({', '.join(model_names())})"
+    )
+
+
+def load_source(
+    source: str | os.PathLike, runs_dir: str | os.PathLike = "runs", in_shape: tuple[int, ...] = (1, 28, 28),
+    num_classes: int = 10, seed: int = 0, key: bytes | None = None,
+) -> tuple[str, "dict[str, np.ndarray]", tuple[int, ...], int, dict[str, Any]]:
+    """(model name, tensors, in_shape, num_classes, meta) of a run, a .fedge file or a model name.
+
+    A bare model name gives its freshly initialised weights (seeded): useful for benchmarks
+    and smoke tests, not for predictions.
+    """
+    path = resolve_source(source, runs_dir)
+    if path is None:
+        model = build_model(str(source), tuple(in_shape), int(num_classes), seed=seed)
+        return str(source), get_state(model), tuple(in_shape), int(num_classes), {"source": f"init seed {seed}"}
+    from models.wire.envelope import EnvelopeError, decode  # noqa: PLC0415
+    from models.wire.messages import parse_model  # noqa: PLC0415
+
+    try:
+        msg = parse_model(decode(path.read_bytes(), key=key))
+    except EnvelopeError as exc:
+        raise ExportError(f"{path}: not a fedge model file: {exc}") from None
+    shape = tuple(int(d) for d in msg.meta.get("in_shape", in_shape))
+    classes = int(msg.meta.get("num_classes", num_classes))
+    meta = {"run": msg.run, "version": int(msg.version), "fleet": msg.fleet, "source": str(path)}
+    return msg.model, msg.tensors, shape, classes, meta
+
+
+def export(
+    source: str | os.PathLike, out: str | os.PathLike | None = None, runs_dir: str | os.PathLike = "runs",
+    int8: str | None = None, calibration: np.ndarray | None = None, builder: str = "torch",
+    in_shape: tuple[int, ...] = (1, 28, 28), num_classes: int = 10, seed: int = 0,
+) -> dict[str, Any]:
+    """`fedge export RUN_OR_MODEL --out model.onnx` as a function. Returns a summary dict:
+    {"onnx", "bytes", "model", "in_shape", "num_classes", "max_abs_diff", ["int8", "int8_bytes"]}.
+
+    The exported file is checked twice: onnx.checker, and torch vs onnxruntime on a random
+    batch (max_abs_diff must stay under PARITY_ATOL, else ExportError).
+    """
+    name, tensors, shape, classes, meta = load_source(source, runs_dir, in_shape, num_classes, seed)
+    src = resolve_source(source, runs_dir)
+    if out is None:
+        out = src.with_suffix(".onnx") if src is not None else Path(f"{name}.onnx")
+    path = export_state(name, tensors, out, shape, classes, meta=meta, builder=builder)
+    model = build_model(name, shape, classes)
+    set_state(model, tensors)
+    x = np.random.default_rng(seed).normal(size=(8, *shape)).astype(np.float32)
+    diff = max_abs_diff(model, path, x)
+    if not diff <= PARITY_ATOL:
+        raise ExportError(f"{path}: onnxruntime differs from torch by {diff:.3g} > {PARITY_ATOL}")
+    summary: dict[str, Any] = {"onnx": str(path), "bytes": path.stat().st_size, "model": name, "in_shape": list(shape),
+                               "num_classes": classes, "max_abs_diff": diff, **meta}
+    if int8:
+        qpath = path.with_name(path.stem + ".int8.onnx")
+        quantize_int8(path, qpath, method=int8, calibration=calibration)
+        summary.update({"int8": str(qpath), "int8_bytes": qpath.stat().st_size, "int8_method": int8})
+    return summary
+
+
+def export_run(run_dir: str | os.PathLike, int8: str | None = "dynamic") -> dict[str, Any]:
+    """Hub hook: export runs/<id>/final_model.fedge to final_model.onnx (+ .int8.onnx).
+
+    Call after write_run_report wrote final_model.fedge; put the result under run.json
+    "onnx". Never raises: a failure is returned as {"error": "..."} so a finished run is
+    never lost to an export problem.
+    """
+    run_dir = Path(run_dir)
+    try:
+        summary = export(run_dir, out=run_dir / "final_model.onnx", int8=int8)
+    except Exception as exc:  # noqa: BLE001 - reported in run.json instead
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    for key in ("onnx", "int8"):
+        if key in summary:
+            summary[key] = Path(summary[key]).name  # relative to the run folder, like run.json's other files
+    return summary
+
+
+# ----------------------------------------------------------------------------- checks
+def onnx_logits(path: str | os.PathLike, x: np.ndarray, threads: int = 1, batch_size: int = 500) -> np.ndarray:
+    from edge_agent.infer import Predictor  # noqa: PLC0415
+
+    return Predictor.load(path, threads=threads).logits(x, batch_size=batch_size)
+
+
+@torch.no_grad()
+def torch_logits(model: nn.Module, x: np.ndarray, batch_size: int = 500) -> np.ndarray:
+    was_training = model.training
+    model.eval()
+    try:
+        parts = [model(torch.from_numpy(np.ascontiguousarray(x[i : i + batch_size], dtype=np.float32))).numpy()
+                 for i in range(0, len(x), batch_size)]
+    finally:
+        model.train(was_training)
+    return np.concatenate(parts)
+
+
+def max_abs_diff(model: nn.Module, path: str | os.PathLike, x: np.ndarray) -> float:
+    return float(np.abs(torch_logits(model, x) - onnx_logits(path, x)).max())
+
+
+# ----------------------------------------------------------------------------- int8
+class _ArrayReader:
+    """onnxruntime CalibrationDataReader over a numpy batch."""
+
+    def __init__(self, x: np.ndarray, batch_size: int = 32) -> None:
+        self._batches = [{INPUT_NAME: np.ascontiguousarray(x[i : i + batch_size], dtype=np.float32)}
+                         for i in range(0, len(x), batch_size)]
+        self._it = iter(self._batches)
+
+    def get_next(self):  # noqa: ANN201
+        return next(self._it, None)
+
+    def rewind(self) -> None:
+        self._it = iter(self._batches)
+
+
+def quantize_int8(
+    src: str | os.PathLike, dst: str | os.PathLike, method: str = "dynamic", calibration: np.ndarray | None = None,
+) -> Path:
+    """int8 copy of an exported fp32 model with onnxruntime.quantization.
+
+    "dynamic": int8 weights, activations quantised per batch at run time (no data needed;
+    Gemm/MatMul -> MatMulInteger, Conv -> ConvInteger). "static": QDQ int8 weights and
+    activations with ranges calibrated on `calibration` (a float32 batch of model inputs,
+    a few hundred real samples); ONNX Runtime fuses it into QLinearConv/QLinearMatMul.
+    """
+    import logging  # noqa: PLC0415
+
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static  # noqa: PLC0415
+
+    src, dst = Path(src), Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # quantize_* log a "consider pre-processing" warning on the root logger
+    try:
+        if method == "dynamic":
+            quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
+        elif method == "static":
+            if calibration is None or len(calibration) == 0:
+                raise ValueError("static int8 quantisation needs calibration inputs (a float32 batch)")
+            quantize_static(
+                str(src), str(dst), _ArrayReader(calibration), quant_format=QuantFormat.QDQ,
+                activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True,
+            )
+        else:
+            raise ValueError(f"int8 method must be 'dynamic' or 'static', not {method!r}")
+    finally:
+        root.setLevel(level)
+    proto = onnx.load(str(dst))
+    meta = onnx_graph.get_metadata({p.key: p.value for p in proto.metadata_props})
+    meta["quantized"] = f"int8-{method}"
+    onnx_graph.set_metadata(proto, meta)
+    onnx.save(proto, str(dst))
+    onnx.checker.check_model(str(dst))
+    return dst
+
+
+def summary_json(summary: Mapping[str, Any]) -> str:
+    return json.dumps(dict(summary), indent=1, default=str)

@@ -1,0 +1,60 @@
+"""Shared fixtures: real brokers (embedded amqtt and the machine's Mosquitto), unique topic
+prefixes so concurrent runs never see each other's messages, and small generated data."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from urllib.parse import urlparse
+
+import pytest
+
+MOSQUITTO_URL = os.environ.get("FEDGE_TEST_BROKER", "mqtt://127.0.0.1:1883")
+
+
+def _reachable(url: str) -> bool:
+    parsed = urlparse(url)
+    try:
+        with socket.create_connection((parsed.hostname, parsed.port or 1883), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def embedded_broker():
+    from hub.broker import EmbeddedBroker
+
+    broker = EmbeddedBroker().start()
+    yield broker.url
+    broker.stop()
+
+
+@pytest.fixture(scope="session")
+def mosquitto_url() -> str:
+    if not _reachable(MOSQUITTO_URL):
+        if os.environ.get("FEDGE_REQUIRE_MOSQUITTO"):
+            pytest.fail(f"Mosquitto is required but not reachable at {MOSQUITTO_URL}")
+        pytest.skip(f"no Mosquitto at {MOSQUITTO_URL} (set FEDGE_TEST_BROKER)")
+    return MOSQUITTO_URL
+
+
+@pytest.fixture(params=["embedded", "mosquitto"])
+def broker_url(request) -> str:
+    """Each MQTT integration test runs against both real brokers."""
+    if request.param == "embedded":
+        return request.getfixturevalue("embedded_broker")
+    return request.getfixturevalue("mosquitto_url")
+
+
+@pytest.fixture
+def topic_prefix() -> str:
+    return f"fedge-test/{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture(scope="session")
+def small_data():
+    from models.data import synthetic
+
+    return synthetic(n_train=1600, n_test=400, seed=1)
