@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -48,6 +48,7 @@ class Agent:
         pool: TrainingPool,
         seed: int = 0,
         max_payload: int = DEFAULT_MAX_BYTES,
+        tamper: Callable[[Mapping[str, np.ndarray], Mapping[str, np.ndarray]], Mapping[str, np.ndarray]] | None = None,
     ) -> None:
         self.device_id = device_id
         self.profile = profile
@@ -60,6 +61,7 @@ class Agent:
         self.pool = pool
         self.seed = seed
         self.max_payload = max_payload
+        self.tamper = tamper  # simulation of a lying device (hub.attacks); None on real devices
         self._lock = threading.Lock()
         self._model: ModelMessage | None = None
         self._task: TaskMessage | None = None
@@ -213,9 +215,12 @@ class Agent:
         def job(trainer: LocalTrainer) -> TrainResult:
             return trainer.train(tensors, self.x, self.y, cfg, seed)
 
-        self.pool.submit(
-            (model.model, self.in_shape, self.num_classes), job, lambda result: self._finish(task, result)
-        )
+        def done(result: TrainResult | Exception) -> None:
+            if self.tamper is not None and isinstance(result, TrainResult):
+                result.state = self.tamper(tensors, result.state)
+            self._finish(task, result)
+
+        self.pool.submit((model.model, self.in_shape, self.num_classes), job, done)
 
     def _finish(self, task: TaskMessage, result: TrainResult | Exception) -> None:
         key = (task.run, task.round)

@@ -25,6 +25,7 @@ from models.partition import PartitionSpec, class_counts, partition
 from models.wire import Topics
 from models.wire.transport import BrokerConfig
 
+from .attacks import ATTACKS
 from .broker import EmbeddedBroker
 from .hub import Hub, HubConfig
 from .report import write_run_report
@@ -53,6 +54,7 @@ class FleetConfig:
     recipe: str | None = None
     seed: int = 0
     progress: bool = True
+    attackers: dict[int, str] = field(default_factory=dict)  # device index -> hub.attacks name
     hub: HubConfig = field(default_factory=HubConfig)
 
 
@@ -93,6 +95,7 @@ class Fleet:
             agent = Agent(
                 device_id=f"dev{i:03d}", profile=profile, broker=self.broker_config, topics=topics,
                 data=ds.train.subset(idx), num_classes=ds.num_classes, pool=self.pool, seed=cfg.seed,
+                tamper=ATTACKS[cfg.attackers[i]]() if i in cfg.attackers else None,
             )
             self.agents.append(agent.start())
         log.info("%d virtual devices connected to %s", len(self.agents), self.broker_config.url)

@@ -91,6 +91,14 @@ class Accepted:
 RoundCallback = Callable[[dict], None]
 
 
+def select_devices(online: list[str], k: int, seed: int, round_id: int, attempt: int = 0) -> list[str]:
+    """Seeded choice of k devices (0 = all): the same fleet state always gives the same round."""
+    pool = sorted(online)
+    k = min(k or len(pool), len(pool))
+    rng = np.random.default_rng([seed, round_id, attempt])
+    return sorted(rng.choice(pool, size=k, replace=False).tolist())
+
+
 class Hub:
     def __init__(
         self,
@@ -255,10 +263,7 @@ class Hub:
             return sorted(self._online)
 
     def _select(self, online: list[str], round_id: int, attempt: int) -> list[str]:
-        k = self.config.clients_per_round or len(online)
-        k = min(k, len(online))
-        rng = np.random.default_rng([self.config.seed, round_id, attempt])
-        return sorted(rng.choice(online, size=k, replace=False).tolist())
+        return select_devices(online, self.config.clients_per_round, self.config.seed, round_id, attempt)
 
     def _open(self, round_id: int, attempt: int) -> TaskMessage:
         resumed = self.store.get_open_round()

@@ -30,7 +30,63 @@ def fedavg(global_state: State, updates: Sequence[Update]) -> "OrderedDict[str, 
     return out
 
 
-STRATEGIES: dict[str, Rule] = {"fedavg": fedavg}
+def _stack(name: str, updates: Sequence[Update]) -> np.ndarray:
+    return np.stack([np.asarray(t[name], dtype=np.float64) for t, _ in updates])
+
+
+def coordinate_median(global_state: State, updates: Sequence[Update]) -> "OrderedDict[str, np.ndarray]":
+    """Yin et al. 2018: per-coordinate median; one lying device cannot move it far."""
+    if not updates:
+        raise ValueError("median needs at least one update")
+    return OrderedDict((k, np.median(_stack(k, updates), axis=0).astype(np.float32)) for k in global_state)
+
+
+def trimmed_mean(global_state: State, updates: Sequence[Update], trim: float = 0.1) -> "OrderedDict[str, np.ndarray]":
+    """Per coordinate, drop the ceil(trim*n) largest and smallest values, average the rest."""
+    n = len(updates)
+    if n == 0:
+        raise ValueError("trimmed mean needs at least one update")
+    cut = min(int(np.ceil(trim * n)), (n - 1) // 2)
+    out: OrderedDict[str, np.ndarray] = OrderedDict()
+    for k in global_state:
+        srt = np.sort(_stack(k, updates), axis=0)
+        out[k] = srt[cut : n - cut].mean(axis=0).astype(np.float32)
+    return out
+
+
+def _flat(tensors: State, names: Sequence[str]) -> np.ndarray:
+    return np.concatenate([np.asarray(tensors[k], dtype=np.float64).ravel() for k in names])
+
+
+def multi_krum(global_state: State, updates: Sequence[Update], byzantine: int = 1, keep: int | None = None
+               ) -> "OrderedDict[str, np.ndarray]":
+    """Blanchard et al. 2017: score each update by the squared distances to its n-f-2 nearest
+    neighbours; average (FedAvg-weighted) the `keep` best-scored (keep=1 is plain Krum)."""
+    n = len(updates)
+    if n == 0:
+        raise ValueError("krum needs at least one update")
+    names = list(global_state)
+    flats = np.stack([_flat(t, names) for t, _ in updates])
+    sq = np.sum(flats**2, axis=1)
+    dists = np.maximum(sq[:, None] + sq[None, :] - 2 * flats @ flats.T, 0.0)
+    neighbours = max(1, n - byzantine - 2)
+    scores = [np.sort(np.delete(dists[i], i))[:neighbours].sum() if n > 1 else 0.0 for i in range(n)]
+    keep = keep or max(1, n - byzantine)
+    chosen = [updates[i] for i in np.argsort(scores)[:keep]]
+    return fedavg(global_state, chosen)
+
+
+def krum(global_state: State, updates: Sequence[Update]) -> "OrderedDict[str, np.ndarray]":
+    return multi_krum(global_state, updates, byzantine=1, keep=1)
+
+
+STRATEGIES: dict[str, Rule] = {
+    "fedavg": fedavg,
+    "median": coordinate_median,
+    "trimmed-mean": trimmed_mean,
+    "krum": krum,
+    "multi-krum": multi_krum,
+}
 
 
 def get_strategy(name: str) -> Rule:

@@ -1,0 +1,127 @@
+"""The `fedge` command as users run it: real processes, real Mosquitto, real signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+
+from models.wire.transport import BrokerConfig
+
+FEDGE = [sys.executable, "-m", "fedge.cli"]
+
+
+def _run(args: list[str], timeout: float = 180, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(FEDGE + args, capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def test_help_teaches_the_roles():
+    out = _run(["--help"])
+    assert out.returncode == 0
+    for word in ("fedge fleet", "fedge hub", "fedge agent", "Start here"):
+        assert word in out.stdout
+    fleet_help = _run(["fleet", "--help"])
+    assert "--recipe" in fleet_help.stdout and "embedded broker" in fleet_help.stdout
+
+
+def test_bad_profile_is_a_clear_error(tmp_path):
+    bad = tmp_path / "pi.yaml"
+    bad.write_text("name: pi\nbatchsize: 4\n")
+    out = _run(["profiles", str(bad)])
+    assert out.returncode == 2
+    assert "unknown key 'batchsize'" in out.stderr and str(bad) in out.stderr
+
+
+def test_missing_data_file_is_a_clear_error(tmp_path):
+    out = _run(["fleet", "--dataset", "fashion-mnist", "--data-root", str(tmp_path / "none"), "--no-progress"])
+    assert out.returncode == 2
+    assert "does not exist" in out.stderr and "apt-get install dataset-fashion-mnist" in out.stderr
+
+
+def test_fleet_command_writes_a_complete_run(tmp_path, mosquitto_url, topic_prefix):
+    out = _run(["fleet", "--dataset", "synthetic", "--partition", "iid", "--devices", "3", "--rounds", "2",
+                "--broker", mosquitto_url, "--topic-prefix", topic_prefix, "--runs-dir", str(tmp_path),
+                "--run-id", "cli", "--central", "--no-progress"])
+    assert out.returncode == 0, out.stderr[-2000:]
+    run = json.loads((tmp_path / "cli" / "run.json").read_text())
+    for key in ("final_accuracy", "central_accuracy", "uplink_bytes_per_device", "downlink_bytes_per_device",
+                "seconds_per_round"):
+        assert run[key] is not None, key
+    assert run["rounds_completed"] == 2
+    assert run["final_accuracy"] > 0.4  # 10 classes: chance is 0.1
+
+
+def _retained(url: str, topic: str, timeout: float = 5.0) -> dict | None:
+    cfg = BrokerConfig.from_url(url)
+    got: list[bytes] = []
+    client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2)
+    client.on_message = lambda c, u, m: got.append(m.payload)
+    client.connect(cfg.host, cfg.port)
+    client.subscribe(topic, 1)
+    client.loop_start()
+    end = time.time() + timeout
+    while not got and time.time() < end:
+        time.sleep(0.05)
+    client.loop_stop()
+    client.disconnect()
+    return json.loads(got[-1]) if got else None
+
+
+def test_real_hub_and_agent_processes(tmp_path, mosquitto_url, topic_prefix):
+    parts = tmp_path / "parts"
+    made = _run(["partition", "--dataset", "synthetic", "--devices", "2", "--out", str(parts)])
+    assert made.returncode == 0, made.stderr
+    common = ["--broker", mosquitto_url, "--topic-prefix", topic_prefix, "--fleet", "home"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    agents = [
+        subprocess.Popen(FEDGE + ["agent", *common, "--profile", "sim", "--data", str(parts / f"dev00{i}.npz"),
+                                  "--device-id", f"pi{i}", "--once"], stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, env=env)
+        for i in range(2)
+    ]
+    hub = _run(["hub", *common, "--dataset", "synthetic", "--rounds", "2", "--min-devices", "2", "--lr", "0.05",
+                "--runs-dir", str(tmp_path), "--run-id", "home-run", "--wait-devices", "60"], timeout=240, env=env)
+    assert hub.returncode == 0, hub.stderr[-3000:]
+    summary = json.loads((tmp_path / "home-run" / "summary.json").read_text())
+    assert summary["rounds"] == 2 and summary["final_accuracy"] > 0.3
+    for proc in agents:
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0, out[-2000:]
+        assert "hub announced the run finished" in out
+        assert "trained 2 round(s)" in out
+    status = _retained(mosquitto_url, f"{topic_prefix}/home/dev/pi0/status")
+    assert status is not None and status["state"] == "offline"
+
+
+def test_agent_shuts_down_cleanly_on_sigterm(tmp_path, mosquitto_url, topic_prefix):
+    proc = subprocess.Popen(
+        FEDGE + ["agent", "--broker", mosquitto_url, "--topic-prefix", topic_prefix, "--fleet", "sig",
+                 "--device-id", "pi-sig", "--data", "synthetic"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    topic = f"{topic_prefix}/sig/dev/pi-sig/status"
+    deadline = time.time() + 60
+    status = None
+    while time.time() < deadline:
+        status = _retained(mosquitto_url, topic, timeout=1)
+        if status and status["state"] == "online":
+            break
+    assert status and status["state"] == "online" and status["num_samples"] == 1000
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out[-2000:]
+    assert "received SIGTERM" in out
+    assert _retained(mosquitto_url, topic)["state"] == "offline"
+
+
+@pytest.mark.parametrize("url", ["http://x", "mqtt://"])
+def test_bad_broker_url_is_rejected(url):
+    with pytest.raises(ValueError, match="broker URL"):
+        BrokerConfig.from_url(url)
