@@ -62,6 +62,7 @@ class Agent:
         self.seed = seed
         self.max_payload = max_payload
         self.tamper = tamper  # simulation of a lying device (hub.attacks); None on real devices
+        self.publish_delay_s = 0.0  # simulation of a slow device; 0 on real devices
         self._lock = threading.Lock()
         self._model: ModelMessage | None = None
         self._task: TaskMessage | None = None
@@ -69,6 +70,7 @@ class Agent:
         self._done: set[tuple[str, int]] = set()
         self._dead = False
         self._fits: set[str] = set()
+        self._last_update: tuple[tuple[str, int], bytes] | None = None
         self.finished = threading.Event()
         self.rounds_trained = 0
         self.bytes_up = 0
@@ -177,7 +179,18 @@ class Agent:
             self.finished.set()
             return
         self.finished.clear()
+        self._resend_if_still_open(task)
         self._maybe_train()
+
+    def _resend_if_still_open(self, task: TaskMessage) -> None:
+        """The task is re-delivered after a reconnect (or re-published by a restarted hub):
+        if it is the round we already answered, send the same update again. A broker that
+        restarted without persistence may have dropped it; the hub ignores duplicates."""
+        with self._lock:
+            last = self._last_update
+        if last is not None and last[0] == (task.run, task.round) and not self._dead and time.time() <= task.deadline:
+            log.info("%s: round %d still open after reconnect; re-sending its update", self.device_id, task.round)
+            self.link.publish(self.topics.device_update(self.device_id), last[1], qos=1)
 
     # -- training --------------------------------------------------------------------
     def _maybe_train(self) -> None:
@@ -218,7 +231,10 @@ class Agent:
         def done(result: TrainResult | Exception) -> None:
             if self.tamper is not None and isinstance(result, TrainResult):
                 result.state = self.tamper(tensors, result.state)
-            self._finish(task, result)
+            if self.publish_delay_s > 0:
+                threading.Timer(self.publish_delay_s, self._finish, (task, result)).start()
+            else:
+                self._finish(task, result)
 
         self.pool.submit((model.model, self.in_shape, self.num_classes), job, done)
 
@@ -241,5 +257,6 @@ class Agent:
         self.bytes_up += len(payload)
         with self._lock:
             self._done.add(key)
+            self._last_update = (key, payload)
             self.rounds_trained += 1
         log.debug("%s: published update for round %d (%d bytes)", self.device_id, task.round, len(payload))

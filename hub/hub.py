@@ -89,6 +89,7 @@ class Accepted:
 
 
 RoundCallback = Callable[[dict], None]
+DUPLICATE = "duplicate"  # a re-sent update already counted: benign under QoS 1, not a rejection
 
 
 def select_devices(online: list[str], k: int, seed: int, round_id: int, attempt: int = 0) -> list[str]:
@@ -130,8 +131,9 @@ class Hub:
         self._online: dict[str, dict] = {}
         self._task: TaskMessage | None = None
         self._accepted: dict[str, Accepted] = {}
-        self._closed_rounds: set[int] = set()
+        self._closed_rounds: dict[int, set[str]] = {}  # round -> devices counted in it
         self.rejections = 0
+        self._current: tuple[bytes, bytes] | None = None  # open round's (model, task) payloads
         self._stop = threading.Event()
         client_tag = hashlib.sha1(f"{config.prefix}/{config.fleet}".encode()).hexdigest()[:8]
         self.link = MqttLink(
@@ -154,7 +156,7 @@ class Hub:
         msg = parse_model(decode(self.store.load_checkpoint(last)))
         self.global_state = msg.tensors
         self.version = last
-        self._closed_rounds = set(range(1, last + 1))
+        self._closed_rounds = {r["round"]: set(r["participants"]) for r in self.store.rounds()}
         log.info("resuming run %s after round %d", self.run_id, last)
 
     def _model_payload(self, version: int, state: "OrderedDict[str, np.ndarray]") -> bytes:
@@ -196,6 +198,9 @@ class Hub:
             round_id = env.header.get("round") if isinstance(env.header.get("round"), int) else None
             upd = parse_update(env)
             reason = self._admit(device, upd)
+            if reason == DUPLICATE:
+                log.info("duplicate update from %s for round %d ignored (already counted)", device, upd.round)
+                return
             if reason:
                 self._reject(device, round_id, reason)
                 return
@@ -227,6 +232,8 @@ class Hub:
         with self._cond:
             task = self._task
             if upd.round in self._closed_rounds:
+                if device in self._closed_rounds[upd.round]:
+                    return DUPLICATE
                 return f"late or replayed: round {upd.round} is already closed"
             if task is None or upd.round != task.round:
                 return f"round {upd.round} is not open (open round: {task.round if task else 'none'})"
@@ -235,7 +242,7 @@ class Hub:
             if upd.base_version != task.model_version:
                 return f"trained on model version {upd.base_version}, the round uses {task.model_version}"
             if device in self._accepted:
-                return f"duplicate: an update for round {upd.round} was already accepted"
+                return DUPLICATE
         return None
 
     # -- the round loop --------------------------------------------------------------
@@ -297,7 +304,7 @@ class Hub:
                     break
                 self._cond.wait(min(remaining, 0.5))
             accepted = dict(self._accepted)
-            self._closed_rounds.add(task.round)
+            self._closed_rounds[task.round] = set(accepted)
             self._task = None
         late = sorted(set(task.selected) - set(accepted))
         if late:
@@ -320,15 +327,22 @@ class Hub:
         """Run (or resume) rounds until a stop rule fires; returns the full round history."""
         self.link.subscribe(self.topics.all_device_status, self._on_status)
         self.link.subscribe(self.topics.all_device_updates, self._on_update)
-        self.link.on_connect(
-            lambda: self.link.publish(self.topics.hub_status, status_payload("online", role="hub", run=self.run_id), retain=True)
-        )
+        self.link.on_connect(self._on_connect)
         self.link.start()
         try:
             self._loop()
         finally:
             self.link.stop(final=(self.topics.hub_status, status_payload("offline", role="hub", run=self.run_id)))
         return self.store.rounds()
+
+    def _on_connect(self) -> None:
+        """After every (re)connect: announce, and re-publish the open round's model and task,
+        since a broker that restarted without persistence has lost its retained messages."""
+        self.link.publish(self.topics.hub_status, status_payload("online", role="hub", run=self.run_id), retain=True)
+        current = self._current
+        if current is not None:
+            self.link.publish(self.topics.model, current[0], qos=1, retain=True)
+            self.link.publish(self.topics.round, current[1], qos=1, retain=True)
 
     def _loop(self) -> None:
         history = self.store.rounds()
@@ -342,9 +356,11 @@ class Hub:
             task = self._open(round_id, attempt)
             model_payload = self._model_payload(self.version, self.global_state)
             task_payload = build_task_message(task)
+            self._current = (model_payload, task_payload)
             self.link.publish(self.topics.model, model_payload, qos=1, retain=True)
             self.link.publish(self.topics.round, task_payload, qos=1, retain=True)
             accepted = self._collect(task)
+            self._current = None
             if self._stop.is_set():
                 return
             if len(accepted) < self.config.min_updates:
@@ -353,7 +369,7 @@ class Hub:
                 log.warning("round %d got %d update(s) < min_updates=%d; re-running it (attempt %d)",
                             round_id, len(accepted), self.config.min_updates, attempt + 1)
                 with self._cond:
-                    self._closed_rounds.discard(round_id)
+                    self._closed_rounds.pop(round_id, None)
                 if attempt > self.config.max_round_retries:
                     raise RuntimeError(f"round {round_id} failed {attempt} times: no devices answered in time")
                 continue
@@ -409,10 +425,12 @@ class Hub:
 
     def _finish(self) -> None:
         """Publish the final model and a 'finished' task so agents know the run is over."""
-        self.link.publish(self.topics.model, self._model_payload(self.version, self.global_state), qos=1, retain=True)
+        final_model = self._model_payload(self.version, self.global_state)
         done = TaskMessage(fleet=self.config.fleet, run=self.run_id, round=self.version, model_version=self.version,
                            selected=[], deadline=time.time(), train={}, state="finished")
-        info = self.link.publish(self.topics.round, build_task_message(done), qos=1, retain=True)
+        self._current = (final_model, build_task_message(done))
+        self.link.publish(self.topics.model, final_model, qos=1, retain=True)
+        info = self.link.publish(self.topics.round, self._current[1], qos=1, retain=True)
         try:
             info.wait_for_publish(timeout=5)
         except (RuntimeError, ValueError):

@@ -58,3 +58,13 @@ def small_data():
     from models.data import synthetic
 
     return synthetic(n_train=1600, n_test=400, seed=1)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:  # noqa: ANN001
+    from .fault_tally import TALLY
+
+    if TALLY.faults:
+        terminalreporter.write_line(
+            f"fault suite: {TALLY.faults} faults injected, {TALLY.rounds} rounds completed, "
+            f"{TALLY.lost} updates lost"
+        )
