@@ -16,7 +16,7 @@ import torch
 
 from models.data import Split
 from models.wire import EnvelopeError, Topics, decode
-from models.wire.envelope import DEFAULT_MAX_BYTES
+from models.wire.envelope import DEFAULT_MAX_BYTES, Verifier
 from models.wire.messages import (
     ModelMessage,
     TaskMessage,
@@ -49,6 +49,8 @@ class Agent:
         seed: int = 0,
         max_payload: int = DEFAULT_MAX_BYTES,
         tamper: Callable[[Mapping[str, np.ndarray], Mapping[str, np.ndarray]], Mapping[str, np.ndarray]] | None = None,
+        hub_verifier: Verifier | None = None,
+        device_key: bytes | None = None,
     ) -> None:
         self.device_id = device_id
         self.profile = profile
@@ -63,6 +65,8 @@ class Agent:
         self.max_payload = max_payload
         self.tamper = tamper  # simulation of a lying device (hub.attacks); None on real devices
         self.publish_delay_s = 0.0  # simulation of a slow device; 0 on real devices
+        self.hub_verifier = hub_verifier  # set: models and tasks must carry the hub's signature
+        self.device_key = device_key  # set: updates carry an HMAC tag the hub checks
         self._lock = threading.Lock()
         self._model: ModelMessage | None = None
         self._task: TaskMessage | None = None
@@ -133,7 +137,7 @@ class Agent:
     def _decode(self, payload: bytes, what: str):  # noqa: ANN202
         self.bytes_down += len(payload)
         try:
-            return decode(payload, max_bytes=self.max_payload)
+            return decode(payload, max_bytes=self.max_payload, verifier=self.hub_verifier)
         except EnvelopeError as exc:
             log.warning("%s: dropped %s message: %s", self.device_id, what, exc)
             return None
@@ -251,7 +255,7 @@ class Agent:
             fleet=task.fleet, run=task.run, device=self.device_id, round_id=task.round,
             base_version=task.model_version, tensors=result.state, num_samples=result.num_samples,
             metrics={"loss": result.loss, "accuracy": result.accuracy, "seconds": result.seconds},
-            codec=task.codec or self.profile.precision,
+            codec=task.codec or self.profile.precision, key=self.device_key,
         )
         self.link.publish(self.topics.device_update(self.device_id), payload, qos=1)
         self.bytes_up += len(payload)

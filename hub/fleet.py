@@ -96,10 +96,23 @@ class Fleet:
                 device_id=f"dev{i:03d}", profile=profile, broker=self.broker_config, topics=topics,
                 data=ds.train.subset(idx), num_classes=ds.num_classes, pool=self.pool, seed=cfg.seed,
                 tamper=ATTACKS[cfg.attackers[i]]() if i in cfg.attackers else None,
+                **self._device_keys(f"dev{i:03d}"),
             )
             self.agents.append(agent.start())
         log.info("%d virtual devices connected to %s", len(self.agents), self.broker_config.url)
         return self
+
+    def _device_keys(self, device: str) -> dict:
+        """With hub.keys_dir set, each virtual device is enrolled and verifies the hub."""
+        keys_dir = self.cfg.hub.keys_dir
+        if not keys_dir:
+            return {}
+        from models.wire.keys import HUB_PRIVATE, device_key, enroll_device, hub_verifier, init_hub_keys  # noqa: PLC0415
+
+        if not (Path(keys_dir) / HUB_PRIVATE).exists():
+            init_hub_keys(keys_dir)
+        key = device_key(keys_dir, device) or (enroll_device(keys_dir, device) and device_key(keys_dir, device))
+        return {"hub_verifier": hub_verifier(keys_dir), "device_key": key}
 
     def close(self) -> None:
         for agent in self.agents:

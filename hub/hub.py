@@ -29,6 +29,7 @@ from models.wire.messages import (
     parse_update,
     status_payload,
 )
+from models.wire.keys import device_key, hub_signer
 from models.wire.topics import ROOT
 from models.wire.transport import BrokerConfig, MqttLink
 
@@ -66,6 +67,7 @@ class HubConfig:
     keep_checkpoints: int = 2
     eval_size: int = 0  # test images evaluated each round (0 = all); the final model sees all
     resume_grace_s: float = 30.0
+    keys_dir: str | None = None  # sign models/tasks, require enrolled device tags (models/wire/keys.py)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -134,6 +136,7 @@ class Hub:
         self._closed_rounds: dict[int, set[str]] = {}  # round -> devices counted in it
         self.rejections = 0
         self._current: tuple[bytes, bytes] | None = None  # open round's (model, task) payloads
+        self._signer = hub_signer(config.keys_dir) if config.keys_dir else None
         self._stop = threading.Event()
         client_tag = hashlib.sha1(f"{config.prefix}/{config.fleet}".encode()).hexdigest()[:8]
         self.link = MqttLink(
@@ -163,6 +166,7 @@ class Hub:
         return build_model_message(
             self.config.fleet, self.run_id, version, self.config.model, state, codec=self.config.model_codec,
             meta={"in_shape": list(self.config.in_shape), "num_classes": self.config.num_classes},
+            signer=self._signer,
         )
 
     # -- MQTT inbound ----------------------------------------------------------------
@@ -194,7 +198,13 @@ class Hub:
         device = self.topics.device_of(topic)
         round_id: int | None = None
         try:
-            env = decode(payload, max_bytes=self.config.max_payload)
+            key = None
+            if self.config.keys_dir:
+                key = device_key(self.config.keys_dir, device) if device else None
+                if key is None:
+                    self._reject(device, None, f"device {device!r} is not enrolled (no key in {self.config.keys_dir})")
+                    return
+            env = decode(payload, max_bytes=self.config.max_payload, key=key)
             round_id = env.header.get("round") if isinstance(env.header.get("round"), int) else None
             upd = parse_update(env)
             reason = self._admit(device, upd)
@@ -355,7 +365,7 @@ class Hub:
             started = time.time()
             task = self._open(round_id, attempt)
             model_payload = self._model_payload(self.version, self.global_state)
-            task_payload = build_task_message(task)
+            task_payload = build_task_message(task, self._signer)
             self._current = (model_payload, task_payload)
             self.link.publish(self.topics.model, model_payload, qos=1, retain=True)
             self.link.publish(self.topics.round, task_payload, qos=1, retain=True)
@@ -428,7 +438,7 @@ class Hub:
         final_model = self._model_payload(self.version, self.global_state)
         done = TaskMessage(fleet=self.config.fleet, run=self.run_id, round=self.version, model_version=self.version,
                            selected=[], deadline=time.time(), train={}, state="finished")
-        self._current = (final_model, build_task_message(done))
+        self._current = (final_model, build_task_message(done, self._signer))
         self.link.publish(self.topics.model, final_model, qos=1, retain=True)
         info = self.link.publish(self.topics.round, self._current[1], qos=1, retain=True)
         try:

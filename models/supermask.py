@@ -42,6 +42,7 @@ from torch import nn
 
 from .bits import (
     RELU_GAIN,
+    _topk_flat,
     WEIGHT_INITS,
     from_bitarray,
     keep_count,
@@ -109,22 +110,33 @@ class FrozenWeights:
 
 
 def topk_mask(abs_scores: torch.Tensor, kept: int) -> torch.Tensor:
-    """Boolean mask (same shape) of the `kept` largest entries of `abs_scores`."""
+    """Boolean mask (same shape) of the `kept` largest entries of `abs_scores`.
+
+    On CPU this is bits.topk_mask's np.partition (ties to the lower index; a fraction of
+    torch.topk's time and transient memory); elsewhere torch.topk.
+    """
     flat = abs_scores.detach().reshape(-1)
     n = flat.numel()
     if kept >= n:
         return torch.ones_like(abs_scores, dtype=torch.bool)
+    if flat.device.type == "cpu" and flat.dtype in (torch.float32, torch.float64):
+        return torch.from_numpy(_topk_flat(flat.numpy(), int(kept))).view(abs_scores.shape)
     mask = torch.zeros(n, dtype=torch.bool, device=flat.device)
     if kept > 0:
         mask[torch.topk(flat, kept, sorted=False).indices] = True
-    return mask.view_as(abs_scores)
+    return mask.view(abs_scores.shape)
 
 
-def _effective(w: torch.Tensor, mask: torch.Tensor, binarize: bool) -> torch.Tensor:
-    if not binarize:
-        return w * mask
-    alpha = (w.abs() * mask).sum() / mask.sum().clamp(min=1)
-    return torch.where(mask, torch.where(w >= 0, alpha, -alpha), torch.zeros((), dtype=w.dtype, device=w.device))
+def _effective(w: torch.Tensor, mask: torch.Tensor, binarize: bool, constant_magnitude: bool = False) -> torch.Tensor:
+    """w_eff from a freshly materialised W (modified in place).
+
+    Binarised: alpha * sign(W) * m with alpha = sum(|W| m) / sum(m). When every |W| is the
+    same (signed-constant weights), alpha is that value and alpha * sign(W) is W itself.
+    """
+    if binarize and not constant_magnitude:
+        alpha = w.abs().mul_(mask).sum() / mask.sum().clamp(min=1)
+        w = torch.where(w >= 0, alpha, -alpha)
+    return w.mul_(mask)
 
 
 class SupermaskWeight(torch.autograd.Function):
@@ -138,7 +150,7 @@ class SupermaskWeight(torch.autograd.Function):
         mask = topk_mask(abs_scores, kept)
         w = frozen.tensor(abs_scores.device, abs_scores.dtype)
         ctx.frozen = frozen
-        return _effective(w, mask, binarize)
+        return _effective(w, mask, binarize, frozen.init == "signed_constant")
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
@@ -244,7 +256,8 @@ class SupermaskLayer(nn.Module):
     @torch.no_grad()
     def dense_weight(self) -> torch.Tensor:
         """w_eff as a detached tensor (what materialize() copies)."""
-        return _effective(self.frozen.tensor(self.scores.device, self.scores.dtype), self.mask(), self.binarize)
+        w = self.frozen.tensor(self.scores.device, self.scores.dtype)
+        return _effective(w, self.mask(), self.binarize, self.frozen.init == "signed_constant")
 
     def extra_repr(self) -> str:
         return (

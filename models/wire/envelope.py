@@ -4,13 +4,14 @@ Layout (all integers big-endian), documented byte for byte in docs/protocol.md:
 
     offset 0   4 bytes  magic b"FEDG"
     offset 4   1 byte   protocol version (PROTOCOL_VERSION)
-    offset 5   1 byte   flags (bit 0: an authentication tag follows the digest)
+    offset 5   1 byte   flags (bit 0: HMAC tag follows the digest; bit 1: Ed25519 signature follows)
     offset 6   4 bytes  header length H
     offset 10  4 bytes  body length B
     offset 14  H bytes  header, UTF-8 JSON object
     then       B bytes  body (codec-defined)
     then       32 bytes SHA-256 of every byte before it
-    then       32 bytes HMAC-SHA256 tag (only when flags bit 0 is set)
+    then       32 bytes HMAC-SHA256 tag over the digest (only when flags bit 0 is set)
+    then       64 bytes Ed25519 signature of the digest (only when flags bit 1 is set)
 
 Torch-free on purpose: a device that only runs inference, or a device written in
 another language, needs nothing but this file's rules.
@@ -23,11 +24,16 @@ import hmac
 import json
 import struct
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
+
+Signer = Callable[[bytes], bytes]  # digest -> 64-byte signature
+Verifier = Callable[[bytes, bytes], bool]  # (digest, signature) -> valid?
 
 MAGIC = b"FEDG"
 PROTOCOL_VERSION = 1
 FLAG_TAGGED = 0x01
+FLAG_SIGNED = 0x02
+SIGNATURE_SIZE = 64
 _PREFIX = struct.Struct(">4sBBII")
 PREFIX_SIZE = _PREFIX.size  # 14
 DIGEST_SIZE = 32
@@ -49,30 +55,40 @@ class Envelope:
     header: dict[str, Any]
     body: bytes = b""
     tag: bytes | None = field(default=None, repr=False)
+    signature: bytes | None = field(default=None, repr=False)
 
     @property
     def kind(self) -> str:
         return str(self.header.get("kind", ""))
 
 
-def encode(header: dict[str, Any], body: bytes = b"", key: bytes | None = None) -> bytes:
-    """Frame header and body; with a key, append an HMAC-SHA256 tag over the digest."""
+def encode(header: dict[str, Any], body: bytes = b"", key: bytes | None = None, signer: Signer | None = None) -> bytes:
+    """Frame header and body. With `key`, append an HMAC-SHA256 tag of the digest (device
+    updates); with `signer`, an Ed25519 signature of the digest (hub models and tasks)."""
     if not isinstance(header, dict):
         raise TypeError("envelope header must be a dict")
     head = json.dumps(header, separators=(",", ":"), sort_keys=True).encode("utf-8")
-    flags = FLAG_TAGGED if key is not None else 0
+    flags = (FLAG_TAGGED if key is not None else 0) | (FLAG_SIGNED if signer is not None else 0)
     framed = _PREFIX.pack(MAGIC, PROTOCOL_VERSION, flags, len(head), len(body)) + head + bytes(body)
     digest = hashlib.sha256(framed).digest()
     out = framed + digest
     if key is not None:
         out += hmac.new(key, digest, hashlib.sha256).digest()
+    if signer is not None:
+        signature = signer(digest)
+        if len(signature) != SIGNATURE_SIZE:
+            raise ValueError(f"signer returned {len(signature)} bytes, expected {SIGNATURE_SIZE}")
+        out += signature
     return out
 
 
-def decode(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES, key: bytes | None = None) -> Envelope:
+def decode(
+    data: bytes, max_bytes: int = DEFAULT_MAX_BYTES, key: bytes | None = None, verifier: Verifier | None = None
+) -> Envelope:
     """Parse and verify a frame; raise EnvelopeError (never anything else) on any defect.
 
-    With `key`, an untagged message or a tag that does not match is rejected.
+    With `key`, an untagged message or a tag that does not match is rejected; with
+    `verifier`, an unsigned message or a bad signature is rejected.
     """
     try:
         data = bytes(data)
@@ -87,12 +103,13 @@ def decode(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES, key: bytes | None = 
         raise EnvelopeError(f"wrong magic {magic!r}, expected {MAGIC!r}")
     if version != PROTOCOL_VERSION:
         raise EnvelopeError(f"unsupported protocol version {version}, this side speaks {PROTOCOL_VERSION}")
-    if flags & ~FLAG_TAGGED:
+    if flags & ~(FLAG_TAGGED | FLAG_SIGNED):
         raise EnvelopeError(f"unknown flag bits 0x{flags:02x}")
     if head_len > MAX_HEADER_BYTES:
         raise EnvelopeError(f"header length {head_len} exceeds {MAX_HEADER_BYTES}")
-    tagged = bool(flags & FLAG_TAGGED)
-    expected = PREFIX_SIZE + head_len + body_len + DIGEST_SIZE + (TAG_SIZE if tagged else 0)
+    tagged, signed = bool(flags & FLAG_TAGGED), bool(flags & FLAG_SIGNED)
+    expected = PREFIX_SIZE + head_len + body_len + DIGEST_SIZE + (TAG_SIZE if tagged else 0) + (
+        SIGNATURE_SIZE if signed else 0)
     if len(data) != expected:
         what = "truncated" if len(data) < expected else "trailing bytes"
         raise EnvelopeError(f"{what}: length {len(data)} but the prefix declares {expected}")
@@ -100,7 +117,18 @@ def decode(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES, key: bytes | None = 
     digest = data[end : end + DIGEST_SIZE]
     if not hmac.compare_digest(hashlib.sha256(data[:end]).digest(), digest):
         raise EnvelopeError("digest mismatch: the message was corrupted or altered")
-    tag = data[end + DIGEST_SIZE :] if tagged else None
+    trailer = end + DIGEST_SIZE
+    tag = data[trailer : trailer + TAG_SIZE] if tagged else None
+    signature = data[trailer + (TAG_SIZE if tagged else 0) :] if signed else None
+    if verifier is not None:
+        if signature is None:
+            raise EnvelopeError("message is not signed but this receiver requires the hub's signature")
+        try:
+            valid = bool(verifier(digest, signature))
+        except Exception:  # noqa: BLE001 - a verifier failure is a bad signature
+            valid = False
+        if not valid:
+            raise EnvelopeError("signature does not verify with the hub's public key")
     if key is not None:
         if tag is None:
             raise EnvelopeError("message is not authenticated but this receiver requires a tag")
@@ -115,4 +143,4 @@ def decode(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES, key: bytes | None = 
     kind = header.get("kind")
     if kind not in KINDS:
         raise EnvelopeError(f"unknown message kind {kind!r}; expected one of {KINDS}")
-    return Envelope(header=header, body=data[PREFIX_SIZE + head_len : end], tag=tag)
+    return Envelope(header=header, body=data[PREFIX_SIZE + head_len : end], tag=tag, signature=signature)

@@ -15,7 +15,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from .codecs import decode_tensors, encode_tensors
-from .envelope import Envelope, EnvelopeError, encode
+from .envelope import Envelope, EnvelopeError, Signer, encode
 
 
 def _field(header: Mapping[str, Any], name: str, types: type | tuple[type, ...]) -> Any:
@@ -42,12 +42,12 @@ class ModelMessage:
 
 def build_model_message(
     fleet: str, run: str, version: int, model: str, tensors: Mapping[str, np.ndarray], codec: str = "fp32",
-    meta: Mapping[str, Any] | None = None, key: bytes | None = None,
+    meta: Mapping[str, Any] | None = None, signer: Signer | None = None,
 ) -> bytes:
     fields_, body = encode_tensors(tensors, codec)
     header = {"kind": "model", "fleet": fleet, "run": run, "version": int(version), "model": model,
               "meta": dict(meta or {}), "created": time.time(), **fields_}
-    return encode(header, body, key=key)
+    return encode(header, body, signer=signer)
 
 
 def parse_model(env: Envelope) -> ModelMessage:
@@ -74,11 +74,11 @@ class TaskMessage:
     codec: str | None = None  # update codec the hub asks for; None = the device's profile decides
 
 
-def build_task_message(task: TaskMessage, key: bytes | None = None) -> bytes:
+def build_task_message(task: TaskMessage, signer: Signer | None = None) -> bytes:
     header = {"kind": "task", "fleet": task.fleet, "run": task.run, "round": task.round,
               "model_version": task.model_version, "selected": list(task.selected), "deadline": task.deadline,
               "train": dict(task.train), "state": task.state, "update_codec": task.codec}
-    return encode(header, b"", key=key)
+    return encode(header, b"", signer=signer)
 
 
 def parse_task(env: Envelope) -> TaskMessage:

@@ -1,0 +1,412 @@
+"""1-bit Multi-Prize Lottery Tickets: supermask layers, 1-bit storage, mask files, training."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from bitarray import bitarray
+from torch import nn
+
+from models import bits
+from models.bits import MaskFile, MaskFileError, keep_count
+from models.mpt_nets import MPTConv4, MPTMLP, build_from_mask_file, build_mpt, to_mask_file
+from models.registry import build_model, count_parameters, get_state, set_state
+from models.supermask import (
+    BinaryActivation,
+    BinaryLinear,
+    SignActivation,
+    SupermaskLayer,
+    SupermaskLinear,
+    frozen_weight_count,
+    materialize,
+    model_masks,
+    model_signs,
+    set_scores_from_masks,
+    sign_ste,
+    supermask_layers,
+    supermask_memory,
+)
+
+CONV4_WEIGHTS = 1_932_352
+# per-layer weight counts of Conv-4 on 1x28x28 and what 0.8 keeps: n - floor(0.8 n) = ceil(0.2 n)
+CONV4_LAYERS = [576, 36_864, 73_728, 147_456, 1_605_632, 65_536, 2_560]
+CONV4_KEPT = [116, 7_373, 14_746, 29_492, 321_127, 13_108, 512]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # the CI box has 2 cores shared with other jobs; one intra-op thread is much faster there
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def conv4() -> MPTConv4:
+    torch.manual_seed(0)
+    return MPTConv4((1, 28, 28), 10, variant="mpt-1/32", prune_ratio=0.8, seed=0)
+
+
+# ----------------------------------------------------------------------------- pruning counts
+
+
+def test_keep_count_rule():
+    assert [keep_count(n, 0.8) for n in CONV4_LAYERS] == CONV4_KEPT
+    for n in CONV4_LAYERS + [1, 7, 10, 99, 1001]:
+        assert keep_count(n, 0.8) == n - math.floor(0.8 * n + 1e-7) == -(-2 * n // 10)  # ceil(0.2 n), exact ints
+    assert keep_count(100, 0.29) == 71  # 0.29 * 100 = 28.999999999999996 in floats; still removes 29
+    assert keep_count(10, 0.0) == 10
+    with pytest.raises(ValueError):
+        keep_count(10, 1.0)
+    with pytest.raises(ValueError):
+        keep_count(10, -0.1)
+
+
+def test_conv4_supermask_keeps_20_percent_per_layer(conv4):
+    masks = model_masks(conv4)
+    assert [m.size for m in masks.values()] == CONV4_LAYERS
+    assert [int(m.sum()) for m in masks.values()] == CONV4_KEPT
+    for m in masks.values():
+        assert abs(m.mean() - 0.2) < 1.0 / m.size + 1e-12
+    # the mask is the top-k of |scores|: every kept |score| >= every pruned |score|
+    for name, layer in supermask_layers(conv4):
+        s = layer.scores.detach().abs().numpy()
+        assert s[masks[name]].min() >= s[~masks[name]].max()
+
+
+def test_conv4_weight_count_and_state_holds_only_scores(conv4):
+    assert frozen_weight_count(conv4) == CONV4_WEIGHTS
+    assert count_parameters(conv4) == CONV4_WEIGHTS  # the scores, one per frozen weight
+    state = get_state(conv4)
+    assert list(state) == [name for name, _ in supermask_layers(conv4)]
+    assert all(k.endswith(".scores") for k in state)
+    assert sum(v.size for v in state.values()) == CONV4_WEIGHTS
+    assert set(conv4.state_dict()) == set(state)
+    # frozen weights are neither parameters nor buffers
+    assert [n for n, _ in conv4.named_parameters()] == list(state)
+    assert list(conv4.buffers()) == []
+    mem = supermask_memory(conv4)
+    assert mem["frozen_weight_bytes"] == CONV4_WEIGHTS // 8 == 241_544
+    assert mem["parameter_bytes"] == 4 * CONV4_WEIGHTS
+
+
+def test_state_of_11_variant_has_scores_and_bn_buffers():
+    model = build_model("conv4-mpt11", seed=0)
+    state = get_state(model)
+    assert all(k.endswith((".scores", ".running_mean", ".running_var")) for k in state)
+    assert sum(k.endswith(".scores") for k in state) == 7
+    assert sum(k.endswith(".running_mean") for k in state) == 6
+    assert sum(v.size for k, v in state.items() if k.endswith(".scores")) == CONV4_WEIGHTS
+    assert not any(isinstance(m, nn.BatchNorm2d) and m.affine for m in model.modules())
+    # set_state round trip and FedAvg of states is score averaging
+    from hub.strategies import fedavg
+
+    other = build_model("conv4-mpt11", seed=1)
+    avg = fedavg(state, [(state, 1), (get_state(other), 3)])
+    for k in state:
+        np.testing.assert_allclose(avg[k], 0.25 * state[k] + 0.75 * get_state(other)[k], rtol=1e-6, atol=1e-7)
+    set_state(model, avg)
+    for k, v in get_state(model).items():
+        np.testing.assert_array_equal(v, avg[k])
+
+
+def test_frozen_weights_come_from_the_seed_not_torch_rng():
+    a = build_model("mlp-mpt", seed=1)
+    b = build_model("mlp-mpt", seed=2)
+    for (na, la), (nb, lb) in zip(supermask_layers(a), supermask_layers(b)):
+        assert la.frozen.signs == lb.frozen.signs  # same frozen weights on every participant
+        assert not torch.equal(la.scores, lb.scores)  # scores come from torch's (seeded) RNG
+    c = MPTMLP(variant="mpt-1/32", seed=7)
+    assert model_signs(c)["net.1.scores"].tolist() != model_signs(a)["net.1.scores"].tolist()
+    # signed constant: W = sign(N(0,1)) * sqrt(2 / fan_in), about half positive
+    layer = dict(supermask_layers(a))["net.1.scores"]
+    w = layer.frozen.tensor()
+    assert torch.allclose(w.abs(), torch.full_like(w, math.sqrt(2 / 784)))
+    assert abs(float((w > 0).float().mean()) - 0.5) < 0.01
+    np.testing.assert_array_equal(w.numpy(), bits.regenerate_weight(0, 0, (200, 784)))
+
+
+# ----------------------------------------------------------------------------- bits
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 63, 64, 65, 1000, 4099])
+def test_pack_unpack_round_trip(n):
+    rng = np.random.default_rng(n)
+    arr = rng.random(n) < 0.3
+    packed = bits.pack_bits(arr)
+    assert len(packed) == bits.packed_size(n) == math.ceil(n / 8)
+    np.testing.assert_array_equal(bits.unpack_bits(packed, n), arr)
+    ba = bits.to_bitarray(arr)
+    assert isinstance(ba, bitarray) and len(ba) == n
+    assert ba.tobytes() == packed  # same byte layout as the file payload
+    assert ba.tolist() == arr.tolist()
+    np.testing.assert_array_equal(bits.from_bitarray(ba, n), arr)
+    # reading at a bit offset (how a mask file's layers are cut)
+    both = bits.pack_bits(np.concatenate([~arr, arr]))
+    np.testing.assert_array_equal(bits.unpack_bits(both, (n,), offset_bits=n), arr)
+
+
+def test_pack_bits_order_is_msb_first():
+    assert bits.pack_bits(np.array([1, 0, 0, 0, 0, 0, 0, 1, 1], dtype=bool)) == bytes([0b10000001, 0b10000000])
+    with pytest.raises(ValueError):
+        bits.pack_bits(np.array([0, 2]))
+
+
+def test_conv4_masks_and_signs_survive_bitarray_round_trip(conv4):
+    for name, layer in supermask_layers(conv4):
+        mask = layer.mask().numpy()
+        signs = layer.frozen.sign_array()
+        for arr in (mask, signs):
+            ba = bits.to_bitarray(arr)
+            back = bits.from_bitarray(ba, arr.shape)
+            assert back.dtype == np.bool_ and back.shape == arr.shape
+            np.testing.assert_array_equal(back, arr)
+            np.testing.assert_array_equal(bits.unpack_bits(bits.pack_bits(arr), arr.shape), arr)
+        # the stored signs are exactly the signs of the materialised weight
+        np.testing.assert_array_equal(layer.frozen.tensor().numpy() > 0, signs)
+
+
+def test_bits_module_is_torch_free():
+    code = "import sys, models.bits, models.wire; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+# ----------------------------------------------------------------------------- straight-through estimators
+
+
+@pytest.mark.parametrize("init", ["signed_constant", "kaiming_normal"])
+def test_straight_through_gradient_reaches_scores_only(init):
+    torch.manual_seed(0)
+    layer = SupermaskLinear(30, 20, prune_ratio=0.5, binarize=True, seed=3, index=1, weight_init=init)
+    assert [n for n, _ in layer.named_parameters()] == ["scores"]
+    x = torch.randn(8, 30, requires_grad=True)
+    w_eff = layer.effective_weight()
+    w_eff.retain_grad()
+    loss = (F.linear(x, w_eff) ** 2).sum()
+    loss.backward()
+    w = layer.frozen.tensor()
+    assert not w.requires_grad
+    expected = w_eff.grad * w * torch.sign(layer.scores.detach())
+    torch.testing.assert_close(layer.scores.grad, expected)
+    assert float(layer.scores.grad.abs().sum()) > 0
+    assert float(layer.scores.grad[~layer.mask()].abs().sum()) > 0  # pruned weights get gradient too
+    # forward: alpha * sign(W) * m with alpha = sum(|W| m) / kept
+    m = layer.mask()
+    alpha = float((w.abs() * m).sum() / layer.kept)
+    torch.testing.assert_close(w_eff.detach(), alpha * torch.sign(w) * m)
+    assert layer.alpha() == pytest.approx(alpha, rel=1e-6)
+    if init == "signed_constant":
+        assert alpha == pytest.approx(math.sqrt(2 / 30), rel=1e-6)
+
+
+def test_conv4_training_step_updates_scores_and_masks(conv4):
+    model = MPTConv4(variant="mpt-1/32", seed=0)
+    model.load_state_dict(conv4.state_dict())
+    before = model_masks(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    x, y = torch.randn(4, 1, 28, 28), torch.tensor([0, 1, 2, 3])
+    for _ in range(2):
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for _, layer in supermask_layers(model):
+        assert layer.scores.grad is not None and torch.isfinite(layer.scores.grad).all()
+    after = model_masks(model)
+    assert any((before[k] != after[k]).any() for k in before)
+    assert [int(m.sum()) for m in after.values()] == CONV4_KEPT
+
+
+def test_binary_activation_gradient():
+    x = torch.tensor([-2.0, -1.0, -0.5, 0.0, 0.25, 0.999, 1.5], requires_grad=True)
+    y = sign_ste(x)
+    assert y.tolist() == [-1, -1, -1, 1, 1, 1, 1]
+    y.sum().backward()
+    expected = [0.0, 0.0, 1.0, 2.0, 1.5, 2 * (1 - 0.999), 0.0]
+    np.testing.assert_allclose(x.grad.numpy(), expected, atol=1e-6)
+    assert SignActivation()(x.detach()).tolist() == y.tolist()
+
+
+def test_bnn_latent_weights_get_clipped_straight_through_gradient():
+    layer = BinaryLinear(4, 3)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[0.5, -0.2, 1.5, -3.0]] * 3))
+    out = layer(torch.ones(2, 4))
+    alpha = float(layer.weight.detach().abs().mean())
+    torch.testing.assert_close(out, torch.full((2, 3), alpha * (1 - 1 + 1 - 1)))
+    out.sum().backward()
+    g = layer.weight.grad[0]
+    assert g[0] != 0 and g[1] != 0 and g[2] == 0 and g[3] == 0  # zero where |w| > 1
+    state = get_state(build_model("conv4-bnn", seed=0))
+    assert sum(v.size for v in state.values()) == CONV4_WEIGHTS and all(k.endswith(".weight") for k in state)
+
+
+# ----------------------------------------------------------------------------- materialize
+
+
+@pytest.mark.parametrize("name", ["conv4-mpt", "conv4-mpt11", "conv4-bnn", "conv4-bnn11", "mlp-mpt"])
+def test_materialize_matches_the_model(name):
+    model = build_model(name, seed=0)
+    x = torch.randn(6, 1, 28, 28)
+    if name.endswith("11"):  # give BatchNorm non-trivial running statistics
+        model.train()
+        with torch.no_grad():
+            model(torch.randn(16, 1, 28, 28) * 2 + 0.3)
+    model.eval()
+    dense = materialize(model)
+    plain = (nn.Conv2d, nn.Linear, nn.ReLU, nn.MaxPool2d, nn.Flatten, nn.BatchNorm1d, nn.BatchNorm2d, SignActivation)
+    assert isinstance(dense, nn.Sequential)
+    assert all(isinstance(m, plain) for m in dense.children())
+    assert not any(isinstance(m, (SupermaskLayer, BinaryActivation)) for m in dense.modules())
+    with torch.no_grad():
+        diff = (dense(x) - model(x)).abs().max().item()
+    assert diff < 1e-5
+    if name.startswith("conv4"):
+        assert count_parameters(dense) == CONV4_WEIGHTS
+    if "mpt" in name:
+        for (sname, layer), lin in zip(supermask_layers(model), [m for m in dense if isinstance(m, (nn.Conv2d, nn.Linear))]):
+            nz = lin.weight.detach() != 0
+            assert int(nz.sum()) == layer.kept
+            assert set(lin.weight.detach().abs()[nz].unique().tolist()) == pytest.approx([layer.alpha()], rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- mask files
+
+
+def test_conv4_mask_file_size_and_round_trip(conv4, tmp_path):
+    mf = to_mask_file(conv4)
+    assert mf.model == "conv4-mpt" and mf.variant == "mpt-1/32" and mf.seed == 0
+    assert mf.mask_payload_bytes == 241_544 == CONV4_WEIGHTS // 8
+    assert len(mf.mask_payload()) == 241_544
+    assert [layer.kept for layer in mf.layers] == CONV4_KEPT
+    assert mf.extras == {}
+    path = tmp_path / "conv4.fmask"
+    size = mf.save(path)
+    assert 241_544 < size < 241_544 + 4096  # the payload plus a small header
+    back = MaskFile.load(path)
+    for k, m in mf.masks.items():
+        np.testing.assert_array_equal(back.masks[k], m)
+    assert [(l.name, l.shape, l.alpha) for l in back.layers] == [(l.name, l.shape, l.alpha) for l in mf.layers]
+
+    rebuilt = build_from_mask_file(path)
+    for k, m in model_masks(rebuilt).items():
+        np.testing.assert_array_equal(m, mf.masks[k])
+    x = torch.randn(3, 1, 28, 28)
+    conv4.eval()
+    with torch.no_grad():
+        assert (rebuilt(x) - conv4(x)).abs().max().item() < 1e-5
+        assert (build_from_mask_file(path, dense=True)(x) - conv4(x)).abs().max().item() < 1e-5
+    # torch-free effective weights agree with the materialised model
+    dense = materialize(conv4)
+    eff = back.effective_weights()
+    lins = [m for m in dense if isinstance(m, (nn.Conv2d, nn.Linear))]
+    for (name, w), lin in zip(eff.items(), lins):
+        np.testing.assert_allclose(w, lin.weight.detach().numpy(), rtol=1e-6, atol=0)
+
+
+def test_mask_file_rejects_corruption():
+    model = build_mpt("mlp", variant="mpt-1/32", seed=0)
+    data = bytearray(to_mask_file(model).to_bytes())
+    assert MaskFile.from_bytes(bytes(data)).model == "mlp-mpt"
+    bad = bytearray(data)
+    bad[-10] ^= 0x01
+    with pytest.raises(MaskFileError):
+        MaskFile.from_bytes(bytes(bad))
+    with pytest.raises(MaskFileError):
+        MaskFile.from_bytes(bytes(data[:-1]))
+    with pytest.raises(MaskFileError):
+        MaskFile.from_bytes(b"NOTAMASK" + bytes(data[8:]))
+    with pytest.raises(ValueError):
+        to_mask_file(build_model("conv4-bnn", seed=0))
+
+
+def test_mask_file_of_11_model_carries_bn_statistics():
+    model = build_mpt("mlp", variant="mpt-1/1", seed=5)
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(32, 1, 28, 28) + 0.5)
+    model.eval()
+    mf = MaskFile.from_bytes(to_mask_file(model).to_bytes())
+    assert set(mf.extras) == {k for k in get_state(model) if not k.endswith(".scores")}
+    rebuilt = build_from_mask_file(mf)
+    x = torch.randn(5, 1, 28, 28)
+    with torch.no_grad():
+        assert (rebuilt(x) - model(x)).abs().max().item() < 1e-5
+
+
+# ----------------------------------------------------------------------------- mask aggregation helpers
+
+
+def test_masks_from_scores_and_keep_probability_helpers():
+    a, b, c = (build_model("mlp-mpt", seed=s) for s in (1, 2, 3))
+    # the torch-free masks of a score state are the model's own masks
+    for model in (a, b):
+        np_masks = bits.masks_from_scores(get_state(model), 0.8)
+        for k, m in model_masks(model).items():
+            np.testing.assert_array_equal(np_masks[k], m)
+    masks = [model_masks(m) for m in (a, b, c)]
+    p = bits.keep_probability(masks, weights=[1, 1, 2])
+    for k in p:
+        expected = 0.25 * masks[0][k] + 0.25 * masks[1][k] + 0.5 * masks[2][k]
+        np.testing.assert_allclose(p[k], expected, atol=1e-7)
+    # scores from keep probabilities: the top-k prefers weights kept more often
+    scores = bits.scores_from_keep_prob(p, previous=get_state(a))
+    new_masks = bits.masks_from_scores(scores, 0.8)
+    for k in p:
+        kept_p = p[k][new_masks[k]]
+        dropped_p = p[k][~new_masks[k]]
+        assert kept_p.min() >= dropped_p.max() - 1e-7
+    # a model's masks can be written back as scores and are reproduced exactly
+    target = model_masks(b)
+    set_scores_from_masks(a, target)
+    for k, m in model_masks(a).items():
+        np.testing.assert_array_equal(m, target[k])
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def test_mlp_mpt_learns_synthetic_data_through_local_trainer():
+    from edge_agent.trainer import LocalTrainer, TrainConfig
+    from models.data import synthetic
+    from models.evaluate import evaluate
+
+    ds = synthetic(n_train=1000, n_test=500, seed=0)
+    trainer = LocalTrainer("mlp-mpt", ds.in_shape, ds.num_classes)
+    start = get_state(build_model("mlp-mpt", ds.in_shape, ds.num_classes, seed=0))
+    x, y = torch.from_numpy(ds.train.x), torch.from_numpy(ds.train.y)
+    cfg = TrainConfig(epochs=2, batch_size=32, lr=0.1, optimizer="sgd", momentum=0.9, weight_decay=1e-4)
+    result = trainer.train(start, x, y, cfg, seed=0)
+    assert list(result.state) == list(start)  # only the scores travel
+    model = build_model("mlp-mpt", ds.in_shape, ds.num_classes)
+    set_state(model, result.state)
+    _, acc = evaluate(model, torch.from_numpy(ds.test.x), torch.from_numpy(ds.test.y))
+    print("mlp-mpt accuracy after 2 local epochs:", acc)
+    assert acc > 0.4, acc  # chance is 0.1
+    # the trained masks still keep exactly 20 % per layer
+    for name, layer in supermask_layers(model):
+        assert int(layer.mask().sum()) == keep_count(layer.frozen.numel, 0.8)
+
+
+@pytest.mark.parametrize("name", ["mlp-mpt", "conv4-mpt"])
+def test_materialized_model_exports_to_onnx(name, tmp_path):
+    import warnings
+
+    ort = pytest.importorskip("onnxruntime")
+    model = build_model(name, seed=0).eval()
+    dense = materialize(model)
+    x = torch.randn(3, 1, 28, 28)
+    path = tmp_path / f"{name}.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(dense, (x,), str(path), dynamo=False, input_names=["x"], output_names=["logits"], opset_version=17)
+    out = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+    with torch.no_grad():
+        assert np.abs(out - model(x).numpy()).max() < 1e-5
