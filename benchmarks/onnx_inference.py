@@ -5,7 +5,8 @@ For MLP and Conv-4 (dense fp32, int8 dynamic, int8 static; MPT variants later):
 * trains the model briefly on Fashion-MNIST (SGD, seeded), exports it with models.export;
 * accuracy on the test set of torch, ONNX fp32 and both int8 files (the int8 accuracy cost);
 * for every runtime variant a fresh subprocess that only imports its runtime, loads the
-  model and predicts: peak RSS (ru_maxrss via os.wait4), start-up time (spawn -> first
+  model and predicts: peak RSS (its ru_maxrss; spawned from a small launcher process so the
+  parent's size does not leak into it), start-up time (spawn -> first
   prediction returned), latency at batch 1 and 64 on 1 thread (median and p90);
 * writes benchmarks/results/onnx_inference.json and .png and prints the rerun command.
 
@@ -14,7 +15,7 @@ onnx-fp32-from-fedge (the device's hot-swap path: a .fedge model message rebuilt
 without torch), onnx-int8-dynamic, onnx-int8-static. ONNX sessions: 1 intra-op thread.
 
     /work/venv/bin/python benchmarks/onnx_inference.py            # ~5-10 min on 2 cores
-    /work/venv/bin/python benchmarks/onnx_inference.py --quick    # smoke run, minutes less
+    /work/venv/bin/python benchmarks/onnx_inference.py --quick    # smoke run (~1 min), writes *.quick.*
 
 Top-level imports are stdlib only: the child processes import just what they measure.
 """
@@ -91,20 +92,29 @@ def child(args: argparse.Namespace) -> int:
     print("CHILD " + json.dumps({
         "import_s": t_import - t0, "load_s": t_load - t_import, "first_predict_s": t_first - t_load,
         "first_done_wall": first_done_wall, "latency_b1": b1, "latency_b64": b64,
-        "self_maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+        "self_maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "self_vmhwm_kb": _vmhwm_kb(),
         "torch_loaded": "torch" in sys.modules,
     }), flush=True)
     return 0
 
 
-def run_child(runtime: str, model_name: str, file: Path, inputs: Path, seconds: float) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--runtime", runtime, "--model-name", model_name,
-           "--file", str(file), "--inputs", str(inputs), "--seconds", str(seconds)]
-    env = {**os.environ, **CHILD_ENV}
+def _vmhwm_kb() -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def spawn_and_measure(cmd: list[str]) -> dict:
+    """Run cmd to completion; its exit code, output, ru_maxrss (os.wait4) and spawn time."""
     import tempfile  # noqa: PLC0415
 
-    # output goes to files, not pipes: the parent reaps the child with os.wait4 (for its own
-    # ru_maxrss) before reading, which would deadlock on a full pipe
+    env = {**os.environ, **CHILD_ENV}
+    # output goes to files, not pipes: the child is reaped with os.wait4 (for its own
+    # ru_maxrss) before its output is read, which would deadlock on a full pipe
     with tempfile.TemporaryFile() as out_f, tempfile.TemporaryFile() as err_f:
         spawned = time.time()
         proc = subprocess.Popen(cmd, stdout=out_f, stderr=err_f, env=env, cwd=str(ROOT))
@@ -112,13 +122,53 @@ def run_child(runtime: str, model_name: str, file: Path, inputs: Path, seconds: 
         proc.returncode = os.waitstatus_to_exitcode(status)
         out_f.seek(0)
         err_f.seek(0)
-        out, err = out_f.read().decode(), err_f.read().decode()
-    if proc.returncode != 0:
-        raise RuntimeError(f"child {runtime} {model_name} failed ({proc.returncode}): {err[-2000:]}")
-    line = [ln for ln in out.splitlines() if ln.startswith("CHILD ")][-1]
+        return {"rc": proc.returncode, "out": out_f.read().decode(), "err": err_f.read().decode(),
+                "maxrss_kb": usage.ru_maxrss, "spawned": spawned}
+
+
+def launcher() -> int:
+    """A small process that spawns the measured children.
+
+    Linux keeps the larger of the pre-exec and post-exec peak RSS in ru_maxrss, and a child
+    forked from the ~1 GB parent (torch, data) starts as a copy of it. Children forked from
+    this ~10 MB launcher instead report their own peak.
+    """
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        print(json.dumps(spawn_and_measure(json.loads(line))), flush=True)
+    return 0
+
+
+class Launcher:
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--launcher"],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=str(ROOT))
+
+    def run(self, cmd: list[str]) -> dict:
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=30)
+
+
+def run_child(launch: Launcher, runtime: str, model_name: str, file: Path, inputs: Path, seconds: float) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--runtime", runtime, "--model-name", model_name,
+           "--file", str(file), "--inputs", str(inputs), "--seconds", str(seconds)]
+    done = launch.run(cmd)
+    if done["rc"] != 0:
+        raise RuntimeError(f"child {runtime} {model_name} failed ({done['rc']}): {done['err'][-2000:]}")
+    line = [ln for ln in done["out"].splitlines() if ln.startswith("CHILD ")][-1]
     res = json.loads(line[len("CHILD "):])
-    res["startup_s"] = res.pop("first_done_wall") - spawned
-    res["peak_rss_mb"] = usage.ru_maxrss / 1024  # Linux: kilobytes
+    res["startup_s"] = res.pop("first_done_wall") - done["spawned"]
+    # The process's own peak: getrusage(RUSAGE_SELF).ru_maxrss read in the child (KiB on Linux; equals
+    # its VmHWM). os.wait4's figure also covers helpers it forked: `import torch` runs `ldconfig -p`
+    # from a ~450 MB process, and that fork's inherited peak lands there; kept as a second number.
+    res["peak_rss_mb"] = res["self_maxrss_kb"] / 1024
+    res["peak_rss_incl_children_mb"] = done["maxrss_kb"] / 1024
     return res
 
 
@@ -207,6 +257,7 @@ def plot(path: Path, results: dict) -> None:
 
 
 def main_parent(args: argparse.Namespace, argv: list[str]) -> int:
+    launch = Launcher()  # first, while this process is still small
     import numpy as np  # noqa: PLC0415
     import torch  # noqa: PLC0415
 
@@ -215,6 +266,7 @@ def main_parent(args: argparse.Namespace, argv: list[str]) -> int:
     from models.registry import get_state  # noqa: PLC0415
     from models.wire.messages import build_model_message  # noqa: PLC0415
 
+    weights = dict(w.split("=", 1) for w in args.weights)
     rerun = "cd " + shlex.quote(str(ROOT)) + " && " + shlex.join([sys.executable, "benchmarks/onnx_inference.py", *argv])
     torch.set_num_threads(os.cpu_count() or 1)
     load_start = os.getloadavg()
@@ -236,9 +288,23 @@ def main_parent(args: argparse.Namespace, argv: list[str]) -> int:
     results: dict = {"benchmark": "onnx_inference", "dataset": ds.name, "machine": machine(), "command": rerun,
                      "config": vars(args), "models": {}}
     for name in args.models.split(","):
+        if name not in ("mlp", "conv4"):
+            raise SystemExit(f"--models: {name!r} is not benchmarked yet (mlp, conv4; MPT variants: see docs/inference.md)")
         n_train = args.mlp_train if name == "mlp" else args.conv4_train
         t = time.time()
-        model = train(name, ds.train.x[:n_train], ds.train.y[:n_train], args.epochs, args.seed)
+        if name in weights:  # a real run's model instead of the quick training below
+            from models.export import load_source  # noqa: PLC0415
+            from models.registry import build_model, set_state  # noqa: PLC0415
+
+            model_name, tensors, shape, classes, _ = load_source(weights[name])
+            if model_name != name or tuple(shape) != ds.in_shape:
+                raise SystemExit(f"--weights {name}={weights[name]} holds {model_name} for input {shape}")
+            model = build_model(name, shape, classes)
+            set_state(model, tensors)
+            model.eval()
+            n_train = 0
+        else:
+            model = train(name, ds.train.x[:n_train], ds.train.y[:n_train], args.epochs, args.seed)
         train_s = time.time() - t
         files = {
             "torch": work / f"{name}.pt",
@@ -258,7 +324,7 @@ def main_parent(args: argparse.Namespace, argv: list[str]) -> int:
         from edge_agent.infer import Predictor  # noqa: PLC0415
 
         ref = torch_logits(model, ex)
-        entry: dict = {"train_images": n_train, "epochs": args.epochs, "train_s": train_s, "eval_images": n_eval,
+        entry: dict = {"weights": weights.get(name), "train_images": n_train, "epochs": args.epochs, "train_s": train_s, "eval_images": n_eval,
                        "variants": {}}
         for variant in VARIANTS:
             if variant == "torch":
@@ -274,7 +340,7 @@ def main_parent(args: argparse.Namespace, argv: list[str]) -> int:
         for rep in range(args.repeats):
             for variant in VARIANTS:
                 runtime = "torch" if variant == "torch" else "onnx"
-                res = run_child(runtime, name, files[variant], inputs, args.seconds)
+                res = run_child(launch, runtime, name, files[variant], inputs, args.seconds)
                 v = entry["variants"][variant]
                 v.setdefault("runs", []).append(res)
         for variant in VARIANTS:
@@ -283,25 +349,29 @@ def main_parent(args: argparse.Namespace, argv: list[str]) -> int:
             for key in ("startup_s", "import_s", "load_s", "first_predict_s"):
                 v[key] = min(r[key] for r in v["runs"])
             v["peak_rss_mb"] = min(r["peak_rss_mb"] for r in v["runs"])
+            v["peak_rss_incl_children_mb"] = min(r["peak_rss_incl_children_mb"] for r in v["runs"])
             v["latency_b1"] = min((r["latency_b1"] for r in v["runs"]), key=lambda d: d["median_ms"])
             v["latency_b64"] = min((r["latency_b64"] for r in v["runs"]), key=lambda d: d["median_ms"])
             v["torch_loaded"] = best["torch_loaded"]
             v["accuracy_cost_vs_torch"] = entry["variants"]["torch"]["accuracy"] - v["accuracy"]
         results["models"][name] = entry
-        print(f"{name}: trained on {n_train} images in {train_s:.0f}s", flush=True)
+        print(f"{name}: weights from {weights[name]}" if name in weights else
+              f"{name}: trained on {n_train} images in {train_s:.0f}s", flush=True)
         for variant in VARIANTS:
             v = entry["variants"][variant]
             print(f"  {variant:22s} {v['file_bytes'] / 1e6:7.2f} MB  acc {100 * v['accuracy']:6.2f}%  "
                   f"RSS {v['peak_rss_mb']:6.0f} MB  start-up {v['startup_s']:5.2f} s  "
                   f"b1 {v['latency_b1']['median_ms']:8.3f} ms  b64 {v['latency_b64']['median_ms']:8.2f} ms", flush=True)
+    launch.close()
     results["load_average"] = {"start": load_start, "end": os.getloadavg()}
     if not args.keep_files:
         shutil.rmtree(work, ignore_errors=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out_json = RESULTS / "onnx_inference.json"
+    stem = "onnx_inference.quick" if args.quick else "onnx_inference"  # a smoke run keeps the real results
+    out_json = RESULTS / f"{stem}.json"
     out_json.write_text(json.dumps(results, indent=1))
-    plot(RESULTS / "onnx_inference.png", results)
-    print(f"wrote {out_json.relative_to(ROOT)} and benchmarks/results/onnx_inference.png")
+    plot(RESULTS / f"{stem}.png", results)
+    print(f"wrote {out_json.relative_to(ROOT)} and benchmarks/results/{stem}.png")
     print(f"rerun: {rerun}")
     return 0
 
@@ -319,10 +389,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=2.0, help="minimum timing window per latency measurement")
     p.add_argument("--repeats", type=int, default=2, help="subprocess runs per variant; the best is reported")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--weights", action="append", default=[], metavar="MODEL=RUN_OR_FEDGE",
+                   help="use a run's final model (run folder or .fedge) instead of training, e.g. conv4=runs/<id>")
     p.add_argument("--keep-files", default=None, help="write the model files to this folder and keep them")
     p.add_argument("--quick", action="store_true", help="smoke run: small training and eval sets, 1 repeat")
     # child mode (internal)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--launcher", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--runtime", help=argparse.SUPPRESS)
     p.add_argument("--model-name", help=argparse.SUPPRESS)
     p.add_argument("--file", help=argparse.SUPPRESS)
@@ -330,6 +403,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.child:
         return child(args)
+    if args.launcher:
+        return launcher()
     if args.quick:
         args.mlp_train, args.conv4_train, args.eval_images, args.repeats, args.seconds = 5000, 1000, 1000, 1, 0.5
     return main_parent(args, argv)

@@ -29,7 +29,7 @@ from models.wire.transport import BrokerConfig, MqttLink
 
 from .pool import TrainingPool
 from .profile import Profile, ProfileError
-from .trainer import LocalTrainer, TrainConfig, TrainResult, estimate_training_mb, job_seed
+from .trainer import LocalTrainer, TrainConfig, TrainResult, estimate_training_mb, job_seed, uplink_state
 
 log = logging.getLogger("fedge.agent")
 
@@ -230,7 +230,9 @@ class Agent:
         tensors = model.tensors
 
         def job(trainer: LocalTrainer) -> TrainResult:
-            return trainer.train(tensors, self.x, self.y, cfg, seed)
+            result = trainer.train(tensors, self.x, self.y, cfg, seed)
+            result.state = uplink_state(trainer, result, task.codec)
+            return result
 
         def done(result: TrainResult | Exception) -> None:
             if self.tamper is not None and isinstance(result, TrainResult):

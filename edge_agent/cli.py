@@ -64,6 +64,10 @@ def add_agent_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     parser.add_argument("--device-id", default=default_device_id(), help="this device's id (default: hostname)")
     parser.add_argument("--seed", type=int, default=0, help="base seed for local shuffling")
     parser.add_argument("--once", action="store_true", help="exit when the hub announces the run finished")
+    parser.add_argument("--hub-public-key", metavar="FILE",
+                        help="hub_ed25519.pub from `fedge keys init`: accept only models and tasks the hub signed")
+    parser.add_argument("--device-key", metavar="FILE",
+                        help="this device's key from `fedge keys enroll` (devices/<id>.key): tag every update")
     add_logging_args(parser)
     parser.set_defaults(func=run_agent)
     return parser
@@ -86,8 +90,12 @@ def run_agent(args: argparse.Namespace) -> int:
     data = load_local_data(args.data, args.num_classes)
     stop = stop_event_on_signals()
     pool = TrainingPool(workers=1, device=profile.device)
+    from models.wire.keys import hub_verifier, read_device_key  # noqa: PLC0415
+
+    verifier = hub_verifier(args.hub_public_key) if args.hub_public_key else None
+    device_key = read_device_key(args.device_key) if args.device_key else None
     agent = Agent(args.device_id, profile, broker_from_args(args), Topics(args.fleet, args.topic_prefix), data,
-                  args.num_classes, pool, seed=args.seed)
+                  args.num_classes, pool, seed=args.seed, hub_verifier=verifier, device_key=device_key)
     agent.start()
     log.info("device %s online with %d samples (profile %s); waiting for round tasks", args.device_id, len(data), profile.name)
     try:

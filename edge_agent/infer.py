@@ -1,4 +1,5 @@
-"""On-device inference with ONNX Runtime: numpy + onnx + onnxruntime, never torch.
+"""On-device inference with ONNX Runtime: numpy + onnxruntime (+ onnx, imported only to rebuild
+a graph from a fedge model message), never torch.
 
 * `Predictor`      one ONNX Runtime session (from an .onnx file, ONNX bytes, a ModelProto or a
                    fedge model envelope) with predict/logits helpers.
@@ -26,14 +27,14 @@ import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 from urllib.parse import parse_qs, urlparse
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 
-from . import onnx_graph
+if TYPE_CHECKING:  # pragma: no cover
+    import onnx
 
 log = logging.getLogger("fedge.infer")
 
@@ -48,6 +49,18 @@ MAX_REQUEST_BYTES = 64 * 1024 * 1024
 
 class InferenceError(ValueError):
     """An input or model the predictor cannot use; the text says what is wrong."""
+
+
+def _fedge_metadata(props: dict[str, str]) -> dict[str, Any]:
+    """fedge.* metadata of a session (same as onnx_graph.get_metadata, without importing onnx)."""
+    out: dict[str, Any] = {}
+    for key, value in props.items():
+        if key.startswith("fedge."):
+            try:
+                out[key[6:]] = json.loads(value)
+            except json.JSONDecodeError:
+                out[key[6:]] = value
+    return out
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -89,7 +102,7 @@ class Predictor:
             raise InferenceError(f"model has {len(inputs)} inputs; a fedge classifier has exactly one")
         self.input_name = inputs[0].name
         self.output_name = outputs[0].name
-        meta = onnx_graph.get_metadata(session.get_modelmeta().custom_metadata_map)
+        meta = _fedge_metadata(session.get_modelmeta().custom_metadata_map)
         self.info: dict[str, Any] = {**meta, **(info or {})}
         dims = list(inputs[0].shape)[1:]
         if dims and all(isinstance(d, int) for d in dims):
@@ -111,24 +124,27 @@ class Predictor:
         return cls(sess, info)
 
     @classmethod
-    def from_proto(cls, proto: onnx.ModelProto, threads: int = 1, info: dict[str, Any] | None = None) -> "Predictor":
+    def from_proto(cls, proto: "onnx.ModelProto", threads: int = 1, info: dict[str, Any] | None = None) -> "Predictor":
         return cls.from_bytes(proto.SerializeToString(), threads, info)
 
     @classmethod
-    def from_envelope(cls, payload: bytes, threads: int = 1, key: bytes | None = None) -> "Predictor":
-        """A fedge model envelope: the graph is rebuilt from its tensors (torch-free)."""
-        proto, _msg = onnx_graph.from_envelope(payload, key=key)
+    def from_envelope(cls, payload: bytes, threads: int = 1, verifier: Any = None) -> "Predictor":
+        """A fedge model envelope: the graph is rebuilt from its tensors (torch-free). With
+        `verifier` (models.wire.keys.hub_verifier) the hub's signature is required."""
+        from . import onnx_graph  # noqa: PLC0415 - onnx is only needed for envelopes
+
+        proto, _msg = onnx_graph.from_envelope(payload, verifier=verifier)
         return cls.from_proto(proto, threads)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, threads: int = 1, key: bytes | None = None) -> "Predictor":
+    def load(cls, path: str | os.PathLike, threads: int = 1, verifier: Any = None) -> "Predictor":
         """An .onnx file, or a .fedge model envelope (e.g. runs/<id>/final_model.fedge)."""
         path = Path(path)
         if not path.is_file():
             raise InferenceError(f"model file not found: {path}")
         head = path.open("rb").read(4)
         if head == b"FEDG":
-            return cls.from_envelope(path.read_bytes(), threads, key=key)
+            return cls.from_envelope(path.read_bytes(), threads, verifier=verifier)
         sess = ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
         return cls(sess, {"file": str(path)})
 
@@ -219,17 +235,17 @@ class ModelFollower:
 
     Accepts a model when it belongs to another run than the current one or has a higher
     version in the same run (so the retained message replayed after a reconnect is a no-op).
-    A message that fails to decode, verify or build is logged and counted; the previous
-    model keeps serving.
+    With `verifier`, only models signed by the hub's Ed25519 key are accepted. A message that
+    fails to decode, verify or build is logged and counted; the previous model keeps serving.
     """
 
     def __init__(
-        self, live: LiveModel, fleet: str | None = None, key: bytes | None = None, threads: int = 1,
+        self, live: LiveModel, fleet: str | None = None, verifier: Any = None, threads: int = 1,
         max_bytes: int | None = None, save_to: str | os.PathLike | None = None,
     ) -> None:
         self.live = live
         self.fleet = fleet
-        self.key = key
+        self.verifier = verifier  # models.wire.keys.hub_verifier(...): only hub-signed models are served
         self.threads = threads
         self.max_bytes = max_bytes
         self.save_to = Path(save_to) if save_to else None
@@ -242,13 +258,17 @@ class ModelFollower:
 
     def handle(self, payload: bytes) -> bool:
         """Process one model-topic payload; True if it was swapped in."""
+        import onnx  # noqa: PLC0415
+
         from models.wire.envelope import EnvelopeError  # noqa: PLC0415 - torch-free
+
+        from . import onnx_graph  # noqa: PLC0415
 
         if not payload:
             return False  # a cleared retained message
         with self._lock:
             try:
-                proto, msg = onnx_graph.from_envelope(payload, key=self.key, max_bytes=self.max_bytes)
+                proto, msg = onnx_graph.from_envelope(payload, verifier=self.verifier, max_bytes=self.max_bytes)
                 if self.fleet is not None and msg.fleet != self.fleet:
                     raise InferenceError(f"model of fleet {msg.fleet!r}, this device serves fleet {self.fleet!r}")
                 current = self.live.peek()
@@ -274,7 +294,7 @@ class ModelFollower:
         log.info("serving %s run %s version %d", msg.model, msg.run, msg.version)
         return True
 
-    def _save(self, proto: onnx.ModelProto) -> None:
+    def _save(self, proto: "onnx.ModelProto") -> None:
         try:
             self.save_to.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.save_to.with_suffix(self.save_to.suffix + ".tmp")

@@ -32,22 +32,22 @@ def _labels(value: str | None) -> list[str] | None:
     return [s.strip() for s in value.split(",")]
 
 
-def _read_key(path: str | None) -> bytes | None:
+def _verifier(path: str | None):  # noqa: ANN202
+    """hub_ed25519.pub (or the keys folder holding it) -> signature verifier; None without."""
     if not path:
         return None
-    data = Path(path).read_bytes().strip()
-    try:
-        return bytes.fromhex(data.decode())
-    except ValueError:
-        return data
+    from models.wire.keys import hub_verifier  # noqa: PLC0415 - torch-free; imports cryptography
+
+    return hub_verifier(path)
 
 
 def _add_common_infer(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads (default 1)")
     p.add_argument("--labels", default=None,
                    help="class names: 'fashion-mnist' or a comma-separated list (default: class numbers only)")
-    p.add_argument("--auth-key-file", default=None,
-                   help="HMAC key (hex or raw bytes) that .fedge model messages must be tagged with")
+    p.add_argument("--hub-key", default=None,
+                   help="the hub's public key (hub_ed25519.pub, or the keys folder): .fedge models and "
+                        "followed models must carry its signature")
 
 
 # ----------------------------------------------------------------------------- predict
@@ -75,7 +75,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     labels = _labels(args.labels)
     try:
-        predictor = Predictor.load(args.model, threads=args.threads, key=_read_key(args.auth_key_file))
+        predictor = Predictor.load(args.model, threads=args.threads, verifier=_verifier(args.hub_key))
         x, names = load_inputs(args.inputs, predictor.in_shape,
                                FASHION_MEAN if args.mean is None else args.mean, FASHION_STD if args.std is None else args.std)
         pred = predictor.predict(x)
@@ -121,7 +121,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .infer import DEFAULT_PORT, InferenceError, LiveModel, ModelFollower, Predictor, make_server  # noqa: PLC0415
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    key = _read_key(args.auth_key_file)
+    from models.wire.keys import KeyFileError  # noqa: PLC0415 - torch-free
+
+    try:
+        verifier = _verifier(args.hub_key)
+    except KeyFileError as exc:
+        print(f"fedge agent serve: {exc}", file=sys.stderr)
+        return 2
     if not args.model and not args.broker:
         print("fedge agent serve: give --model, --broker (with --fleet), or both", file=sys.stderr)
         return 2
@@ -132,13 +138,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     initial = args.model or (args.save if args.save and Path(args.save).is_file() else None)
     if initial:
         try:
-            live.swap(Predictor.load(initial, threads=args.threads, key=key))
+            live.swap(Predictor.load(initial, threads=args.threads, verifier=verifier))
         except (InferenceError, ValueError, OSError) as exc:
             print(f"fedge agent serve: {exc}", file=sys.stderr)
             return 2
     follower = None
     if args.broker:
-        follower = ModelFollower(live, fleet=args.fleet, key=key, threads=args.threads, save_to=args.save)
+        follower = ModelFollower(live, fleet=args.fleet, verifier=verifier, threads=args.threads, save_to=args.save)
         from models.wire.transport import BrokerConfig  # noqa: PLC0415 - torch-free
 
         try:

@@ -220,13 +220,14 @@ def from_model_message(msg: Any, num_classes: int | None = None, in_shape: tuple
     )
 
 
-def from_envelope(payload: bytes, key: bytes | None = None, max_bytes: int | None = None) -> tuple[onnx.ModelProto, Any]:
-    """Decode a model envelope (verifying digest and, with `key`, its tag) and build its graph.
+def from_envelope(payload: bytes, verifier: Any = None, max_bytes: int | None = None) -> tuple[onnx.ModelProto, Any]:
+    """Decode a model envelope (digest checked; with `verifier`, the hub's Ed25519 signature
+    is required, see models.wire.keys.hub_verifier) and build its graph.
 
     Returns (onnx model, ModelMessage). Raises models.wire.EnvelopeError or GraphError.
     """
     from models.wire.envelope import DEFAULT_MAX_BYTES, decode  # noqa: PLC0415 - torch-free
     from models.wire.messages import parse_model  # noqa: PLC0415
 
-    msg = parse_model(decode(payload, max_bytes=max_bytes or DEFAULT_MAX_BYTES, key=key))
+    msg = parse_model(decode(payload, max_bytes=max_bytes or DEFAULT_MAX_BYTES, verifier=verifier))
     return from_model_message(msg), msg

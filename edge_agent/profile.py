@@ -79,9 +79,9 @@ def validate(raw: Any, source: str) -> Profile:
             raise ProfileError(f"{source}: key 'momentum' must be in [0, 1), got {value!r}")
     if "name" not in raw:
         raise ProfileError(f"{source}: missing required key 'name'")
-    from models.registry import model_names  # noqa: PLC0415 - torch only when a profile is validated
+    from models.registry import is_known_model, model_names  # noqa: PLC0415 - torch only when validating
 
-    if raw.get("model", "mlp") not in model_names():
+    if not is_known_model(raw.get("model", "mlp")):
         raise ProfileError(f"{source}: key 'model' is {raw['model']!r}; allowed: {', '.join(model_names())}")
     return Profile(**raw)
 

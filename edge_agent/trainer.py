@@ -110,3 +110,13 @@ class LocalTrainer:
             accuracy=correct / max(1, seen),
             seconds=time.perf_counter() - start,
         )
+
+
+def uplink_state(trainer: LocalTrainer, result: TrainResult, codec: str | None) -> "dict[str, np.ndarray]":
+    """What a device sends after training: its trained state, or, for the 1-bit codec
+    ('mask1', strategy mpt-mask), only the masks its trained scores select."""
+    if codec == "mask1":
+        from models.supermask import model_masks  # noqa: PLC0415
+
+        return model_masks(trainer.model)
+    return result.state

@@ -52,6 +52,7 @@ def _run_profiles(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from edge_agent.cli import add_agent_parser  # noqa: PLC0415
     from hub.cli import add_fleet_parser, add_hub_parser, add_partition_parser  # noqa: PLC0415
+    from hub.security_cli import add_acl_parser, add_keys_parser  # noqa: PLC0415
 
     parser = argparse.ArgumentParser(prog="fedge", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -61,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     agent = add_agent_parser(sub)
     add_partition_parser(sub)
     _add_profiles_parser(sub)
+    add_keys_parser(sub)
+    add_acl_parser(sub)
     _add_optional_commands(sub, agent)
     return parser
 

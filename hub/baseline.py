@@ -13,36 +13,38 @@ import numpy as np
 import torch
 
 from edge_agent.profile import load_profile
-from edge_agent.trainer import LocalTrainer, TrainConfig, job_seed
+from edge_agent.trainer import LocalTrainer, TrainConfig, job_seed, uplink_state
 from models.data import Dataset
 from models.evaluate import evaluate
 from models.registry import build_model, get_state, set_state
 
-from .hub import HubConfig, select_devices
-from .strategies import get_strategy
+from .hub import HubConfig, round_train_settings, select_devices
+from .strategies import UPDATE_CODEC, get_strategy
 
 
 def plain_fedavg(dataset: Dataset, parts: list[np.ndarray], hub: HubConfig, profile_name: str = "sim",
                  rounds: int | None = None) -> list[dict]:
     """Run FedAvg rounds in this thread; one record per round with accuracy and seconds."""
     profile = replace(load_profile(profile_name), model=hub.model)
-    cfg = TrainConfig.resolve(profile, hub.train)
-    trainer = LocalTrainer(hub.model, dataset.in_shape, dataset.num_classes)
+    trainer = LocalTrainer(hub.model, dataset.in_shape, dataset.num_classes, device=profile.device)
     state = get_state(build_model(hub.model, dataset.in_shape, dataset.num_classes, seed=hub.seed))
     devices = {f"dev{i:03d}": (torch.from_numpy(dataset.train.x[idx]), torch.from_numpy(dataset.train.y[idx]))
                for i, idx in enumerate(parts)}
     n_eval = hub.eval_size or len(dataset.test)
-    tx, ty = torch.from_numpy(dataset.test.x[:n_eval]), torch.from_numpy(dataset.test.y[:n_eval])
+    tx = torch.from_numpy(dataset.test.x[:n_eval]).to(trainer.device)
+    ty = torch.from_numpy(dataset.test.y[:n_eval]).to(trainer.device)
     aggregate = get_strategy(hub.strategy)
     history = []
     for round_id in range(1, (rounds or hub.rounds) + 1):
         start = time.time()
         selected = select_devices(list(devices), hub.clients_per_round, hub.seed, round_id)
+        cfg = TrainConfig.resolve(profile, round_train_settings(hub.train, round_id, hub.rounds))
+        codec = hub.update_codec or UPDATE_CODEC.get(hub.strategy)
         updates = []
         for dev in selected:
             x, y = devices[dev]
             res = trainer.train(state, x, y, cfg, job_seed(hub.seed, round_id, dev))
-            updates.append((res.state, res.num_samples))
+            updates.append((uplink_state(trainer, res, codec), res.num_samples))
         state = aggregate(state, updates)
         set_state(trainer.model, state)
         loss, acc = evaluate(trainer.model, tx, ty)

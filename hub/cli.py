@@ -29,7 +29,7 @@ def _add_round_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--lr", type=float, help="local learning rate sent with each task")
     g.add_argument("--epochs", type=int, help="local epochs per round")
     g.add_argument("--batch-size", type=int, help="local batch size (capped by each device's profile)")
-    g.add_argument("--update-codec", choices=["fp32", "fp16"], help="codec devices use for updates")
+    g.add_argument("--update-codec", choices=["fp32", "fp16", "mask1"], help="codec devices use for updates")
     g.add_argument("--eval-size", type=int, help="test images evaluated each round (0 = all)")
     g.add_argument("--seed", type=int, help="seed of model init, selection and partitions")
 
@@ -69,6 +69,8 @@ def add_hub_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--runs-dir", default="runs", help="where runs/<id>/ is written (default: %(default)s)")
     p.add_argument("--run-id", help="name of a new run (default: hub-<timestamp>)")
     p.add_argument("--resume", metavar="RUN", help="continue run RUN (id under --runs-dir, or its folder)")
+    p.add_argument("--keys-dir", help="keys folder from `fedge keys init/enroll`: sign models and tasks, "
+                                      "accept only updates tagged with an enrolled device's key")
     add_logging_args(p)
     p.set_defaults(func=run_hub)
 
@@ -93,10 +95,14 @@ def run_hub(args: argparse.Namespace) -> int:
         if args.rounds is not None:
             cfg.rounds = args.rounds
             store.set_meta("config", cfg.to_json())
+        if args.keys_dir:
+            cfg.keys_dir = str(Path(args.keys_dir).resolve())
+            store.set_meta("config", cfg.to_json())
     else:
         cfg = HubConfig(fleet=args.fleet, prefix=args.topic_prefix, min_devices=args.min_devices,
                         wait_devices_s=args.wait_devices)
         _apply_round_args(cfg, args)
+        cfg.keys_dir = str(Path(args.keys_dir).resolve()) if args.keys_dir else None
         run_dir = Path(args.runs_dir) / (args.run_id or new_run_id("hub"))
         if (run_dir / "run.sqlite").exists():
             raise SystemExit(f"fedge hub: run {run_dir} exists; use --resume {run_dir.name} or another --run-id")
@@ -134,7 +140,11 @@ def add_fleet_parser(subparsers: argparse._SubParsersAction) -> None:
                "  fedge fleet --broker mqtt://127.0.0.1:1883 --devices 20 --partition dirichlet --alpha 0.3",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--recipe", help="a paper's experiment design (paper001); flags below override it")
+    p.add_argument("--recipe", help="a paper's experiment design (paper001, paper003); flags below override it")
+    p.add_argument("--method", help="paper003: dnn-central, mpt-central-1/32, fedavg, bnn-fl-1/1, bnn-fl-1/32, "
+                                    "mpt-fl-1/1, mpt-fl-1/32 (default), mpt-fl-1bit")
+    p.add_argument("--prune-ratio", type=float, help="paper003: fraction of weights REMOVED (0.8 keeps 20 %%)")
+    p.add_argument("--profile", help="device profile of the virtual devices (default sim; desktop-gpu trains on CUDA)")
     p.add_argument("--broker", default=None, help="external MQTT broker URL (default: embedded broker)")
     p.add_argument("--fleet", help="fleet id (topic level)")
     p.add_argument("--topic-prefix", help="topic root (default fedge/v1)")
@@ -166,7 +176,7 @@ def fleet_config_from_args(args: argparse.Namespace):  # noqa: ANN201 - FleetCon
     from .recipes import get_recipe  # noqa: PLC0415
 
     if args.recipe:
-        cfg = get_recipe(args.recipe)
+        cfg = get_recipe(args.recipe, method=args.method, prune_ratio=args.prune_ratio)
     else:
         cfg = FleetConfig(partition=PartitionSpec(kind="dominant"),
                           hub=HubConfig(fleet="demo", rounds=10, deadline_s=300, train={"lr": 0.05, "batch_size": 32}))
@@ -175,7 +185,7 @@ def fleet_config_from_args(args: argparse.Namespace):  # noqa: ANN201 - FleetCon
                         "using the generated dataset instead", DEFAULT_FASHION_ROOT)
             cfg.dataset = "synthetic"
             cfg.partition = PartitionSpec(kind="iid")
-    for arg, attr in (("broker", "broker"), ("devices", "devices"), ("dataset", "dataset"), ("data_root", "data_root"),
+    for arg, attr in (("profile", "profile"), ("broker", "broker"), ("devices", "devices"), ("dataset", "dataset"), ("data_root", "data_root"),
                       ("workers", "workers"), ("threads", "threads"), ("central", "central"),
                       ("runs_dir", "runs_dir"), ("run_id", "run_id"), ("seed", "seed")):
         value = getattr(args, arg, None)

@@ -81,6 +81,7 @@ class Fleet:
         hub = cfg.hub
         hub.in_shape = ds.in_shape
         hub.num_classes = ds.num_classes
+        hub.eval_device = load_profile(cfg.profile).device
         self.parts = partition(ds.train.y, cfg.devices, cfg.partition, seed=cfg.seed, num_classes=ds.num_classes)
         if cfg.broker:
             self.broker_config = BrokerConfig.from_url(cfg.broker)
@@ -88,8 +89,9 @@ class Fleet:
             self.broker = EmbeddedBroker().start()
             self.broker_config = BrokerConfig.from_url(self.broker.url)
         threads = cfg.threads or os.cpu_count() or 1
-        self.pool = TrainingPool(workers=cfg.workers, threads_per_worker=max(1, threads // cfg.workers))
         profile = dataclasses.replace(load_profile(cfg.profile), model=hub.model)
+        self.pool = TrainingPool(workers=cfg.workers, threads_per_worker=max(1, threads // cfg.workers),
+                                 device=profile.device)
         topics = Topics(hub.fleet, hub.prefix)
         for i, idx in enumerate(self.parts):
             agent = Agent(
@@ -174,30 +176,10 @@ class Fleet:
         )
 
     def train_central(self, hub_cfg: HubConfig, epochs: int) -> dict[str, Any]:
-        """The same model trained on the union of all partitions, one epoch per FL round."""
-        import torch  # noqa: PLC0415
+        from .central import train_central  # noqa: PLC0415
 
-        from edge_agent.trainer import LocalTrainer, TrainConfig  # noqa: PLC0415
-        from models.evaluate import evaluate  # noqa: PLC0415
-        from models.registry import build_model, get_state  # noqa: PLC0415
-
-        ds = self.dataset
-        idx = np.concatenate(self.parts)
-        x, y = torch.from_numpy(ds.train.x[idx]), torch.from_numpy(ds.train.y[idx])
-        tx, ty = torch.from_numpy(ds.test.x), torch.from_numpy(ds.test.y)
-        profile = dataclasses.replace(load_profile(self.cfg.profile), model=hub_cfg.model)
-        cfg = TrainConfig.resolve(profile, hub_cfg.train)
-        trainer = LocalTrainer(hub_cfg.model, ds.in_shape, ds.num_classes)
-        state = get_state(build_model(hub_cfg.model, ds.in_shape, ds.num_classes, seed=hub_cfg.seed))
-        curve = []
-        from tqdm import tqdm  # noqa: PLC0415
-
-        for epoch in tqdm(range(1, epochs + 1), desc="central baseline", unit="epoch", disable=not self.cfg.progress):
-            state = trainer.train(state, x, y, cfg, seed=self.cfg.seed * 7919 + epoch).state
-            loss, acc = evaluate(trainer.model, tx, ty)
-            curve.append({"epoch": epoch, "accuracy": acc, "loss": loss})
-        return {"epochs": epochs, "accuracy": curve[-1]["accuracy"] if curve else None, "curve": curve,
-                "train_images": int(len(idx))}
+        return train_central(self.dataset, self.parts, hub_cfg.model, hub_cfg.train, epochs, seed=hub_cfg.seed,
+                             profile=self.cfg.profile, progress=self.cfg.progress)
 
 
 def median_seconds(history: list[dict]) -> float | None:

@@ -34,7 +34,7 @@ from models.wire.topics import ROOT
 from models.wire.transport import BrokerConfig, MqttLink
 
 from .store import RunStore
-from .strategies import get_strategy, weight_change
+from .strategies import UPDATE_CODEC, get_strategy, weight_change
 
 log = logging.getLogger("fedge.hub")
 
@@ -68,6 +68,7 @@ class HubConfig:
     eval_size: int = 0  # test images evaluated each round (0 = all); the final model sees all
     resume_grace_s: float = 30.0
     keys_dir: str | None = None  # sign models/tasks, require enrolled device tags (models/wire/keys.py)
+    eval_device: str = "cpu"  # where the hub evaluates ("cuda" on a GPU server)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -92,6 +93,15 @@ class Accepted:
 
 RoundCallback = Callable[[dict], None]
 DUPLICATE = "duplicate"  # a re-sent update already counted: benign under QoS 1, not a rejection
+
+
+def round_train_settings(train: dict, round_id: int, rounds: int) -> dict:
+    """The task's training settings for this round; `lr_schedule: cosine` decays lr over rounds
+    (the MPT code's cosine schedule, applied across federated rounds)."""
+    out = dict(train)
+    if out.pop("lr_schedule", None) == "cosine" and "lr" in out:
+        out["lr"] = 0.5 * float(out["lr"]) * (1 + math.cos(math.pi * (round_id - 1) / max(1, rounds)))
+    return out
 
 
 def select_devices(online: list[str], k: int, seed: int, round_id: int, attempt: int = 0) -> list[str]:
@@ -125,8 +135,10 @@ class Hub:
         self._torch = torch
         self.model = build_model(config.model, config.in_shape, config.num_classes, seed=config.seed)
         self.reference = get_state(self.model)
-        self.test_x = torch.from_numpy(test_x) if test_x is not None else None
-        self.test_y = torch.from_numpy(test_y) if test_y is not None else None
+        device = torch.device(config.eval_device)
+        self.model.to(device)
+        self.test_x = torch.from_numpy(test_x).to(device) if test_x is not None else None
+        self.test_y = torch.from_numpy(test_y).to(device) if test_y is not None else None
         self.global_state = self.reference
         self.version = 0
         self._cond = threading.Condition()
@@ -294,7 +306,8 @@ class Hub:
             task = TaskMessage(
                 fleet=self.config.fleet, run=self.run_id, round=round_id, model_version=self.version,
                 selected=self._select(online, round_id, attempt), deadline=time.time() + self.config.deadline_s,
-                train=dict(self.config.train), state="open", codec=self.config.update_codec,
+                train=round_train_settings(self.config.train, round_id, self.config.rounds), state="open",
+                codec=self.config.update_codec or UPDATE_CODEC.get(self.config.strategy),
             )
         self.store.open_round(round_id, asdict(task))
         with self._cond:
@@ -394,7 +407,8 @@ class Hub:
             self._finish()
 
     def _complete(self, task: TaskMessage, accepted: dict[str, Accepted], started: float, down_bytes: int) -> dict:
-        updates = [(a.tensors, a.num_samples) for a in accepted.values()]
+        # sorted by device id: the float sums do not depend on arrival order (reproducible runs)
+        updates = [(a.tensors, a.num_samples) for _, a in sorted(accepted.items())]
         new_state = self.strategy(self.global_state, updates)
         change = weight_change(self.global_state, new_state)
         loss, acc = self.evaluate(new_state)

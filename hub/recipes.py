@@ -31,10 +31,57 @@ def paper001() -> FleetConfig:
     )
 
 
-RECIPES: dict[str, Callable[[], FleetConfig]] = {"paper001": paper001}
+# paper 003's methods: model, strategy, local optimiser. The MPT code trains scores with SGD
+# lr 0.1, momentum 0.9, weight decay 1e-4 and a cosine schedule (1/32), or Adam lr 0.1 (1/1).
+_SGD_SCORES = {"optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4, "lr_schedule": "cosine"}
+_ADAM_SCORES = {"optimizer": "adam", "lr": 0.1}
+_ADAM_BNN = {"optimizer": "adam", "lr": 1e-3}
+_SGD_DENSE = {"optimizer": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4, "lr_schedule": "cosine"}
+PAPER003_METHODS: dict[str, dict] = {
+    # name: (model, strategy, optimiser settings, federated?)
+    "dnn-central": {"model": "conv4", "strategy": "fedavg", "train": _SGD_DENSE, "federated": False},
+    "mpt-central-1/32": {"model": "conv4-mpt", "strategy": "mpt-score-avg", "train": _SGD_SCORES, "federated": False},
+    "fedavg": {"model": "conv4", "strategy": "fedavg", "train": _SGD_DENSE, "federated": True},
+    "bnn-fl-1/1": {"model": "conv4-bnn11", "strategy": "fedavg", "train": _ADAM_BNN, "federated": True},
+    "bnn-fl-1/32": {"model": "conv4-bnn", "strategy": "fedavg", "train": _ADAM_BNN, "federated": True},
+    "mpt-fl-1/1": {"model": "conv4-mpt11", "strategy": "mpt-score-avg", "train": _ADAM_SCORES, "federated": True},
+    "mpt-fl-1/32": {"model": "conv4-mpt", "strategy": "mpt-score-avg", "train": _SGD_SCORES, "federated": True},
+    "mpt-fl-1bit": {"model": "conv4-mpt", "strategy": "mpt-mask", "train": _SGD_SCORES, "federated": True},
+}
 
 
-def get_recipe(name: str) -> FleetConfig:
+def paper003(method: str = "mpt-fl-1/32", prune_ratio: float = 0.8) -> FleetConfig:
+    """Paper 003: 100 devices, 10 per round, each with 2 classes x 20 images (4,000 images),
+    Conv-4; the method picks dense FedAvg, BNN-FL, MPT-FL (score averaging) or MPT-FL with a
+    1-bit mask uplink. Local training: 5 epochs, batch 10 (the paper does not state its own)."""
+    if method not in PAPER003_METHODS:
+        raise ValueError(f"unknown paper003 method {method!r}; choose one of {', '.join(PAPER003_METHODS)}")
+    spec = PAPER003_METHODS[method]
+    model = spec["model"]
+    if prune_ratio != 0.8 and model in ("conv4-mpt", "conv4-mpt11"):
+        model = f"{model}@{prune_ratio}"
+    return FleetConfig(
+        devices=100,
+        dataset="fashion-mnist",
+        partition=PartitionSpec(kind="shards", classes_per_device=2, images_per_class=20),
+        central=not spec["federated"],
+        recipe="paper003",
+        hub=HubConfig(
+            fleet="paper003", model=model, rounds=100, clients_per_round=10, deadline_s=600, quorum=1.0,
+            strategy=spec["strategy"], eval_size=2000,
+            train={"epochs": 5, "batch_size": 10, **spec["train"]},
+        ),
+    )
+
+
+RECIPES: dict[str, Callable[..., FleetConfig]] = {"paper001": paper001, "paper003": paper003}
+
+
+def get_recipe(name: str, **options: object) -> FleetConfig:
+    """A recipe's FleetConfig; options (e.g. method, prune_ratio for paper003) go to the recipe."""
     if name not in RECIPES:
         raise ValueError(f"unknown recipe {name!r}; known recipes: {', '.join(sorted(RECIPES))}")
-    return RECIPES[name]()
+    options = {k: v for k, v in options.items() if v is not None}
+    if name == "paper001" and options:
+        raise ValueError(f"recipe paper001 takes no options (got {', '.join(options)})")
+    return RECIPES[name](**options)

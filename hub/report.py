@@ -97,6 +97,11 @@ def write_run_report(
         "machine": machine_info(),
         "files": {"model": final_model.name, "partition": "partition.json", "plot": "accuracy.png"},
     }
+    if not os.environ.get("FEDGE_NO_ONNX"):
+        from models.export import export_run  # noqa: PLC0415 - the hub exports every run's final model
+
+        report["onnx"] = export_run(run_dir)
+        report["files"]["onnx"] = report["onnx"].get("onnx")
     if central and central.get("accuracy") and final[1] is not None:
         report["federated_over_central"] = final[1] / central["accuracy"]
     (run_dir / "run.json").write_text(json.dumps(report, indent=1, default=str))

@@ -80,7 +80,30 @@ def krum(global_state: State, updates: Sequence[Update]) -> "OrderedDict[str, np
     return multi_krum(global_state, updates, byzantine=1, keep=1)
 
 
+def mpt_score_avg(global_state: State, updates: Sequence[Update]) -> "OrderedDict[str, np.ndarray]":
+    """Paper 003's MPT-FL: the state of an MPT model is its pruning scores, so FedAvg of the
+    states is the sample-weighted average of the scores."""
+    return fedavg(global_state, updates)
+
+
+def mpt_mask(global_state: State, updates: Sequence[Update]) -> "OrderedDict[str, np.ndarray]":
+    """1-bit uplink: each update is a device's 0/1 mask. The sample-weighted share of devices
+    keeping each weight becomes the next global score (ties broken by the previous scores),
+    so the next global mask keeps the weights most devices kept."""
+    from models.bits import keep_probability, scores_from_keep_prob  # noqa: PLC0415
+
+    if not updates:
+        raise ValueError("mpt-mask needs at least one update")
+    keep = keep_probability([t for t, _ in updates], [n for _, n in updates])
+    return OrderedDict(scores_from_keep_prob(keep, previous=global_state))
+
+
+# update codec each strategy needs from devices (None: the device's profile decides)
+UPDATE_CODEC: dict[str, str] = {"mpt-mask": "mask1"}
+
 STRATEGIES: dict[str, Rule] = {
+    "mpt-score-avg": mpt_score_avg,
+    "mpt-mask": mpt_mask,
     "fedavg": fedavg,
     "median": coordinate_median,
     "trimmed-mean": trimmed_mean,

@@ -40,15 +40,45 @@ def model_names() -> list[str]:
     return sorted(MODELS)
 
 
+_MPT_VARIANTS = {"conv4-mpt": ("conv4", "mpt-1/32"), "conv4-mpt11": ("conv4", "mpt-1/1"), "mlp-mpt": ("mlp", "mpt-1/32")}
+
+
+def _builder(name: str) -> Builder:
+    """Registered name, or an MPT name with a prune ratio: 'conv4-mpt@0.5' keeps 50 %."""
+    if name in MODELS:
+        return MODELS[name]
+    base, _, ratio = name.partition("@")
+    if base in _MPT_VARIANTS and ratio:
+        try:
+            prune = float(ratio)
+        except ValueError:
+            prune = -1.0
+        if 0.0 <= prune < 1.0:
+            arch, variant = _MPT_VARIANTS[base]
+            from .mpt_nets import build_mpt  # noqa: PLC0415
+
+            return lambda in_shape, num_classes: build_mpt(arch, in_shape, num_classes, variant=variant,
+                                                           prune_ratio=prune, seed=0)
+    raise ValueError(f"unknown model {name!r}; known models: {', '.join(model_names())} "
+                     f"(MPT models take a prune ratio: conv4-mpt@0.9)")
+
+
+def is_known_model(name: str) -> bool:
+    try:
+        _builder(name)
+        return True
+    except ValueError:
+        return False
+
+
 def build_model(name: str, in_shape: tuple[int, ...] = (1, 28, 28), num_classes: int = 10, seed: int | None = None) -> nn.Module:
     """Instantiate a registered model; with `seed`, its initial weights are reproducible."""
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; known models: {', '.join(model_names())}")
+    builder = _builder(name)
     if seed is not None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return MODELS[name](tuple(in_shape), int(num_classes))
-    return MODELS[name](tuple(in_shape), int(num_classes))
+            return builder(tuple(in_shape), int(num_classes))
+    return builder(tuple(in_shape), int(num_classes))
 
 
 def count_parameters(model: nn.Module) -> int:

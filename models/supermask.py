@@ -93,14 +93,27 @@ class FrozenWeights:
         return from_bitarray(self.signs, self.shape)
 
     def tensor(self, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Materialise W as a float tensor (a fresh tensor each call)."""
+        """Materialise W as a float tensor (a fresh tensor each call).
+
+        On an accelerator the float copy is kept there and cloned per call: GPU memory is not
+        the constraint, and re-uploading W at every forward and backward dominated step time.
+        On the CPU (the edge device) nothing is cached: W exists only while a layer runs."""
+        if device is not None and torch.device(device).type != "cpu":
+            key = (str(device), dtype)
+            cache = self.__dict__.setdefault("_device_cache", {})
+            if key not in cache:
+                cache[key] = self._materialise(dtype).to(device)
+            return cache[key].clone()
+        w = self._materialise(dtype)
+        return w if device is None else w.to(device)
+
+    def _materialise(self, dtype: torch.dtype) -> torch.Tensor:
         if self.init == "signed_constant":
             bits = np.unpackbits(np.frombuffer(memoryview(self.signs), dtype=np.uint8), count=self.numel)
             w = torch.from_numpy(bits).to(dtype).mul_(2.0 * self.scale).sub_(self.scale)
         else:
             w = torch.from_numpy(regenerate_normal(self.seed, self.index, self.shape)).to(dtype).mul_(self.scale)
-        w = w.view(self.shape)
-        return w if device is None else w.to(device)
+        return w.view(self.shape)
 
     def __repr__(self) -> str:
         return f"FrozenWeights(shape={self.shape}, init={self.init!r}, seed={self.seed}, index={self.index})"

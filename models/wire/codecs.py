@@ -21,6 +21,14 @@ CODECS: dict[str, np.dtype] = {
     "fp32": np.dtype("<f4"),
     "fp16": np.dtype("<f2"),
 }
+# 1-bit codec for supermasks: each tensor's elements (nonzero = 1) packed 8 per byte, most
+# significant bit first, each tensor padded to a whole byte. Decodes to float32 0/1.
+MASK_CODEC = "mask1"
+ALL_CODECS = (*CODECS, MASK_CODEC)
+
+
+def _bits_len(n: int) -> int:
+    return (n + 7) // 8
 
 
 def manifest_of(tensors: Mapping[str, np.ndarray]) -> list[list]:
@@ -30,8 +38,11 @@ def manifest_of(tensors: Mapping[str, np.ndarray]) -> list[list]:
 
 def encode_tensors(tensors: Mapping[str, np.ndarray], codec: str = "fp32") -> tuple[dict, bytes]:
     """Return (header fields, body) for the tensors under the chosen codec."""
+    if codec == MASK_CODEC:
+        parts = [np.packbits(np.asarray(arr).reshape(-1) != 0, bitorder="big").tobytes() for arr in tensors.values()]
+        return {"codec": codec, "tensors": manifest_of(tensors)}, b"".join(parts)
     if codec not in CODECS:
-        raise ValueError(f"unknown codec {codec!r}; known: {sorted(CODECS)}")
+        raise ValueError(f"unknown codec {codec!r}; known: {sorted(ALL_CODECS)}")
     dtype = CODECS[codec]
     parts = [np.ascontiguousarray(np.asarray(arr), dtype=dtype).tobytes() for arr in tensors.values()]
     return {"codec": codec, "tensors": manifest_of(tensors)}, b"".join(parts)
@@ -57,11 +68,13 @@ def _check_manifest(manifest: object) -> list[tuple[str, tuple[int, ...]]]:
 def decode_tensors(header: Mapping, body: bytes) -> "OrderedDict[str, np.ndarray]":
     """Cut the body into named float32 arrays; EnvelopeError if it does not add up."""
     codec = header.get("codec")
-    if codec not in CODECS:
-        raise EnvelopeError(f"unknown codec {codec!r}; known: {sorted(CODECS)}")
-    dtype = CODECS[codec]
+    if codec not in ALL_CODECS:
+        raise EnvelopeError(f"unknown codec {codec!r}; known: {sorted(ALL_CODECS)}")
     entries = _check_manifest(header.get("tensors"))
     sizes = [int(np.prod(shape, dtype=np.int64)) for _, shape in entries]
+    if codec == MASK_CODEC:
+        return _decode_masks(entries, sizes, body)
+    dtype = CODECS[codec]
     expected = sum(sizes) * dtype.itemsize
     if expected != len(body):
         raise EnvelopeError(f"body has {len(body)} bytes but the manifest needs {expected} for codec {codec}")
@@ -73,6 +86,24 @@ def decode_tensors(header: Mapping, body: bytes) -> "OrderedDict[str, np.ndarray
         arr = np.frombuffer(body, dtype=dtype, count=size, offset=offset).reshape(shape)
         out[name] = arr.astype(np.float32)
         offset += size * dtype.itemsize
+    return out
+
+
+def _decode_masks(entries: list[tuple[str, tuple[int, ...]]], sizes: list[int], body: bytes
+                  ) -> "OrderedDict[str, np.ndarray]":
+    expected = sum(_bits_len(n) for n in sizes)
+    if expected != len(body):
+        raise EnvelopeError(f"body has {len(body)} bytes but the manifest needs {expected} for codec {MASK_CODEC}")
+    out: OrderedDict[str, np.ndarray] = OrderedDict()
+    offset = 0
+    raw = np.frombuffer(body, dtype=np.uint8)
+    for (name, shape), size in zip(entries, sizes):
+        if name in out:
+            raise EnvelopeError(f"tensor {name!r} appears twice in the manifest")
+        nbytes = _bits_len(size)
+        bits = np.unpackbits(raw[offset : offset + nbytes], count=size, bitorder="big")
+        out[name] = bits.reshape(shape).astype(np.float32)
+        offset += nbytes
     return out
 
 

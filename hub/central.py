@@ -1,0 +1,43 @@
+"""Centralised baseline: the run's model trained on the union of every device's data.
+
+Same model, initial weights and optimiser settings as the federated run, one epoch per
+round, so `central_accuracy` in run.json answers "what did federation cost?".
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import torch
+
+from edge_agent.profile import load_profile
+from edge_agent.trainer import LocalTrainer, TrainConfig
+from models.data import Dataset
+from models.evaluate import evaluate
+from models.registry import build_model, get_state
+
+from .hub import round_train_settings
+
+
+def train_central(dataset: Dataset, parts: list[np.ndarray], model: str, train: dict, epochs: int, seed: int = 0,
+                  profile: str = "sim", progress: bool = False) -> dict[str, Any]:
+    prof = replace(load_profile(profile), model=model)
+    idx = np.concatenate(parts)
+    device = torch.device(prof.device)
+    x, y = torch.from_numpy(dataset.train.x[idx]), torch.from_numpy(dataset.train.y[idx])
+    tx, ty = torch.from_numpy(dataset.test.x).to(device), torch.from_numpy(dataset.test.y).to(device)
+    trainer = LocalTrainer(model, dataset.in_shape, dataset.num_classes, device=prof.device)
+    state = get_state(build_model(model, dataset.in_shape, dataset.num_classes, seed=seed))
+    curve = []
+    from tqdm import tqdm  # noqa: PLC0415
+
+    for epoch in tqdm(range(1, epochs + 1), desc="central baseline", unit="epoch", disable=not progress):
+        cfg = TrainConfig.resolve(prof, {**round_train_settings(train, epoch, epochs), "epochs": 1})
+        state = trainer.train(state, x, y, cfg, seed=seed * 7919 + epoch).state
+        loss, acc = evaluate(trainer.model, tx, ty)
+        curve.append({"epoch": epoch, "accuracy": acc, "loss": loss})
+    return {"epochs": epochs, "accuracy": curve[-1]["accuracy"] if curve else None,
+            "best_accuracy": max((c["accuracy"] for c in curve), default=None), "curve": curve,
+            "train_images": int(len(idx))}

@@ -1,0 +1,129 @@
+"""The on-device inference path never imports torch, not even indirectly.
+
+Each check runs in a fresh interpreter (this pytest process has torch loaded already):
+the whole path (.fedge model message -> torch-free ONNX graph -> ONNX Runtime, the
+predict CLI, the hot-swapping follower and the HTTP endpoint) runs, then the script
+reports every torch* module in sys.modules. A second run blocks `import torch` outright,
+as on a device where torch is not installed.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+SCRIPT = textwrap.dedent(
+    r'''
+    import importlib.abc, json, sys, tempfile, urllib.request
+    from pathlib import Path
+
+    BLOCK = sys.argv[1] == "block"
+
+    class NoTorch(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in ("torch", "torchvision"):
+                raise ImportError(f"torch is not installed on this device ({name})")
+            return None
+
+    if BLOCK:
+        sys.meta_path.insert(0, NoTorch())
+        try:
+            import torch  # noqa: F401
+            raise SystemExit("the torch blocker does not work")
+        except ImportError:
+            pass
+
+    import numpy as np
+
+    from edge_agent import onnx_graph
+    from edge_agent.infer import LiveModel, ModelFollower, Predictor, start_server
+    from edge_agent.infer_cli import main
+    from models.wire.messages import build_model_message
+
+    rng = np.random.default_rng(0)
+
+    def mlp_state(scale):
+        shapes = [("net.1", 200, 784), ("net.3", 200, 200), ("net.5", 10, 200)]
+        out = {}
+        for name, n_out, n_in in shapes:
+            out[f"{name}.weight"] = (rng.normal(size=(n_out, n_in)) * scale / np.sqrt(n_in)).astype(np.float32)
+            out[f"{name}.bias"] = (rng.normal(size=n_out) * 0.1).astype(np.float32)
+        return out
+
+    def numpy_mlp(state, x):
+        h = x.reshape(len(x), -1)
+        for i, layer in enumerate((1, 3, 5)):
+            h = h @ state[f"net.{layer}.weight"].T + state[f"net.{layer}.bias"]
+            if i < 2:
+                h = np.maximum(h, 0)
+        return h
+
+    meta = {"in_shape": [1, 28, 28], "num_classes": 10}
+    state_a, state_b = mlp_state(1.5), mlp_state(1.5)
+    x = rng.normal(size=(16, 1, 28, 28)).astype(np.float32)
+    tmp = Path(tempfile.mkdtemp())
+    fedge_file = tmp / "final_model.fedge"
+    fedge_file.write_bytes(build_model_message("fleet", "run-1", 1, "mlp", state_a, meta=meta))
+
+    # 1. a .fedge file -> ONNX graph -> onnxruntime, checked against plain numpy
+    pred = Predictor.load(fedge_file)
+    diff_a = float(np.abs(pred.logits(x) - numpy_mlp(state_a, x)).max())
+    onnx_file = tmp / "model.onnx"
+    onnx_file.write_bytes(onnx_graph.from_envelope(fedge_file.read_bytes())[0].SerializeToString())
+
+    # 2. the predict CLI on .npy inputs
+    np.save(tmp / "x.npy", x)
+    rc = main(["predict", "--model", str(onnx_file), str(tmp / "x.npy"), "--json"])
+
+    # 3. the long-running mode: follower swaps in model messages, HTTP serves them
+    live = LiveModel()
+    follower = ModelFollower(live, fleet="fleet")
+    server, _ = start_server(live, port=0, follower=follower)
+    url = f"http://127.0.0.1:{server.server_address[1]}/predict"
+    classes = []
+    for version, state in ((1, state_a), (2, state_b)):
+        assert follower.handle(build_model_message("fleet", "run-1", version, "mlp", state, meta=meta))
+        req = urllib.request.Request(url, data=json.dumps({"inputs": x.tolist()}).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            body = json.loads(resp.read())
+        classes.append((body["model"]["version"], body["classes"], numpy_mlp(state, x).argmax(1).tolist()))
+    server.shutdown()
+    server.server_close()
+
+    print("RESULT " + json.dumps({
+        "diff_a": diff_a, "cli_rc": rc, "classes": classes,
+        "torch_modules": sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "torchvision")),
+    }))
+    '''
+)
+
+
+def _run(mode: str) -> dict:
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, mode], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert line, proc.stdout[-2000:]
+    return json.loads(line[-1][len("RESULT "):])
+
+
+def _check(result: dict) -> None:
+    assert result["diff_a"] <= 1e-4, result["diff_a"]  # ONNX Runtime vs plain numpy on the same weights
+    assert result["cli_rc"] == 0
+    (v1, got1, want1), (v2, got2, want2) = result["classes"]
+    assert (v1, v2) == (1, 2)
+    assert got1 == want1 and got2 == want2 and got1 != got2  # the hot swap really changed the model
+
+
+def test_inference_path_leaves_torch_out_of_sys_modules() -> None:
+    result = _run("plain")
+    assert result["torch_modules"] == [], f"the inference path imported {result['torch_modules']}"
+    _check(result)
+
+
+def test_inference_path_works_where_torch_is_not_installed() -> None:
+    result = _run("block")
+    assert result["torch_modules"] == []
+    _check(result)
