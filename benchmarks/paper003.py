@@ -158,15 +158,7 @@ def main() -> int:
         done.add((method, seed, ratio))
         results["table"] = table(results["cells"])
         out.write_text(json.dumps(results, indent=1))
-    results["table"] = table(results["cells"])
-    out.write_text(json.dumps(results, indent=1))
-    _plot(results, out.with_suffix(".png"))
-    for row in results["table"]:
-        print(f"{row['method']:18s} {row['best_accuracy_mean']:6.2f} +- {row['best_accuracy_std']:.2f}  "
-              f"size {row['size_bytes']:>9,d}  sparsity {row['sparsity']:.0%}  up {row['uplink_bytes']:>10,.0f}  "
-              f"down {row['downlink_bytes']:>10,.0f}")
-    print(f"wrote {out} and {out.with_suffix('.png')}")
-    return 0
+    return _write(results, out)
 
 
 def merge(files: list[str], out: Path) -> int:
@@ -178,6 +170,11 @@ def merge(files: list[str], out: Path) -> int:
             results.setdefault(key, part.get(key))
         results["cells"] += part["cells"]
     results["command"] = "python benchmarks/paper003.py --merge " + " ".join(Path(f).name for f in files)
+    return _write(results, out)
+
+
+def _write(results: dict, out: Path) -> int:
+    """Table, JSON, plot and a printed summary of whatever cells `results` holds."""
     results["table"] = table(results["cells"])
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))
@@ -186,6 +183,7 @@ def merge(files: list[str], out: Path) -> int:
         print(f"{row['method']:18s} {row['best_accuracy_mean']:6.2f} +- {row['best_accuracy_std']:.2f} ({row['seeds']} seeds) "
               f"size {row['size_bytes']:>9,d}  sparsity {row['sparsity']:.0%}  up {row['uplink_bytes']:>10,.0f}  "
               f"down {row['downlink_bytes']:>10,.0f}")
+    print(f"wrote {out} and {out.with_suffix('.png')}")
     return 0
 
 

@@ -134,27 +134,25 @@ class Agent:
         self.link.publish(self.topics.device_status(self.device_id), status_payload("online", **info), retain=True)
 
     # -- inbound ---------------------------------------------------------------------
-    def _decode(self, payload: bytes, what: str):  # noqa: ANN202
+    def _receive(self, payload: bytes, what: str, parse: Callable[[Any], Any]) -> Any | None:
+        """Decode, verify and parse a hub message; None (with the reason logged) if it is bad
+        or belongs to another fleet. An empty payload (a cleared retained topic) is ignored."""
+        if not payload:
+            return None
         self.bytes_down += len(payload)
         try:
-            return decode(payload, max_bytes=self.max_payload, verifier=self.hub_verifier)
+            msg = parse(decode(payload, max_bytes=self.max_payload, verifier=self.hub_verifier))
         except EnvelopeError as exc:
             log.warning("%s: dropped %s message: %s", self.device_id, what, exc)
             return None
+        if msg.fleet != self.topics.fleet:
+            log.warning("%s: dropped %s of fleet %r", self.device_id, what, msg.fleet)
+            return None
+        return msg
 
     def _on_model(self, topic: str, payload: bytes) -> None:
-        if not payload:
-            return
-        env = self._decode(payload, "model")
-        if env is None:
-            return
-        try:
-            msg = parse_model(env)
-        except EnvelopeError as exc:
-            log.warning("%s: dropped model: %s", self.device_id, exc)
-            return
-        if msg.fleet != self.topics.fleet:
-            log.warning("%s: dropped model of fleet %r", self.device_id, msg.fleet)
+        msg = self._receive(payload, "model", parse_model)
+        if msg is None:
             return
         with self._lock:
             self._model = msg
@@ -165,17 +163,8 @@ class Agent:
         self._maybe_train()
 
     def _on_task(self, topic: str, payload: bytes) -> None:
-        if not payload:
-            return
-        env = self._decode(payload, "task")
-        if env is None:
-            return
-        try:
-            task = parse_task(env)
-        except EnvelopeError as exc:
-            log.warning("%s: dropped task: %s", self.device_id, exc)
-            return
-        if task.fleet != self.topics.fleet:
+        task = self._receive(payload, "task", parse_task)
+        if task is None:
             return
         with self._lock:
             self._task = task

@@ -14,6 +14,10 @@ Roles:
   fedge agent       a device (Raspberry Pi, Jetson, ...): trains on local data when selected
   fedge partition   split a dataset into per-device files for real agents
   fedge profiles    list, show or validate firmware profiles
+  fedge export      a run's model as ONNX (optionally int8) for torch-free devices
+  fedge agent predict | serve   torch-free inference with ONNX Runtime
+  fedge keys        hub signing key and per-device keys (models signed, updates authenticated)
+  fedge acl         a Mosquitto ACL so each device may publish only under its own topics
 
 Start here:  fedge fleet            (10 virtual devices, an in-process broker, Fashion-MNIST)
 Then:        fedge <command> --help

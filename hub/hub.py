@@ -165,7 +165,7 @@ class Hub:
         if stored is None:
             self.store.set_meta("config", self.config.to_json())
             self.store.set_meta("status", "running")
-            self.store.save_checkpoint(0, self._model_payload(0, self.global_state), keep=0)
+            self.store.save_checkpoint(0, self.model_payload(0, self.global_state), keep=0)
             return
         last = self.store.last_round()
         msg = parse_model(decode(self.store.load_checkpoint(last)))
@@ -174,7 +174,7 @@ class Hub:
         self._closed_rounds = {r["round"]: set(r["participants"]) for r in self.store.rounds()}
         log.info("resuming run %s after round %d", self.run_id, last)
 
-    def _model_payload(self, version: int, state: "OrderedDict[str, np.ndarray]") -> bytes:
+    def model_payload(self, version: int, state: "OrderedDict[str, np.ndarray]") -> bytes:
         return build_model_message(
             self.config.fleet, self.run_id, version, self.config.model, state, codec=self.config.model_codec,
             meta={"in_shape": list(self.config.in_shape), "num_classes": self.config.num_classes},
@@ -219,6 +219,7 @@ class Hub:
             env = decode(payload, max_bytes=self.config.max_payload, key=key)
             round_id = env.header.get("round") if isinstance(env.header.get("round"), int) else None
             upd = parse_update(env)
+            check_against(upd.tensors, self.reference)  # malformed content is reported as such first
             reason = self._admit(device, upd)
             if reason == DUPLICATE:
                 log.info("duplicate update from %s for round %d ignored (already counted)", device, upd.round)
@@ -226,7 +227,6 @@ class Hub:
             if reason:
                 self._reject(device, round_id, reason)
                 return
-            check_against(upd.tensors, self.reference)
         except EnvelopeError as exc:
             self._reject(device, round_id, str(exc))
             return
@@ -377,7 +377,7 @@ class Hub:
         while round_id <= self.config.rounds and not self._stop.is_set():
             started = time.time()
             task = self._open(round_id, attempt)
-            model_payload = self._model_payload(self.version, self.global_state)
+            model_payload = self.model_payload(self.version, self.global_state)
             task_payload = build_task_message(task, self._signer)
             self._current = (model_payload, task_payload)
             self.link.publish(self.topics.model, model_payload, qos=1, retain=True)
@@ -413,7 +413,7 @@ class Hub:
         change = weight_change(self.global_state, new_state)
         loss, acc = self.evaluate(new_state)
         new_version = self.version + 1
-        self.store.save_checkpoint(new_version, self._model_payload(new_version, new_state), keep=self.config.keep_checkpoints)
+        self.store.save_checkpoint(new_version, self.model_payload(new_version, new_state), keep=self.config.keep_checkpoints)
         train_losses = [a.metrics.get("loss") for a in accepted.values() if isinstance(a.metrics.get("loss"), (int, float))]
         record = {
             "round": task.round,
@@ -449,7 +449,7 @@ class Hub:
 
     def _finish(self) -> None:
         """Publish the final model and a 'finished' task so agents know the run is over."""
-        final_model = self._model_payload(self.version, self.global_state)
+        final_model = self.model_payload(self.version, self.global_state)
         done = TaskMessage(fleet=self.config.fleet, run=self.run_id, round=self.version, model_version=self.version,
                            selected=[], deadline=time.time(), train={}, state="finished")
         self._current = (final_model, build_task_message(done, self._signer))

@@ -73,13 +73,28 @@ def plot_accuracy(path: Path, history: list[dict], central: dict | None, title: 
     plt.close(fig)
 
 
+def _write_mask_file(run_dir: Path, hub: "Hub") -> Path | None:
+    """MPT runs also leave the compact model: the 1-bit mask plus seed and per-layer scales."""
+    from models.registry import set_state  # noqa: PLC0415
+
+    if not hasattr(hub.model, "variant") or not str(getattr(hub.model, "variant", "")).startswith("mpt"):
+        return None
+    from models.mpt_nets import save_mask_file  # noqa: PLC0415
+
+    set_state(hub.model, hub.global_state)
+    path = run_dir / "final_model.mask"
+    save_mask_file(hub.model, path, model_name=hub.config.model.partition("@")[0])
+    return path
+
+
 def write_run_report(
     run_dir: Path, hub: "Hub", history: list[dict], final: tuple[float | None, float | None],
     central: dict | None, partition_counts: list[list[int]], fleet_config: Any, wall_time: float,
 ) -> dict[str, Any]:
     run_dir = Path(run_dir)
     final_model = run_dir / "final_model.fedge"
-    final_model.write_bytes(hub._model_payload(hub.version, hub.global_state))
+    final_model.write_bytes(hub.model_payload(hub.version, hub.global_state))
+    mask_file = _write_mask_file(run_dir, hub)
     (run_dir / "partition.json").write_text(json.dumps(
         {"devices": {f"dev{i:03d}": counts for i, counts in enumerate(partition_counts)},
          "images_per_device": [sum(c) for c in partition_counts]}, indent=1))
@@ -95,7 +110,8 @@ def write_run_report(
         "rounds": history,
         "central": central,
         "machine": machine_info(),
-        "files": {"model": final_model.name, "partition": "partition.json", "plot": "accuracy.png"},
+        "files": {"model": final_model.name, "partition": "partition.json", "plot": "accuracy.png",
+                  **({"mask_model": mask_file.name, "mask_model_bytes": mask_file.stat().st_size} if mask_file else {})},
     }
     if not os.environ.get("FEDGE_NO_ONNX"):
         from models.export import export_run  # noqa: PLC0415 - the hub exports every run's final model

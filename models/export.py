@@ -192,8 +192,18 @@ def load_source(
     from models.wire.envelope import EnvelopeError, decode  # noqa: PLC0415
     from models.wire.messages import parse_model  # noqa: PLC0415
 
+    data = path.read_bytes()
+    if data[:8] == b"FEDGEMPT":  # an MPT model file: 1-bit mask + seed + per-layer scales
+        from .bits import MaskFile  # noqa: PLC0415
+        from .mpt_nets import build_from_mask_file  # noqa: PLC0415
+
+        mask_file = MaskFile.from_bytes(data)
+        name = mask_file.model if abs(mask_file.prune_ratio - 0.8) < 1e-9 else f"{mask_file.model}@{mask_file.prune_ratio}"
+        model = build_from_mask_file(mask_file)
+        meta = {"source": str(path), "mask_bytes": mask_file.mask_payload_bytes, **mask_file.meta}
+        return name, get_state(model), tuple(mask_file.in_shape), int(mask_file.num_classes), meta
     try:
-        msg = parse_model(decode(path.read_bytes(), verifier=verifier))
+        msg = parse_model(decode(data, verifier=verifier))
     except EnvelopeError as exc:
         raise ExportError(f"{path}: not a fedge model file: {exc}") from None
     shape = tuple(int(d) for d in msg.meta.get("in_shape", in_shape))

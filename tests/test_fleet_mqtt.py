@@ -135,3 +135,21 @@ def test_hub_restarted_mid_run_resumes_without_losing_or_repeating_rounds(broker
     assert rounds == [1, 2, 3, 4]
     assert [r["model_version"] for r in report["rounds"]] == [1, 2, 3, 4]
     assert report["final_accuracy"] > 0.5
+
+
+@pytest.mark.parametrize("rule", ["target_accuracy", "min_weight_change"])
+def test_stop_rules_end_the_run_early(embedded_broker, topic_prefix, tmp_path, small_data, rule):
+    fleet = _fleet(embedded_broker, topic_prefix, tmp_path, small_data, devices=3)
+    fleet.cfg.hub.rounds = 10
+    setattr(fleet.cfg.hub, rule, 0.3 if rule == "target_accuracy" else 5.0)
+    with fleet:
+        agents = fleet.agents
+        report = fleet.run()
+        time.sleep(0.3)
+        assert all(a.finished.is_set() for a in agents)  # the hub told every device the run is over
+    assert report["rounds_completed"] < 10
+    last = report["rounds"][-1]
+    if rule == "target_accuracy":
+        assert last["accuracy"] >= 0.3 and all(r["accuracy"] < 0.3 for r in report["rounds"][:-1])
+    else:
+        assert report["rounds_completed"] == 1 and last["weight_change"] < 5.0

@@ -95,3 +95,21 @@ def test_bad_masks_and_nan_scores_are_rejected(embedded_broker, topic_prefix, tm
     reasons = "\n".join(r["reason"] for r in hub.store.rejections())
     assert "has shape" in reasons and "NaN or Inf" in reasons, reasons
     assert "truncated" in reasons or "digest mismatch" in reasons, reasons
+
+
+def test_mpt_run_leaves_a_mask_file_that_exports_and_predicts(embedded_broker, topic_prefix, tmp_path, small_data):
+    import onnxruntime as ort
+
+    from models.export import export
+
+    with _fleet(embedded_broker, topic_prefix, tmp_path, small_data, "mpt-score-avg", rounds=2) as fleet:
+        report = fleet.run()
+    run_dir = tmp_path / report["run_id"]
+    mask = run_dir / "final_model.mask"
+    assert report["files"]["mask_model_bytes"] == mask.stat().st_size
+    assert mask.stat().st_size < 198_800 / 8 + 4096  # 1 bit per weight + header (vs 795 KB of fp32 scores)
+    summary = export(mask, out=tmp_path / "from_mask.onnx")
+    sess = ort.InferenceSession(summary["onnx"])
+    logits = sess.run(None, {sess.get_inputs()[0].name: small_data.test.x[:400]})[0]
+    accuracy = float((logits.argmax(1) == small_data.test.y[:400]).mean())
+    assert abs(accuracy - report["final_accuracy"]) < 0.02, (accuracy, report["final_accuracy"])
