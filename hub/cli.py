@@ -80,7 +80,7 @@ def run_hub(args: argparse.Namespace) -> int:
 
     from .fleet import new_run_id  # noqa: PLC0415
     from .hub import Hub, HubConfig  # noqa: PLC0415
-    from .report import summarise  # noqa: PLC0415
+    from .report import summarise, write_final_model  # noqa: PLC0415
     from .store import RunStore  # noqa: PLC0415
 
     setup_logging(args)
@@ -121,8 +121,9 @@ def run_hub(args: argparse.Namespace) -> int:
 
     threading.Thread(target=lambda: (stop.wait(), hub.stop()), daemon=True).start()
     history = hub.run()
+    files, _ = write_final_model(run_dir, hub) if history and not stop.is_set() else ({}, None)
     summary = {"run_dir": str(run_dir), "rounds": len(history),
-               "final_accuracy": history[-1]["accuracy"] if history else None, **summarise(history)}
+               "final_accuracy": history[-1]["accuracy"] if history else None, **summarise(history), "files": files}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary, indent=1))
     return 0 if not stop.is_set() else 130

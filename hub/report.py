@@ -87,14 +87,30 @@ def _write_mask_file(run_dir: Path, hub: "Hub") -> Path | None:
     return path
 
 
+def write_final_model(run_dir: Path, hub: "Hub") -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The run's final model as a fedge model file, as a 1-bit mask file (MPT runs) and as
+    ONNX (fp32 + int8; skipped when FEDGE_NO_ONNX is set). Returns (files, export summary)."""
+    final_model = Path(run_dir) / "final_model.fedge"
+    final_model.write_bytes(hub.model_payload(hub.version, hub.global_state))
+    files: dict[str, Any] = {"model": final_model.name}
+    mask_file = _write_mask_file(Path(run_dir), hub)
+    if mask_file:
+        files.update(mask_model=mask_file.name, mask_model_bytes=mask_file.stat().st_size)
+    onnx = None
+    if not os.environ.get("FEDGE_NO_ONNX"):
+        from models.export import export_run  # noqa: PLC0415
+
+        onnx = export_run(run_dir)
+        files["onnx"] = onnx.get("onnx")
+    return files, onnx
+
+
 def write_run_report(
     run_dir: Path, hub: "Hub", history: list[dict], final: tuple[float | None, float | None],
     central: dict | None, partition_counts: list[list[int]], fleet_config: Any, wall_time: float,
 ) -> dict[str, Any]:
     run_dir = Path(run_dir)
-    final_model = run_dir / "final_model.fedge"
-    final_model.write_bytes(hub.model_payload(hub.version, hub.global_state))
-    mask_file = _write_mask_file(run_dir, hub)
+    files, onnx = write_final_model(run_dir, hub)
     (run_dir / "partition.json").write_text(json.dumps(
         {"devices": {f"dev{i:03d}": counts for i, counts in enumerate(partition_counts)},
          "images_per_device": [sum(c) for c in partition_counts]}, indent=1))
@@ -110,14 +126,9 @@ def write_run_report(
         "rounds": history,
         "central": central,
         "machine": machine_info(),
-        "files": {"model": final_model.name, "partition": "partition.json", "plot": "accuracy.png",
-                  **({"mask_model": mask_file.name, "mask_model_bytes": mask_file.stat().st_size} if mask_file else {})},
+        "files": {**files, "partition": "partition.json", "plot": "accuracy.png"},
+        "onnx": onnx,
     }
-    if not os.environ.get("FEDGE_NO_ONNX"):
-        from models.export import export_run  # noqa: PLC0415 - the hub exports every run's final model
-
-        report["onnx"] = export_run(run_dir)
-        report["files"]["onnx"] = report["onnx"].get("onnx")
     if central and central.get("accuracy") and final[1] is not None:
         report["federated_over_central"] = final[1] / central["accuracy"]
     (run_dir / "run.json").write_text(json.dumps(report, indent=1, default=str))

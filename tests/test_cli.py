@@ -91,6 +91,8 @@ def test_real_hub_and_agent_processes(tmp_path, mosquitto_url, topic_prefix):
     assert hub.returncode == 0, hub.stderr[-3000:]
     summary = json.loads((tmp_path / "home-run" / "summary.json").read_text())
     assert summary["rounds"] == 2 and summary["final_accuracy"] > 0.3
+    for name in ("final_model.fedge", "final_model.onnx"):  # the hub exports every run's final model
+        assert (tmp_path / "home-run" / name).stat().st_size > 0
     for proc in agents:
         out, _ = proc.communicate(timeout=60)
         assert proc.returncode == 0, out[-2000:]
