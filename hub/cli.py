@@ -233,7 +233,7 @@ def run_fleet(args: argparse.Namespace) -> int:
     keys = ("run_id", "final_accuracy", "central_accuracy", "federated_over_central", "rounds_completed",
             "uplink_bytes_per_device", "downlink_bytes_per_device", "seconds_per_round", "wall_time_s")
     print(json.dumps({k: report.get(k) for k in keys}, indent=1))
-    print(f"results: {fleet.run_dir}/ (run.json, accuracy.png, final_model.fedge, partition.json)")
+    print(f"results: {fleet.run_dir}/ (run.json, accuracy.png, final_model.fedge/.onnx, partition.json)")
     return 0
 
 

@@ -109,6 +109,7 @@ class MqttLink:
         self.client.on_connect = self._handle_connect
         self.client.on_disconnect = self._handle_disconnect
         self.client.on_message = self._handle_message
+        self.client.on_connect_fail = self._handle_connect_fail
         self.last_error: str | None = None
         self._stopping = False
 
@@ -172,6 +173,12 @@ class MqttLink:
                 hook()
             except Exception:  # noqa: BLE001 - a hook must not kill paho's thread
                 log.exception("%s: on-connect hook failed", self.client_id)
+
+    def _handle_connect_fail(self, client, userdata) -> None:  # noqa: ANN001
+        """TCP or TLS failed before MQTT could answer (wrong port, CA or host name)."""
+        self.last_error = f"could not open {'a TLS' if self.config.tls else 'a TCP'} connection to {self.config.url}" + (
+            " (check the CA file, the broker's certificate host name and that the port speaks TLS)"
+            if self.config.tls else "")
 
     def _handle_disconnect(self, client, userdata, flags, reason_code, properties=None) -> None:  # noqa: ANN001
         if self._connected.is_set() and not self._stopping:
