@@ -14,8 +14,8 @@ Variants: torch (nn.Module + state_dict, torch.set_num_threads(1)), onnx-fp32 (.
 onnx-fp32-from-fedge (the device's hot-swap path: a .fedge model message rebuilt into ONNX
 without torch), onnx-int8-dynamic, onnx-int8-static. ONNX sessions: 1 intra-op thread.
 
-    /work/venv/bin/python benchmarks/onnx_inference.py            # ~5-10 min on 2 cores
-    /work/venv/bin/python benchmarks/onnx_inference.py --quick    # smoke run (~1 min), writes *.quick.*
+    python benchmarks/onnx_inference.py            # ~5-10 min on 2 cores
+    python benchmarks/onnx_inference.py --quick    # smoke run (~1 min), writes *.quick.*
 
 Top-level imports are stdlib only: the child processes import just what they measure.
 """

@@ -86,16 +86,27 @@ def mpt_score_avg(global_state: State, updates: Sequence[Update]) -> "OrderedDic
     return fedavg(global_state, updates)
 
 
-def mpt_mask(global_state: State, updates: Sequence[Update]) -> "OrderedDict[str, np.ndarray]":
-    """1-bit uplink: each update is a device's 0/1 mask. The sample-weighted share of devices
-    keeping each weight becomes the next global score (ties broken by the previous scores),
-    so the next global mask keeps the weights most devices kept."""
-    from models.bits import keep_probability, scores_from_keep_prob  # noqa: PLC0415
+def mpt_mask(global_state: State, updates: Sequence[Update], step: float = 0.5) -> "OrderedDict[str, np.ndarray]":
+    """1-bit uplink: each update is a device's 0/1 mask. Per weight, p = the sample-weighted
+    share of devices keeping it and g = whether the current global mask keeps it; the score's
+    magnitude moves by step * std(|scores|) * (p - g): weights the devices added rise, weights
+    they dropped sink, and a layer's score scale is preserved. (Turning p directly into scores
+    discarded the scores' accumulated information and did not learn on non-IID shards.)"""
+    from models.bits import keep_count, keep_probability, topk_mask  # noqa: PLC0415
 
     if not updates:
         raise ValueError("mpt-mask needs at least one update")
     keep = keep_probability([t for t, _ in updates], [n for _, n in updates])
-    return OrderedDict(scores_from_keep_prob(keep, previous=global_state))
+    out: OrderedDict[str, np.ndarray] = OrderedDict()
+    for name, prev in global_state.items():
+        prev = np.asarray(prev, dtype=np.float32)
+        magnitude = np.abs(prev)
+        kept = int(round(float(np.mean([np.sum(np.asarray(t[name]) != 0) for t, _ in updates]))))
+        kept = kept if kept > 0 else keep_count(prev.size, 0.8)
+        current = topk_mask(magnitude, kept).astype(np.float32)
+        moved = np.maximum(magnitude + step * float(np.std(magnitude)) * (keep[name] - current), 0.0)
+        out[name] = (np.where(prev < 0, -1.0, 1.0) * moved).astype(np.float32)
+    return out
 
 
 # update codec each strategy needs from devices (None: the device's profile decides)
