@@ -221,6 +221,40 @@ class SignActivation(nn.Module):
 # ----------------------------------------------------------------------------- supermask layers
 
 
+class _ConvOps:
+    """Conv geometry shared by supermask and binary layers: both run F.conv2d on the layer's
+    forward weight and export as a plain bias-free nn.Conv2d of their dense weight."""
+
+    in_channels: int
+    out_channels: int
+    kernel_size: int
+    stride: int
+    padding: int
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.forward_weight(), None, self.stride, self.padding)  # type: ignore[attr-defined]
+
+    def to_dense(self) -> nn.Conv2d:
+        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding, bias=False)
+        conv.weight.data.copy_(self.dense_weight())  # type: ignore[attr-defined]
+        return conv
+
+
+class _LinearOps:
+    """Linear counterpart of _ConvOps."""
+
+    in_features: int
+    out_features: int
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.forward_weight())  # type: ignore[attr-defined]
+
+    def to_dense(self) -> nn.Linear:
+        lin = nn.Linear(self.in_features, self.out_features, bias=False)
+        lin.weight.data.copy_(self.dense_weight())  # type: ignore[attr-defined]
+        return lin
+
+
 class SupermaskLayer(nn.Module):
     """Common part of SupermaskConv2d / SupermaskLinear: scores, frozen weights, the mask."""
 
@@ -252,6 +286,8 @@ class SupermaskLayer(nn.Module):
         """w_eff, differentiable w.r.t. the scores (through the straight-through estimator)."""
         return SupermaskWeight.apply(self.scores.abs(), self.frozen, self.kept, self.binarize)
 
+    forward_weight = effective_weight
+
     @torch.no_grad()
     def mask(self) -> torch.Tensor:
         """Current boolean mask (top `kept` of |scores|)."""
@@ -279,7 +315,7 @@ class SupermaskLayer(nn.Module):
         )
 
 
-class SupermaskConv2d(SupermaskLayer):
+class SupermaskConv2d(_ConvOps, SupermaskLayer):
     """Conv2d (no bias) whose weight is a mask over frozen random weights."""
 
     def __init__(
@@ -299,16 +335,8 @@ class SupermaskConv2d(SupermaskLayer):
         self.in_channels, self.out_channels, self.kernel_size = int(in_channels), int(out_channels), int(kernel_size)
         self.stride, self.padding = int(stride), int(padding)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(x, self.effective_weight(), None, self.stride, self.padding)
 
-    def to_dense(self) -> nn.Conv2d:
-        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding, bias=False)
-        conv.weight.data.copy_(self.dense_weight())
-        return conv
-
-
-class SupermaskLinear(SupermaskLayer):
+class SupermaskLinear(_LinearOps, SupermaskLayer):
     """Linear (no bias) whose weight is a mask over frozen random weights."""
 
     def __init__(
@@ -323,14 +351,6 @@ class SupermaskLinear(SupermaskLayer):
     ) -> None:
         super().__init__((out_features, in_features), prune_ratio, binarize, seed, index, weight_init)
         self.in_features, self.out_features = int(in_features), int(out_features)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.effective_weight())
-
-    def to_dense(self) -> nn.Linear:
-        lin = nn.Linear(self.in_features, self.out_features, bias=False)
-        lin.weight.data.copy_(self.dense_weight())
-        return lin
 
 
 # ----------------------------------------------------------------------------- BNN baseline layers
@@ -352,39 +372,25 @@ class BinaryWeightLayer(nn.Module):
         alpha = self.weight.detach().abs().mean()
         return _SignWeightSTE.apply(self.weight) * alpha
 
+    forward_weight = binary_weight
+
     @torch.no_grad()
     def dense_weight(self) -> torch.Tensor:
         w = self.weight
         return torch.where(w >= 0, 1.0, -1.0).to(w.dtype) * w.abs().mean()
 
 
-class BinaryConv2d(BinaryWeightLayer):
+class BinaryConv2d(_ConvOps, BinaryWeightLayer):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0) -> None:
         super().__init__((out_channels, in_channels, kernel_size, kernel_size))
         self.in_channels, self.out_channels, self.kernel_size = int(in_channels), int(out_channels), int(kernel_size)
         self.stride, self.padding = int(stride), int(padding)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(x, self.binary_weight(), None, self.stride, self.padding)
 
-    def to_dense(self) -> nn.Conv2d:
-        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding, bias=False)
-        conv.weight.data.copy_(self.dense_weight())
-        return conv
-
-
-class BinaryLinear(BinaryWeightLayer):
+class BinaryLinear(_LinearOps, BinaryWeightLayer):
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__((out_features, in_features))
         self.in_features, self.out_features = int(in_features), int(out_features)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.binary_weight())
-
-    def to_dense(self) -> nn.Linear:
-        lin = nn.Linear(self.in_features, self.out_features, bias=False)
-        lin.weight.data.copy_(self.dense_weight())
-        return lin
 
 
 # ----------------------------------------------------------------------------- model-level helpers
