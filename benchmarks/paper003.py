@@ -13,7 +13,6 @@ benchmarks/results/.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import statistics
 import sys

@@ -110,12 +110,12 @@ class Agent:
 
     def _check_memory_budget(self, model_name: str | None = None) -> None:
         """Refuse a model whose training would not fit the profile's memory budget."""
-        from models.registry import build_model, count_parameters  # noqa: PLC0415
+        from models.registry import parameter_count  # noqa: PLC0415
 
         name = model_name or self.profile.model
         if name in self._fits:
             return
-        params = count_parameters(build_model(name, self.in_shape, self.num_classes))
+        params = parameter_count(name, self.in_shape, self.num_classes)
         need = estimate_training_mb(params, self.profile.batch_size, int(np.prod(self.in_shape)), self.profile.optimizer)
         if need > self.profile.memory_budget_mb:
             raise ProfileError(

@@ -49,6 +49,21 @@ def _apply_round_args(cfg, args: argparse.Namespace) -> None:  # noqa: ANN001 - 
             cfg.train = {**cfg.train, key: value}
 
 
+def _apply_partition_args(spec: PartitionSpec, args: argparse.Namespace) -> PartitionSpec:
+    """Partition flags given on the command line override `spec` (`--sizes` implies kind sizes);
+    shared by `fedge fleet` and `fedge partition` so both read the flags the same way."""
+    for arg, attr in (("partition", "kind"), ("per_device", "per_device"), ("dominant_fraction", "dominant_fraction"),
+                      ("classes_per_device", "classes_per_device"), ("images_per_class", "images_per_class"),
+                      ("alpha", "alpha")):
+        value = getattr(args, arg, None)
+        if value is not None:
+            setattr(spec, attr, value)
+    if getattr(args, "sizes", None):
+        spec.kind = "sizes"
+        spec.sizes = [int(s) for s in args.sizes.split(",")]
+    return spec
+
+
 # ----------------------------------------------------------------------------- hub
 def add_hub_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -192,16 +207,7 @@ def fleet_config_from_args(args: argparse.Namespace):  # noqa: ANN201 - FleetCon
         value = getattr(args, arg, None)
         if value is not None:
             setattr(cfg, attr, value)
-    part = cfg.partition
-    for arg, attr in (("partition", "kind"), ("per_device", "per_device"), ("dominant_fraction", "dominant_fraction"),
-                      ("classes_per_device", "classes_per_device"), ("images_per_class", "images_per_class"),
-                      ("alpha", "alpha")):
-        value = getattr(args, arg, None)
-        if value is not None:
-            setattr(part, attr, value)
-    if args.sizes:
-        part.kind = "sizes"
-        part.sizes = [int(s) for s in args.sizes.split(",")]
+    part = _apply_partition_args(cfg.partition, args)
     if args.partition and args.partition != "dominant" and not args.per_device and args.recipe is None:
         part.per_device = None
     if args.devices is not None and args.recipe is None:
@@ -266,9 +272,7 @@ def run_partition(args: argparse.Namespace) -> int:
     from models.partition import class_counts, partition  # noqa: PLC0415
 
     ds = load_dataset(args.dataset, args.data_root, seed=args.seed)
-    spec = PartitionSpec(kind=args.partition, per_device=args.per_device, dominant_fraction=args.dominant_fraction,
-                         classes_per_device=args.classes_per_device, images_per_class=args.images_per_class,
-                         alpha=args.alpha, sizes=[int(s) for s in args.sizes.split(",")] if args.sizes else [])
+    spec = _apply_partition_args(PartitionSpec(), args)
     parts = partition(ds.train.y, args.devices, spec, seed=args.seed, num_classes=ds.num_classes)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

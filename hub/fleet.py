@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import statistics
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -180,7 +179,3 @@ class Fleet:
 
         return train_central(self.dataset, self.parts, hub_cfg.model, hub_cfg.train, epochs, seed=hub_cfg.seed,
                              profile=self.cfg.profile, progress=self.cfg.progress)
-
-
-def median_seconds(history: list[dict]) -> float | None:
-    return statistics.median(r["seconds"] for r in history) if history else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from typing import Callable, Mapping
 
@@ -83,6 +84,13 @@ def build_model(name: str, in_shape: tuple[int, ...] = (1, 28, 28), num_classes:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+@functools.lru_cache(maxsize=64)
+def parameter_count(name: str, in_shape: tuple[int, ...], num_classes: int) -> int:
+    """Trainable parameters of a registered model, built once per (name, shape, classes):
+    a fleet of 100 virtual devices checks its memory budget without building 100 models."""
+    return count_parameters(build_model(name, tuple(in_shape), int(num_classes)))
 
 
 def get_state(model: nn.Module) -> "OrderedDict[str, np.ndarray]":
