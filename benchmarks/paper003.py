@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import statistics
 import sys
 import time
@@ -67,6 +68,15 @@ def wire_bytes(model_name: str, strategy: str, in_shape, num_classes) -> tuple[i
     return len(up), len(down)
 
 
+class Stopped(Exception):
+    """SIGTERM (e.g. from `timeout`): the cell in progress is saved as partial, not lost."""
+
+
+def _stop(signum, frame) -> None:  # noqa: ANN001
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second signal must not cut the final write
+    raise Stopped()
+
+
 def run_method(method: str, seed: int, args, ds, prune_ratio: float = 0.8) -> dict:  # noqa: ANN001
     cfg = paper003(method, prune_ratio)
     cfg.seed = seed
@@ -82,19 +92,26 @@ def run_method(method: str, seed: int, args, ds, prune_ratio: float = 0.8) -> di
     size, sparsity = model_bytes(cfg.hub.model, ds.in_shape, ds.num_classes)
     out = {"method": method, "seed": seed, "model": cfg.hub.model, "prune_ratio": prune_ratio,
            "size_bytes": size, "sparsity": sparsity}
-    if not spec["federated"]:
-        central = train_central(ds, parts, cfg.hub.model, cfg.hub.train, epochs=args.rounds, seed=seed,
-                                profile=args.profile)
-        out.update(accuracy=[c["accuracy"] for c in central["curve"]], uplink=0, downlink=0)
-    elif args.transport == "plain":
-        history = plain_fedavg(ds, parts, cfg.hub, profile_name=args.profile)
+    progress: list[dict] = []
+    if not spec["federated"] or args.transport == "plain":
         up, down = wire_bytes(cfg.hub.model, cfg.hub.strategy, ds.in_shape, ds.num_classes)
-        out.update(accuracy=[r["accuracy"] for r in history], uplink=up, downlink=down)
+        out.update(uplink=0 if not spec["federated"] else up, downlink=0 if not spec["federated"] else down)
+        try:
+            if not spec["federated"]:
+                train_central(ds, parts, cfg.hub.model, cfg.hub.train, epochs=args.rounds, seed=seed,
+                              profile=args.profile, curve=progress)
+            else:
+                plain_fedavg(ds, parts, cfg.hub, profile_name=args.profile, history=progress)
+        except Stopped:
+            if not progress:
+                raise
+            print(f"{method} seed {seed}: stopped after {len(progress)} of {args.rounds} rounds (kept as partial)")
+        out.update(accuracy=[r["accuracy"] for r in progress], rounds_done=len(progress))
     else:
         cfg.run_id = f"p003-{method.replace('/', '_')}-p{prune_ratio}-s{seed}-{int(time.time())}"
         with Fleet(cfg, dataset=ds) as fleet:
             report = fleet.run()
-        out.update(accuracy=[r["accuracy"] for r in report["rounds"]],
+        out.update(accuracy=[r["accuracy"] for r in report["rounds"]], rounds_done=len(report["rounds"]),
                    uplink=report["uplink_bytes_per_device"], downlink=report["downlink_bytes_per_device"])
     out["best_accuracy"] = max(out["accuracy"])
     out["final_accuracy"] = out["accuracy"][-1]
@@ -113,6 +130,7 @@ def table(cells: list[dict]) -> list[dict]:
         best = [100 * c["best_accuracy"] for c in mine]
         rows.append({"method": method, "best_accuracy_mean": statistics.mean(best),
                      "best_accuracy_std": statistics.pstdev(best) if len(best) > 1 else 0.0, "seeds": len(best),
+                     "rounds": min(c.get("rounds_done", len(c["accuracy"])) for c in mine),
                      "size_bytes": mine[0]["size_bytes"], "sparsity": mine[0]["sparsity"],
                      "uplink_bytes": mine[0]["uplink"], "downlink_bytes": mine[0]["downlink"]})
     return rows
@@ -126,6 +144,9 @@ def main() -> int:
     ap.add_argument("--eval-size", type=int, default=0, help="test images per round (0 = all 10,000)")
     ap.add_argument("--sweep", action="store_true", help="also run MPT-FL 1/32 and 1/1 at prune ratios 0.5, 0.8, 0.9")
     ap.add_argument("--sweep-only", action="store_true")
+    ap.add_argument("--ratios", nargs="*", type=float, default=[0.5, 0.9],
+                    help="prune ratios of the sweep besides 0.8 (which comes from the table's cells)")
+    ap.add_argument("--sweep-methods", nargs="*", default=["mpt-fl-1/32", "mpt-fl-1/1"])
     ap.add_argument("--transport", choices=["plain", "mqtt"], default="mqtt")
     ap.add_argument("--profile", default="sim", help="device profile (desktop-gpu trains on CUDA)")
     ap.add_argument("--data-root")
@@ -143,20 +164,27 @@ def main() -> int:
         old = json.loads(out.read_text())
         if old.get("rounds") == args.rounds and old.get("transport") == args.transport:
             results["cells"] = old["cells"]
+    signal.signal(signal.SIGTERM, _stop)
     done = {(c["method"], c["seed"], c["prune_ratio"]) for c in results["cells"]}
     plan = [] if args.sweep_only else [(m, s, 0.8) for m in args.methods for s in args.seeds]
     if args.sweep or args.sweep_only:  # ratio 0.8 and FedAvg come from the table's cells
-        plan += [(m, args.seeds[0], p) for p in (0.5, 0.9) for m in ("mpt-fl-1/32", "mpt-fl-1/1")]
+        plan += [(m, args.seeds[0], p) for p in args.ratios for m in args.sweep_methods]
     out.parent.mkdir(parents=True, exist_ok=True)
     for method, seed, ratio in plan:
         if (method, seed, ratio) in done:
             continue
         torch.manual_seed(seed)
         np.random.seed(seed)
-        results["cells"].append(run_method(method, seed, args, ds, ratio))
+        try:
+            results["cells"].append(run_method(method, seed, args, ds, ratio))
+        except Stopped:
+            break
+        finally:
+            results["table"] = table(results["cells"])
+            out.write_text(json.dumps(results, indent=1))
         done.add((method, seed, ratio))
-        results["table"] = table(results["cells"])
-        out.write_text(json.dumps(results, indent=1))
+        if results["cells"][-1].get("rounds_done", args.rounds) < args.rounds:
+            break  # stopped mid-cell: the partial cell is saved, nothing more runs
     return _write(results, out)
 
 
@@ -179,7 +207,8 @@ def _write(results: dict, out: Path) -> int:
     out.write_text(json.dumps(results, indent=1))
     _plot(results, out.with_suffix(".png"))
     for row in results["table"]:
-        print(f"{row['method']:18s} {row['best_accuracy_mean']:6.2f} +- {row['best_accuracy_std']:.2f} ({row['seeds']} seeds) "
+        print(f"{row['method']:18s} {row['best_accuracy_mean']:6.2f} +- {row['best_accuracy_std']:.2f} ({row['seeds']} seeds, "
+              f">= {row['rounds']} rounds) "
               f"size {row['size_bytes']:>9,d}  sparsity {row['sparsity']:.0%}  up {row['uplink_bytes']:>10,.0f}  "
               f"down {row['downlink_bytes']:>10,.0f}")
     print(f"wrote {out} and {out.with_suffix('.png')}")

@@ -1,18 +1,28 @@
 #!/usr/bin/env bash
-# paper003 on one GPU machine: every method in its own process (in parallel), 3 seeds each,
-# plus the prune-ratio sweep, then one merged table + figure. Usage:
-#   OUT=results_dir ROUNDS=50 LIMIT=450 bash benchmarks/paper003_gpu.sh [--data-root DIR]
+# paper003 on one GPU machine: every (method, seed) cell and every sweep cell in its own
+# process, all in parallel, under one shared deadline; a cell still running at the deadline
+# is saved as partial (its rounds so far). Then one merged table + figure. Usage:
+#   OUT=results_dir ROUNDS=50 LIMIT=480 bash benchmarks/paper003_gpu.sh [--data-root DIR]
 set -u
-OUT=${OUT:-benchmarks/results}; ROUNDS=${ROUNDS:-50}; LIMIT=${LIMIT:-450}
+OUT=${OUT:-benchmarks/results}; ROUNDS=${ROUNDS:-50}; LIMIT=${LIMIT:-480}
 mkdir -p "$OUT/parts"
 export OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1
+deadline=$(( $(date +%s) + LIMIT ))
 common=(--transport plain --profile desktop-gpu --rounds "$ROUNDS" "$@")
-for m in dnn-central mpt-central-1/32 fedavg bnn-fl-1/1 bnn-fl-1/32 mpt-fl-1/1 mpt-fl-1/32 mpt-fl-1bit; do
-  tag=$(echo "$m" | tr '/' '_')
-  timeout "$LIMIT" python3 benchmarks/paper003.py "${common[@]}" --seeds 0 1 2 --methods "$m" \
+cell() {  # cell TAG ARGS...: one process, stopped (SIGTERM -> partial cell saved) at the deadline
+  local tag=$1; shift
+  timeout "$(( deadline - $(date +%s) ))" python3 benchmarks/paper003.py "${common[@]}" "$@" \
     --out "$OUT/parts/$tag.json" > "$OUT/parts/$tag.log" 2>&1 &
+}
+# longest first: the centralised runs train on all 4,000 images every epoch
+for m in dnn-central mpt-central-1/32 fedavg bnn-fl-1/1 bnn-fl-1/32 mpt-fl-1/1 mpt-fl-1/32 mpt-fl-1bit \
+         mpt-fl-1bit-sign; do
+  for s in 0 1 2; do cell "$(echo "$m" | tr '/' '_')-s$s" --methods "$m" --seeds "$s"; done
 done
-timeout "$LIMIT" python3 benchmarks/paper003.py "${common[@]}" --seeds 0 --sweep-only \
-  --out "$OUT/parts/sweep.json" > "$OUT/parts/sweep.log" 2>&1 &
+for p in 0.5 0.9; do
+  for m in mpt-fl-1/32 mpt-fl-1/1; do
+    cell "sweep-$(echo "$m" | tr '/' '_')-p$p" --sweep-only --sweep-methods "$m" --ratios "$p" --seeds 0
+  done
+done
 wait
 python3 benchmarks/paper003.py --merge "$OUT"/parts/*.json --out "$OUT/paper003.json"

@@ -23,8 +23,9 @@ from .strategies import UPDATE_CODEC, get_strategy
 
 
 def plain_fedavg(dataset: Dataset, parts: list[np.ndarray], hub: HubConfig, profile_name: str = "sim",
-                 rounds: int | None = None) -> list[dict]:
-    """Run FedAvg rounds in this thread; one record per round with accuracy and seconds."""
+                 rounds: int | None = None, history: list[dict] | None = None) -> list[dict]:
+    """Run FedAvg rounds in this thread; one record per round with accuracy and seconds,
+    appended to `history` as each round ends (a caller that is stopped keeps what was done)."""
     profile = replace(load_profile(profile_name), model=hub.model)
     trainer = LocalTrainer(hub.model, dataset.in_shape, dataset.num_classes, device=profile.device)
     state = get_state(build_model(hub.model, dataset.in_shape, dataset.num_classes, seed=hub.seed))
@@ -34,7 +35,7 @@ def plain_fedavg(dataset: Dataset, parts: list[np.ndarray], hub: HubConfig, prof
     tx = torch.from_numpy(dataset.test.x[:n_eval]).to(trainer.device)
     ty = torch.from_numpy(dataset.test.y[:n_eval]).to(trainer.device)
     aggregate = get_strategy(hub.strategy)
-    history = []
+    history = [] if history is None else history
     for round_id in range(1, (rounds or hub.rounds) + 1):
         start = time.time()
         selected = select_devices(list(devices), hub.clients_per_round, hub.seed, round_id)

@@ -22,7 +22,8 @@ from .hub import round_train_settings
 
 
 def train_central(dataset: Dataset, parts: list[np.ndarray], model: str, train: dict, epochs: int, seed: int = 0,
-                  profile: str = "sim", progress: bool = False) -> dict[str, Any]:
+                  profile: str = "sim", progress: bool = False, curve: list[dict] | None = None) -> dict[str, Any]:
+    """Train epoch by epoch; each epoch's test accuracy is appended to `curve` as it ends."""
     prof = replace(load_profile(profile), model=model)
     idx = np.concatenate(parts)
     device = torch.device(prof.device)
@@ -30,7 +31,7 @@ def train_central(dataset: Dataset, parts: list[np.ndarray], model: str, train: 
     tx, ty = torch.from_numpy(dataset.test.x).to(device), torch.from_numpy(dataset.test.y).to(device)
     trainer = LocalTrainer(model, dataset.in_shape, dataset.num_classes, device=prof.device)
     state = get_state(build_model(model, dataset.in_shape, dataset.num_classes, seed=seed))
-    curve = []
+    curve = [] if curve is None else curve
     from tqdm import tqdm  # noqa: PLC0415
 
     for epoch in tqdm(range(1, epochs + 1), desc="central baseline", unit="epoch", disable=not progress):

@@ -29,7 +29,7 @@ def _add_round_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--lr", type=float, help="local learning rate sent with each task")
     g.add_argument("--epochs", type=int, help="local epochs per round")
     g.add_argument("--batch-size", type=int, help="local batch size (capped by each device's profile)")
-    g.add_argument("--update-codec", choices=["fp32", "fp16", "mask1"], help="codec devices use for updates")
+    g.add_argument("--update-codec", choices=["fp32", "fp16", "mask1", "sign1"], help="codec devices use for updates")
     g.add_argument("--eval-size", type=int, help="test images evaluated each round (0 = all)")
     g.add_argument("--seed", type=int, help="seed of model init, selection and partitions")
 

@@ -34,7 +34,7 @@ from models.wire.topics import ROOT
 from models.wire.transport import BrokerConfig, MqttLink
 
 from .store import RunStore
-from .strategies import UPDATE_CODEC, get_strategy, weight_change
+from .strategies import ONE_BIT_CODECS, UPDATE_CODEC, get_strategy, weight_change
 
 log = logging.getLogger("fedge.hub")
 
@@ -263,6 +263,8 @@ class Hub:
                 return f"device was not selected for round {upd.round}"
             if upd.base_version != task.model_version:
                 return f"trained on model version {upd.base_version}, the round uses {task.model_version}"
+            if task.codec in ONE_BIT_CODECS and upd.codec != task.codec:
+                return f"update uses codec {upd.codec!r}; strategy {self.config.strategy} needs {task.codec!r}"
             if device in self._accepted:
                 return DUPLICATE
         return None

@@ -47,6 +47,8 @@ PAPER003_METHODS: dict[str, dict] = {
     "mpt-fl-1/1": {"model": "conv4-mpt11", "strategy": "mpt-score-avg", "train": _ADAM_SCORES, "federated": True},
     "mpt-fl-1/32": {"model": "conv4-mpt", "strategy": "mpt-score-avg", "train": _SGD_SCORES, "federated": True},
     "mpt-fl-1bit": {"model": "conv4-mpt", "strategy": "mpt-mask", "train": _SGD_SCORES, "federated": True},
+    # fedge's own: 1 bit per weight up as well, but the sign of each score's change (sign-delta)
+    "mpt-fl-1bit-sign": {"model": "conv4-mpt", "strategy": "sign-delta", "train": _SGD_SCORES, "federated": True},
 }
 
 

@@ -109,12 +109,26 @@ def mpt_mask(global_state: State, updates: Sequence[Update], step: float = 0.5) 
     return out
 
 
+def sign_delta(global_state: State, updates: Sequence[Update]) -> "OrderedDict[str, np.ndarray]":
+    """1-bit uplink of the change: each update is a device's decoded delta, scale * sign(trained -
+    global) per tensor (codec sign1). The global moves by their sample-weighted mean, i.e.
+    FedAvg of the devices' states as the hub can rebuild them from one bit per weight. Unlike
+    a mask, the bits say which way every score moved, not only which crossed the threshold."""
+    if not updates:
+        raise ValueError("sign-delta needs at least one update")
+    step = fedavg({k: np.zeros_like(v) for k, v in global_state.items()}, updates)
+    return OrderedDict((k, (np.asarray(v, np.float64) + step[k]).astype(np.float32)) for k, v in global_state.items())
+
+
 # update codec each strategy needs from devices (None: the device's profile decides)
-UPDATE_CODEC: dict[str, str] = {"mpt-mask": "mask1"}
+UPDATE_CODEC: dict[str, str] = {"mpt-mask": "mask1", "sign-delta": "sign1"}
+# codecs whose updates mean something else than a state: an update in another codec is refused
+ONE_BIT_CODECS = frozenset(UPDATE_CODEC.values())
 
 STRATEGIES: dict[str, Rule] = {
     "mpt-score-avg": mpt_score_avg,
     "mpt-mask": mpt_mask,
+    "sign-delta": sign_delta,
     "fedavg": fedavg,
     "median": coordinate_median,
     "trimmed-mean": trimmed_mean,

@@ -24,7 +24,11 @@ CODECS: dict[str, np.dtype] = {
 # 1-bit codec for supermasks: each tensor's elements (nonzero = 1) packed 8 per byte, most
 # significant bit first, each tensor padded to a whole byte. Decodes to float32 0/1.
 MASK_CODEC = "mask1"
-ALL_CODECS = (*CODECS, MASK_CODEC)
+# 1-bit codec for update deltas (strategy sign-delta): per tensor one little-endian float32
+# scale (>= 0) followed by the signs (1 = positive) packed as in mask1. Decodes to
+# float32 +-scale: a 1-bit-per-weight uplink that still says which way every score moved.
+SIGN_CODEC = "sign1"
+ALL_CODECS = (*CODECS, MASK_CODEC, SIGN_CODEC)
 
 
 def _bits_len(n: int) -> int:
@@ -41,11 +45,20 @@ def encode_tensors(tensors: Mapping[str, np.ndarray], codec: str = "fp32") -> tu
     if codec == MASK_CODEC:
         parts = [np.packbits(np.asarray(arr).reshape(-1) != 0, bitorder="big").tobytes() for arr in tensors.values()]
         return {"codec": codec, "tensors": manifest_of(tensors)}, b"".join(parts)
+    if codec == SIGN_CODEC:
+        return {"codec": codec, "tensors": manifest_of(tensors)}, b"".join(_sign_part(arr) for arr in tensors.values())
     if codec not in CODECS:
         raise ValueError(f"unknown codec {codec!r}; known: {sorted(ALL_CODECS)}")
     dtype = CODECS[codec]
     parts = [np.ascontiguousarray(np.asarray(arr), dtype=dtype).tobytes() for arr in tensors.values()]
     return {"codec": codec, "tensors": manifest_of(tensors)}, b"".join(parts)
+
+
+def _sign_part(arr: np.ndarray) -> bytes:
+    """Scale = mean |x|: the value that makes scale * sign(x) closest to x in L2."""
+    flat = np.asarray(arr, dtype=np.float32).reshape(-1)
+    scale = np.float32(np.mean(np.abs(flat), dtype=np.float64)) if flat.size else np.float32(0.0)
+    return np.array([scale], dtype="<f4").tobytes() + np.packbits(flat > 0, bitorder="big").tobytes()
 
 
 def _check_manifest(manifest: object) -> list[tuple[str, tuple[int, ...]]]:
@@ -74,6 +87,8 @@ def decode_tensors(header: Mapping, body: bytes) -> "OrderedDict[str, np.ndarray
     sizes = [int(np.prod(shape, dtype=np.int64)) for _, shape in entries]
     if codec == MASK_CODEC:
         return _decode_masks(entries, sizes, body)
+    if codec == SIGN_CODEC:
+        return _decode_signs(entries, sizes, body)
     dtype = CODECS[codec]
     expected = sum(sizes) * dtype.itemsize
     if expected != len(body):
@@ -104,6 +119,27 @@ def _decode_masks(entries: list[tuple[str, tuple[int, ...]]], sizes: list[int], 
         bits = np.unpackbits(raw[offset : offset + nbytes], count=size, bitorder="big")
         out[name] = bits.reshape(shape).astype(np.float32)
         offset += nbytes
+    return out
+
+
+def _decode_signs(entries: list[tuple[str, tuple[int, ...]]], sizes: list[int], body: bytes
+                  ) -> "OrderedDict[str, np.ndarray]":
+    expected = sum(4 + _bits_len(n) for n in sizes)
+    if expected != len(body):
+        raise EnvelopeError(f"body has {len(body)} bytes but the manifest needs {expected} for codec {SIGN_CODEC}")
+    out: OrderedDict[str, np.ndarray] = OrderedDict()
+    offset = 0
+    raw = np.frombuffer(body, dtype=np.uint8)
+    for (name, shape), size in zip(entries, sizes):
+        if name in out:
+            raise EnvelopeError(f"tensor {name!r} appears twice in the manifest")
+        scale = float(np.frombuffer(body, dtype="<f4", count=1, offset=offset)[0])
+        if not np.isfinite(scale) or scale < 0:
+            raise EnvelopeError(f"tensor {name!r} has sign-codec scale {scale!r}; it must be finite and >= 0")
+        nbytes = _bits_len(size)
+        bits = np.unpackbits(raw[offset + 4 : offset + 4 + nbytes], count=size, bitorder="big")
+        out[name] = (np.where(bits.reshape(shape) == 1, scale, -scale)).astype(np.float32)
+        offset += 4 + nbytes
     return out
 
 

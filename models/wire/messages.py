@@ -110,6 +110,7 @@ class UpdateMessage:
     num_samples: int
     tensors: "OrderedDict[str, np.ndarray]"
     metrics: dict
+    codec: str = "fp32"
 
 
 def build_update_message(
@@ -136,7 +137,7 @@ def parse_update(env: Envelope) -> UpdateMessage:
     return UpdateMessage(
         fleet=_field(h, "fleet", str), run=_field(h, "run", str), device=_field(h, "device", str),
         round=_field(h, "round", int), base_version=_field(h, "base_version", int), num_samples=num_samples,
-        tensors=decode_tensors(h, env.body), metrics=metrics,
+        tensors=decode_tensors(h, env.body), metrics=metrics, codec=str(h.get("codec")),
     )
 
 
