@@ -96,15 +96,11 @@ class LocalTrainer:
             order = torch.randperm(n, generator=gen)
             for begin in range(0, n, cfg.batch_size):
                 idx = order[begin : begin + cfg.batch_size]
-                xb, yb = x[idx].to(self.device), y[idx].to(self.device)
-                logits = model(xb)
-                loss = F.cross_entropy(logits, yb)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total_loss += float(loss.detach()) * len(idx)
-                correct += int((logits.argmax(1) == yb).sum())
+                loss, hits = _step(model, opt, x[idx].to(self.device), y[idx].to(self.device))
+                total_loss += loss * len(idx)
+                correct += hits
                 seen += len(idx)
+        _release(opt)
         return TrainResult(
             state=get_state(model),
             num_samples=n,
@@ -112,6 +108,24 @@ class LocalTrainer:
             accuracy=correct / max(1, seen),
             seconds=time.perf_counter() - start,
         )
+
+
+def _step(model: torch.nn.Module, opt: torch.optim.Optimizer, xb: torch.Tensor, yb: torch.Tensor) -> tuple[float, int]:
+    """One SGD/Adam step; returns (batch loss, correct predictions). Gradients are cleared
+    before forward, not after it, so last step's gradients are not held through forward."""
+    opt.zero_grad(set_to_none=True)
+    logits = model(xb)
+    loss = F.cross_entropy(logits, yb)
+    loss.backward()
+    opt.step()
+    return float(loss.detach()), int((logits.argmax(1) == yb).sum())
+
+
+def _release(opt: torch.optim.Optimizer) -> None:
+    """Drop gradients and optimiser state (momentum) once training is over, so they do not sit
+    next to the state copy and the update envelope (a new optimiser is made every round)."""
+    opt.zero_grad(set_to_none=True)
+    opt.state.clear()
 
 
 def uplink_state(trainer: LocalTrainer, result: TrainResult, codec: str | None) -> "dict[str, np.ndarray]":

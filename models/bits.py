@@ -152,6 +152,17 @@ def regenerate_signs(seed: int, index: int, shape: Sequence[int]) -> np.ndarray:
     return np.unpackbits(raw, count=n, bitorder=BIT_ORDER).astype(np.bool_).reshape(shape)
 
 
+def regenerate_sign_bits(seed: int, index: int, shape: Sequence[int]) -> bytes:
+    """regenerate_signs already packed (pack_bits of it, pad bits zero): the PCG64 words ARE the
+    packed bits, so no one-byte-per-weight array is made (what a device builds at start-up)."""
+    n = int(np.prod(tuple(int(d) for d in shape), dtype=np.int64))
+    words = np.random.PCG64(_seed_sequence(seed, index)).random_raw((n + 63) // 64)
+    raw = np.asarray(words, dtype="<u8").view(np.uint8)[: packed_size(n)]
+    if n % 8:
+        raw[-1] &= np.uint8((0xFF << (8 - n % 8)) & 0xFF)
+    return raw.tobytes()
+
+
 def regenerate_normal(seed: int, index: int, shape: Sequence[int]) -> np.ndarray:
     """Standard normal draw (float32) for a 'kaiming_normal' layer; scale by weight_scale(shape).
 
@@ -469,6 +480,7 @@ __all__ = [
     "pack_bits",
     "packed_size",
     "regenerate_normal",
+    "regenerate_sign_bits",
     "regenerate_signs",
     "regenerate_weight",
     "save_mask_file",

@@ -18,8 +18,11 @@ the reference code, which applies the mask function to ``scores.abs()``.
 Storage: W lives as 1-bit signs in a ``bitarray`` (plus one scale per layer), regenerable from
 (model seed, layer index); it is a plain attribute, NOT a parameter or buffer, so the module's
 state_dict holds only the scores (and BatchNorm running statistics in 1/1 models) and
-``models.registry.get_state`` returns exactly what travels. W is materialised as a float
-tensor for one layer at a time, in forward and again in backward, and dropped after use.
+``models.registry.get_state`` returns exactly what travels. In training, each layer's conv /
+linear is one autograd function (``SupermaskOp``) that keeps the input and the mask as packed
+bits for backward, not the float masked weight: w_eff is built (in pieces where it can be)
+in forward, dropped, and rebuilt from the 1-bit signs in backward, so training holds no
+layer-sized float copy of W between the passes (docs/benchmarks.md has the RSS measured).
 
 Also here: the binary activation of MPT 1/1 (sign with the piecewise-quadratic straight-through
 gradient 2(1 - |x|) on |x| < 1), the latent-weight BNN layers of paper 003's baseline, mask
@@ -41,19 +44,22 @@ from bitarray import bitarray
 from torch import nn
 
 from .bits import (
+    BIT_ORDER,
     RELU_GAIN,
     _topk_flat,
     WEIGHT_INITS,
     from_bitarray,
     keep_count,
     regenerate_normal,
-    regenerate_signs,
+    regenerate_sign_bits,
     scores_from_keep_prob,
     to_bitarray,
     weight_scale,
 )
 
 # ----------------------------------------------------------------------------- frozen weights
+
+CHUNK = 1 << 16  # weights per piece when a layer-sized temporary can be avoided (256 KiB of float32)
 
 
 class FrozenWeights:
@@ -74,10 +80,11 @@ class FrozenWeights:
         self.init = init
         self.scale = weight_scale(self.shape, RELU_GAIN)
         if init == "signed_constant":
-            signs = regenerate_signs(self.seed, self.index, self.shape)
+            self.signs: bitarray = bitarray(endian=BIT_ORDER)
+            self.signs.frombytes(regenerate_sign_bits(self.seed, self.index, self.shape))
+            del self.signs[math.prod(self.shape) :]
         else:
-            signs = regenerate_normal(self.seed, self.index, self.shape) >= 0
-        self.signs: bitarray = to_bitarray(signs)
+            self.signs = to_bitarray(regenerate_normal(self.seed, self.index, self.shape) >= 0)
 
     @property
     def numel(self) -> int:
@@ -106,6 +113,25 @@ class FrozenWeights:
             return cache[key].clone()
         w = self._materialise(dtype)
         return w if device is None else w.to(device)
+
+    def flat_chunks(self, rows: int = CHUNK) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """(start, stop, W.flat[start:stop]) in pieces of `rows` weights, CPU float32.
+
+        For the backward pass: multiplying the score gradient by W a piece at a time keeps the
+        transient float copy of W at one piece instead of the whole layer."""
+        if self.init != "signed_constant":
+            w = self._materialise(torch.float32).reshape(-1)
+            yield 0, self.numel, w
+            return
+        for start in range(0, self.numel, rows):
+            stop = min(start + rows, self.numel)
+            yield start, stop, self.piece(start, stop)
+
+    def piece(self, start: int, stop: int) -> torch.Tensor:
+        """W.flat[start:stop] as float32 (signed-constant weights only; the same values as tensor())."""
+        packed = np.frombuffer(memoryview(self.signs), dtype=np.uint8)[start // 8 : (stop + 7) // 8]
+        bits = np.unpackbits(packed)[start % 8 : start % 8 + stop - start]
+        return torch.from_numpy(bits).to(torch.float32).mul_(2.0 * self.scale).sub_(self.scale)
 
     def _materialise(self, dtype: torch.dtype) -> torch.Tensor:
         if self.init == "signed_constant":
@@ -140,6 +166,74 @@ def topk_mask(abs_scores: torch.Tensor, kept: int) -> torch.Tensor:
     return mask.view(abs_scores.shape)
 
 
+def mask_from_scores(scores: torch.Tensor, kept: int) -> torch.Tensor:
+    """topk_mask(scores.abs(), kept), bit for bit, without layer-sized float temporaries on the CPU.
+
+    The threshold (k-th largest |score|) comes from a radix select over the float32 bit
+    patterns (float64: np.partition of one copy); the mask then compares the scores themselves
+    (|s| > t  <=>  s > t or s < -t), so no |scores| tensor is made. Ties at the threshold go to
+    the lower index, as in topk_mask.
+    """
+    flat = scores.detach().reshape(-1)
+    n = flat.numel()
+    if flat.device.type != "cpu" or flat.dtype not in (torch.float32, torch.float64) or kept <= 0 or kept >= n:
+        return topk_mask(scores.detach().abs(), kept)
+    s = flat.numpy()
+    if s.dtype == np.float32:
+        threshold = _kth_largest_abs(s, kept)
+    else:
+        a = np.abs(s)
+        a.partition(n - kept)
+        threshold = a[n - kept]
+        del a
+    mask = np.greater(s, threshold)
+    for start in range(0, n, CHUNK):  # |s| > t also where s < -t, without a layer-sized temporary
+        piece = mask[start : start + CHUNK]
+        np.logical_or(piece, s[start : start + CHUNK] < -threshold, out=piece)
+    need = kept - int(np.count_nonzero(mask))
+    if need > 0:
+        mask[_ties(s, threshold, need)[:need]] = True
+    if int(np.count_nonzero(mask)) != kept:
+        raise ValueError("scores contain NaN; cannot rank them")
+    return torch.from_numpy(mask).view(scores.shape)
+
+
+def _kth_largest_abs(s: np.ndarray, k: int) -> np.float32:
+    """The k-th largest |s| of a float32 array: np.partition(|s|, n - k)[n - k], NaN ranked
+    highest as there, by a two-pass radix select on the bit patterns read in pieces (no float
+    copy of the layer). |x|'s bits order like |x| itself: sign bit cleared, then unsigned."""
+    bits = s.view(np.uint32)
+    hist = np.zeros(1 << 15, dtype=np.int64)
+    for start in range(0, bits.size, CHUNK):
+        hist += np.bincount((bits[start : start + CHUNK] & 0x7FFFFFFF) >> 16, minlength=1 << 15)
+    high, k = _bin_from_top(hist, k)
+    hist = np.zeros(1 << 16, dtype=np.int64)
+    for start in range(0, bits.size, CHUNK):
+        piece = bits[start : start + CHUNK] & 0x7FFFFFFF
+        hist += np.bincount(piece[(piece >> 16) == high] & 0xFFFF, minlength=1 << 16)
+    low, _ = _bin_from_top(hist, k)
+    return np.array([(high << 16) | low], dtype=np.uint32).view(np.float32)[0]
+
+
+def _bin_from_top(hist: np.ndarray, k: int) -> tuple[int, int]:
+    """(bin holding the k-th largest item, its rank inside that bin counted from the top)."""
+    from_top = np.cumsum(hist[::-1])
+    i = int(np.searchsorted(from_top, k))
+    return hist.size - 1 - i, k - (int(from_top[i - 1]) if i else 0)
+
+
+def _ties(s: np.ndarray, threshold: float, need: int) -> np.ndarray:
+    """The first `need` indices with |s| == threshold, scanned in pieces (no float copy of s)."""
+    found: list[np.ndarray] = []
+    for start in range(0, s.size, CHUNK):
+        piece = s[start : start + CHUNK]
+        found.append(np.flatnonzero((piece == threshold) | (piece == -threshold)) + start)
+        need -= found[-1].size
+        if need <= 0:
+            break
+    return np.concatenate(found) if found else np.zeros(0, dtype=np.int64)
+
+
 def _effective(w: torch.Tensor, mask: torch.Tensor, binarize: bool, constant_magnitude: bool = False) -> torch.Tensor:
     """w_eff from a freshly materialised W (modified in place).
 
@@ -169,6 +263,64 @@ class SupermaskWeight(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
         w = ctx.frozen.tensor(grad.device, grad.dtype)
         return grad * w, None, None, None
+
+
+def _pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """1 bit per weight on the CPU (what backward keeps instead of the float w_eff)."""
+    if mask.device.type != "cpu":
+        return mask
+    return torch.from_numpy(np.packbits(mask.numpy().reshape(-1)))
+
+
+def _unpack_mask(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    if packed.dtype == torch.bool:
+        return packed
+    n = math.prod(shape)
+    return torch.from_numpy(np.unpackbits(packed.numpy(), count=n).view(np.bool_)).view(shape)
+
+
+def _score_grad_(grad_w: torch.Tensor, scores: torch.Tensor, frozen: FrozenWeights) -> torch.Tensor:
+    """grad_w * W * sgn(scores) in place on grad_w, a piece at a time.
+
+    The same products in the same order as SupermaskWeight.backward followed by abs's backward
+    (so bit-identical), without layer-sized copies of W or sgn(scores)."""
+    g, s = grad_w.view(-1), scores.detach().reshape(-1)
+    if g.device.type != "cpu" or g.dtype != torch.float32:
+        return grad_w.mul_(frozen.tensor(g.device, g.dtype)).mul_(scores.detach().sgn())
+    for start, stop, w in frozen.flat_chunks():
+        g[start:stop].mul_(w).mul_(s[start:stop].sgn())
+    return grad_w
+
+
+class SupermaskOp(torch.autograd.Function):
+    """A supermask layer's conv/linear in one step: y = op(x, w_eff(scores)), rematerialising.
+
+    Autograd through F.conv2d(x, SupermaskWeight(...)) keeps every layer's float w_eff alive
+    from forward to backward. Here backward keeps x, the scores (a parameter, no copy) and the
+    mask as packed bits, and rebuilds w_eff from the 1-bit frozen weights when it is needed.
+    Gradients are those of the two-step form: grad_x and dL/dw_eff from the same aten
+    kernels, and the straight-through score gradient dL/dw_eff * W * sgn(scores).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scores: torch.Tensor, layer: "SupermaskLayer") -> torch.Tensor:  # noqa: ANN001
+        mask = mask_from_scores(scores, layer.kept)
+        y = layer.masked_apply(x, mask, scores)
+        ctx.layer = layer
+        ctx.save_for_backward(x, scores, _pack_mask(mask))
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):  # noqa: ANN001, ANN205
+        x, scores, packed = ctx.saved_tensors
+        layer: SupermaskLayer = ctx.layer
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            w_eff = layer.weight_from_mask(_unpack_mask(packed, layer.weight_shape), scores)
+            grad_x = layer.input_grad(grad_y, x, w_eff)
+            del w_eff  # gone before the layer-sized weight gradient is allocated
+        grad_w = layer.weight_grad(grad_y, x)
+        return grad_x, _score_grad_(grad_w, scores, layer.frozen), None
 
 
 class _SignWeightSTE(torch.autograd.Function):
@@ -232,7 +384,26 @@ class _ConvOps:
     padding: int
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(x, self.forward_weight(), None, self.stride, self.padding)  # type: ignore[attr-defined]
+        if isinstance(self, SupermaskLayer) and torch.is_grad_enabled() and self.scores.requires_grad:
+            return SupermaskOp.apply(x, self.scores, self)
+        return self.apply_weight(x, self.forward_weight())  # type: ignore[attr-defined]
+
+    def apply_weight(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, w, None, self.stride, self.padding)
+
+    def input_grad(self, grad_y: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """dL/dx of apply_weight, from aten's convolution_backward (what autograd calls)."""
+        return self._conv_backward(grad_y, x, w, [True, False, False])[0]
+
+    def weight_grad(self, grad_y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """dL/dw; the kernel reads only the weight's shape (as torch.nn.grad.conv2d_weight)."""
+        w = grad_y.new_empty(1).expand(self.out_channels, self.in_channels, self.kernel_size, self.kernel_size)
+        return self._conv_backward(grad_y, x, w, [False, True, False])[1]
+
+    def _conv_backward(self, grad_y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, which: list[bool]) -> tuple:
+        return torch.ops.aten.convolution_backward(
+            grad_y, x, w, None, [self.stride] * 2, [self.padding] * 2, [1, 1], False, [0, 0], 1, which
+        )
 
     def to_dense(self) -> nn.Conv2d:
         conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding, bias=False)
@@ -247,7 +418,20 @@ class _LinearOps:
     out_features: int
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.forward_weight())  # type: ignore[attr-defined]
+        if isinstance(self, SupermaskLayer) and torch.is_grad_enabled() and self.scores.requires_grad:
+            return SupermaskOp.apply(x, self.scores, self)
+        return self.apply_weight(x, self.forward_weight())  # type: ignore[attr-defined]
+
+    def apply_weight(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, w)
+
+    def input_grad(self, grad_y: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """dL/dx of F.linear without bias (grad_y @ W, as autograd computes it)."""
+        return grad_y.matmul(w)
+
+    def weight_grad(self, grad_y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """dL/dw = grad_y^T @ x over all leading dimensions."""
+        return grad_y.reshape(-1, grad_y.shape[-1]).t().mm(x.reshape(-1, x.shape[-1]))
 
     def to_dense(self) -> nn.Linear:
         lin = nn.Linear(self.in_features, self.out_features, bias=False)
@@ -288,10 +472,33 @@ class SupermaskLayer(nn.Module):
 
     forward_weight = effective_weight
 
+    def _lean(self, like: torch.Tensor) -> bool:
+        """Signed-constant float32 weights on the CPU: w_eff = W * m, built a piece at a time."""
+        return self.frozen.init == "signed_constant" and like.device.type == "cpu" and like.dtype == torch.float32
+
+    def masked_apply(self, x: torch.Tensor, mask: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """op(x, w_eff) for SupermaskOp's forward (w_eff dropped right after)."""
+        return self.apply_weight(x, self.weight_from_mask(mask, scores))
+
+    @torch.no_grad()
+    def weight_from_mask(self, mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """w_eff for a given mask, freshly materialised (SupermaskOp calls it in forward and backward).
+
+        The lean path computes W * m piece by piece (the same products as _effective's
+        w.mul_(mask), so the same numbers) without a layer-sized float copy of W beside w_eff."""
+        if not self._lean(like):
+            w = self.frozen.tensor(like.device, like.dtype)
+            return _effective(w, mask, self.binarize, self.frozen.init == "signed_constant")
+        w = torch.empty(self.frozen.numel, dtype=torch.float32)
+        flat_mask = mask.reshape(-1)
+        for start, stop, chunk in self.frozen.flat_chunks():
+            torch.mul(chunk, flat_mask[start:stop], out=w[start:stop])
+        return w.view(self.weight_shape)
+
     @torch.no_grad()
     def mask(self) -> torch.Tensor:
         """Current boolean mask (top `kept` of |scores|)."""
-        return topk_mask(self.scores.abs(), self.kept)
+        return mask_from_scores(self.scores, self.kept)
 
     @torch.no_grad()
     def alpha(self) -> float:
@@ -351,6 +558,20 @@ class SupermaskLinear(_LinearOps, SupermaskLayer):
     ) -> None:
         super().__init__((out_features, in_features), prune_ratio, binarize, seed, index, weight_init)
         self.in_features, self.out_features = int(in_features), int(out_features)
+
+    def masked_apply(self, x: torch.Tensor, mask: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """A large layer's forward in blocks of output rows: w_eff exists one block at a time.
+
+        Each output is still one dot product over all inputs, so the numbers match the
+        unblocked F.linear (bit for bit on the benchmark machine; the tests allow 1e-6)."""
+        rows = max(16, 1 << max(0, (4 * CHUNK // self.in_features).bit_length() - 1))
+        if not self._lean(scores) or rows >= self.out_features:
+            return super().masked_apply(x, mask, scores)
+        flat_mask, blocks = mask.reshape(-1), []
+        for r0 in range(0, self.out_features, rows):
+            a, b = r0 * self.in_features, min(r0 + rows, self.out_features) * self.in_features
+            blocks.append(F.linear(x, self.frozen.piece(a, b).mul_(flat_mask[a:b]).view(-1, self.in_features)))
+        return torch.cat(blocks, dim=-1)
 
 
 # ----------------------------------------------------------------------------- BNN baseline layers
@@ -522,10 +743,12 @@ __all__ = [
     "SupermaskConv2d",
     "SupermaskLayer",
     "SupermaskLinear",
+    "SupermaskOp",
     "SupermaskWeight",
     "frozen_weight_count",
     "layer_alphas",
     "mask_bitarrays",
+    "mask_from_scores",
     "materialize",
     "model_masks",
     "model_signs",

@@ -21,9 +21,11 @@ from models.supermask import (
     BinaryActivation,
     BinaryLinear,
     SignActivation,
+    SupermaskConv2d,
     SupermaskLayer,
     SupermaskLinear,
     frozen_weight_count,
+    mask_from_scores,
     materialize,
     model_masks,
     model_signs,
@@ -31,6 +33,7 @@ from models.supermask import (
     sign_ste,
     supermask_layers,
     supermask_memory,
+    topk_mask,
 )
 
 CONV4_WEIGHTS = 1_932_352
@@ -204,6 +207,114 @@ def test_straight_through_gradient_reaches_scores_only(init):
     assert layer.alpha() == pytest.approx(alpha, rel=1e-6)
     if init == "signed_constant":
         assert alpha == pytest.approx(math.sqrt(2 / 30), rel=1e-6)
+
+
+def _two_step_forward(layer: SupermaskLayer, x: torch.Tensor) -> torch.Tensor:
+    """The reference: autograd through op(x, SupermaskWeight(|scores|)), which keeps w_eff."""
+    return layer.apply_weight(x, layer.effective_weight())
+
+
+def _loss_and_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor, two_step: bool):
+    layers = [layer for _, layer in supermask_layers(model)]
+    for layer in layers:
+        layer.scores.grad = None
+        if two_step:
+            layer.forward = _two_step_forward.__get__(layer)
+    x = x.clone().requires_grad_(True)
+    try:
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+    finally:
+        for layer in layers:
+            layer.__dict__.pop("forward", None)
+    return float(loss.detach()), [layer.scores.grad.clone() for layer in layers], x.grad
+
+
+@pytest.mark.parametrize("name", ["conv4-mpt", "conv4-mpt11", "mlp-mpt"])
+def test_rematerialising_op_gives_the_two_step_numbers(name):
+    """SupermaskOp (w_eff rebuilt in backward) must not change training numerics."""
+    torch.manual_seed(0)
+    model = build_model(name, seed=0)
+    x, y = torch.randn(6, 1, 28, 28), torch.randint(0, 10, (6,))
+    loss_ref, grads_ref, gx_ref = _loss_and_grads(model, x, y, two_step=True)
+    loss, grads, gx = _loss_and_grads(model, x, y, two_step=False)
+    assert loss == pytest.approx(loss_ref, rel=1e-6, abs=1e-7)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("init", ["signed_constant", "kaiming_normal"])
+@pytest.mark.parametrize("binarize", [True, False])
+def test_rematerialising_op_single_layers(init, binarize):
+    torch.manual_seed(1)
+    lin = SupermaskLinear(40, 24, prune_ratio=0.7, binarize=binarize, seed=2, index=0, weight_init=init)
+    conv = SupermaskConv2d(3, 8, 3, padding=1, prune_ratio=0.7, binarize=binarize, seed=2, index=1, weight_init=init)
+    for layer, x in ((lin, torch.randn(5, 40)), (conv, torch.randn(2, 3, 9, 9))):
+        outs = []
+        for two_step in (True, False):
+            layer.scores.grad = None
+            xr = x.clone().requires_grad_(True)
+            out = _two_step_forward(layer, xr) if two_step else layer(xr)
+            (out.sin().sum()).backward()
+            outs.append((out.detach(), layer.scores.grad.clone(), xr.grad))
+        for ref, got in zip(*outs):
+            torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+
+
+def _saved_bytes(fn) -> int:  # noqa: ANN001
+    """Bytes autograd saves for backward while fn() runs (parameters excluded: they are not copies)."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if not isinstance(t, nn.Parameter):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+def test_rematerialising_op_does_not_keep_the_float_weight():
+    torch.manual_seed(0)
+    layer = SupermaskLinear(512, 256, prune_ratio=0.8, seed=0, index=4)
+    x = torch.randn(4, 512, requires_grad=True)  # an inner layer: backward needs dL/dx, hence w_eff
+    fused = _saved_bytes(lambda: layer(x))
+    two_step = _saved_bytes(lambda: _two_step_forward(layer, x))
+    w_bytes = 4 * 512 * 256
+    assert two_step >= w_bytes  # the reference keeps w_eff for backward
+    assert fused <= x.numel() * 4 + w_bytes // 8  # x and the mask as packed bits
+
+
+@pytest.mark.parametrize("n,kept", [(1_605_632, 321_127), (100_000, 20_000), (100, 20), (10, 3)])
+@pytest.mark.parametrize("kind", ["normal", "ties", "signed_ties"])
+def test_lean_mask_equals_topk(n, kept, kind):
+    gen = torch.Generator().manual_seed(n)
+    scores = {
+        "normal": lambda: torch.randn(n, generator=gen),
+        "ties": lambda: torch.randint(-3, 4, (n,), generator=gen).float(),
+        "signed_ties": lambda: torch.randint(-2, 3, (n,), generator=gen).float() * 0.5,
+    }[kind]()
+    mask = mask_from_scores(scores, kept)
+    assert torch.equal(mask, topk_mask(scores.abs(), kept))
+    assert int(mask.sum()) == kept
+    with pytest.raises(ValueError):
+        mask_from_scores(torch.full((n,), float("nan")), kept)
+
+
+@pytest.mark.parametrize("shape", [(1,), (7,), (9,), (64,), (65,), (3, 5, 7), (256, 6272)])
+def test_sign_bits_are_packed_signs(shape):
+    assert bits.regenerate_sign_bits(2, 5, shape) == bits.pack_bits(bits.regenerate_signs(2, 5, shape))
+
+
+def test_trainer_leaves_no_gradients_behind():
+    from edge_agent.trainer import LocalTrainer, TrainConfig
+
+    trainer = LocalTrainer("conv4-mpt", (1, 28, 28), 10)
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    trainer.train(get_state(trainer.model), x, y, TrainConfig(epochs=1, batch_size=4, lr=0.1), seed=0)
+    assert all(p.grad is None for p in trainer.model.parameters())
 
 
 def test_conv4_training_step_updates_scores_and_masks(conv4):
