@@ -34,6 +34,7 @@ MODES = {  # mode: (model, strategy, optimiser settings)
     "fedavg (dense fp32)": ("conv4", "fedavg", {"optimizer": "sgd", "lr": 0.01, "momentum": 0.9}),
     "mpt-score-avg (1/32)": ("conv4-mpt", "mpt-score-avg", {"optimizer": "sgd", "lr": 0.1, "momentum": 0.9}),
     "mpt-mask (1/32, 1-bit up)": ("conv4-mpt", "mpt-mask", {"optimizer": "sgd", "lr": 0.1, "momentum": 0.9}),
+    "sign-delta (1/32, 1-bit up)": ("conv4-mpt", "sign-delta", {"optimizer": "sgd", "lr": 0.1, "momentum": 0.9}),
 }
 
 CHILD = r"""

@@ -72,8 +72,12 @@ class Stopped(Exception):
     """SIGTERM (e.g. from `timeout`): the cell in progress is saved as partial, not lost."""
 
 
+_STOPPING: list[bool] = []
+
+
 def _stop(signum, frame) -> None:  # noqa: ANN001
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second signal must not cut the final write
+    _STOPPING.append(True)
     raise Stopped()
 
 
@@ -102,8 +106,8 @@ def run_method(method: str, seed: int, args, ds, prune_ratio: float = 0.8) -> di
                               profile=args.profile, curve=progress)
             else:
                 plain_fedavg(ds, parts, cfg.hub, profile_name=args.profile, history=progress)
-        except Stopped:
-            if not progress:
+        except Exception:  # torch may wrap Stopped (e.g. load_state_dict re-raises a RuntimeError)
+            if not _STOPPING or not progress:
                 raise
             print(f"{method} seed {seed}: stopped after {len(progress)} of {args.rounds} rounds (kept as partial)")
         out.update(accuracy=[r["accuracy"] for r in progress], rounds_done=len(progress))
@@ -121,18 +125,38 @@ def run_method(method: str, seed: int, args, ds, prune_ratio: float = 0.8) -> di
     return out
 
 
+def _rounds(cell: dict) -> int:
+    return int(cell.get("rounds_done", len(cell["accuracy"])))
+
+
+def common_rounds(cells: list[dict]) -> int:
+    """Rounds every federated cell reached: a partial cell is compared with the others there."""
+    fed = [_rounds(c) for c in cells if PAPER003_METHODS.get(c["method"], {}).get("federated")]
+    return min(fed) if fed else 0
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), statistics.pstdev(values) if len(values) > 1 else 0.0
+
+
 def table(cells: list[dict]) -> list[dict]:
+    """One row per method at prune ratio 0.8: best accuracy over the rounds each seed ran, and
+    best accuracy within the rounds every federated cell reached (the fair comparison when
+    some cells were stopped early)."""
+    common = common_rounds(cells)
     rows = []
     for method in PAPER003_METHODS:
         mine = [c for c in cells if c["method"] == method and c["prune_ratio"] == 0.8]
         if not mine:
             continue
-        best = [100 * c["best_accuracy"] for c in mine]
-        rows.append({"method": method, "best_accuracy_mean": statistics.mean(best),
-                     "best_accuracy_std": statistics.pstdev(best) if len(best) > 1 else 0.0, "seeds": len(best),
-                     "rounds": min(c.get("rounds_done", len(c["accuracy"])) for c in mine),
-                     "size_bytes": mine[0]["size_bytes"], "sparsity": mine[0]["sparsity"],
-                     "uplink_bytes": mine[0]["uplink"], "downlink_bytes": mine[0]["downlink"]})
+        best, best_sd = _mean_std([100 * c["best_accuracy"] for c in mine])
+        row = {"method": method, "best_accuracy_mean": best, "best_accuracy_std": best_sd, "seeds": len(mine),
+               "rounds": min(_rounds(c) for c in mine), "size_bytes": mine[0]["size_bytes"],
+               "sparsity": mine[0]["sparsity"], "uplink_bytes": mine[0]["uplink"], "downlink_bytes": mine[0]["downlink"]}
+        if PAPER003_METHODS[method]["federated"] and common:
+            at, at_sd = _mean_std([100 * max(c["accuracy"][:common]) for c in mine])
+            row.update(common_rounds=common, best_at_common_mean=at, best_at_common_std=at_sd)
+        rows.append(row)
     return rows
 
 
@@ -177,7 +201,9 @@ def main() -> int:
         np.random.seed(seed)
         try:
             results["cells"].append(run_method(method, seed, args, ds, ratio))
-        except Stopped:
+        except Exception:
+            if not _STOPPING:
+                raise
             break
         finally:
             results["table"] = table(results["cells"])
@@ -195,7 +221,7 @@ def merge(files: list[str], out: Path) -> int:
         part = json.loads(Path(f).read_text())
         for key in ("machine", "cuda", "rounds", "transport"):
             results.setdefault(key, part.get(key))
-        results["cells"] += part["cells"]
+        results["cells"] += [{**c, "part": Path(f).name} for c in part["cells"]]
     results["command"] = "python benchmarks/paper003.py --merge " + " ".join(Path(f).name for f in files)
     return _write(results, out)
 
@@ -207,35 +233,56 @@ def _write(results: dict, out: Path) -> int:
     out.write_text(json.dumps(results, indent=1))
     _plot(results, out.with_suffix(".png"))
     for row in results["table"]:
+        common = (f"  best in {row['common_rounds']} rounds {row['best_at_common_mean']:6.2f} +- "
+                  f"{row['best_at_common_std']:.2f}") if "common_rounds" in row else ""
         print(f"{row['method']:18s} {row['best_accuracy_mean']:6.2f} +- {row['best_accuracy_std']:.2f} ({row['seeds']} seeds, "
-              f">= {row['rounds']} rounds) "
-              f"size {row['size_bytes']:>9,d}  sparsity {row['sparsity']:.0%}  up {row['uplink_bytes']:>10,.0f}  "
-              f"down {row['downlink_bytes']:>10,.0f}")
+              f">= {row['rounds']} rounds){common}  size {row['size_bytes']:>9,d}  sparsity {row['sparsity']:.0%}  "
+              f"up {row['uplink_bytes']:>10,.0f}  down {row['downlink_bytes']:>10,.0f}")
     print(f"wrote {out} and {out.with_suffix('.png')}")
     return 0
 
 
 def _plot(results: dict, path: Path) -> None:
+    """Left: best accuracy against prune ratio (paper 003's figure 1), every point taken within
+    the same number of rounds. Right: test accuracy per round, mean over seeds, per method."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     cells = results["cells"]
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    common = common_rounds(cells) or results.get("rounds") or 1
+    fig, (ax, curves) = plt.subplots(1, 2, figsize=(13, 4.5))
     for method, marker in (("mpt-fl-1/32", "o"), ("mpt-fl-1/1", "s")):
-        pts = sorted({(c["prune_ratio"], c["best_accuracy"]) for c in cells if c["method"] == method
-                      and c["seed"] == min(x["seed"] for x in cells)})
+        pts: dict[float, list[float]] = {}
+        for c in cells:
+            if c["method"] == method:
+                pts.setdefault(c["prune_ratio"], []).append(100 * max(c["accuracy"][:common]))
         if len(pts) > 1:
-            ax.plot([100 * p for p, _ in pts], [100 * a for _, a in pts], marker=marker, label=f"MPT-FL {method[-4:]}")
-    fed = [c["best_accuracy"] for c in cells if c["method"] == "fedavg"]
+            ratios = sorted(pts)
+            ax.plot([100 * p for p in ratios], [statistics.mean(pts[p]) for p in ratios], marker=marker,
+                    label=f"MPT-FL {method.rsplit('-', 1)[-1]}")
+    fed = [100 * max(c["accuracy"][:common]) for c in cells if c["method"] == "fedavg"]
     if fed:
-        ax.axhline(100 * statistics.mean(fed), color="k", ls="--", label="FedAvg (dense, no pruning)")
+        ax.axhline(statistics.mean(fed), color="k", ls="--", label="FedAvg (dense, no pruning)")
     ax.set_xlabel("prune ratio (% of weights removed)")
-    ax.set_ylabel("best test accuracy (%)")
-    ax.set_title(f"paper003 on Fashion-MNIST, {results['rounds']} rounds")
+    ax.set_ylabel(f"best test accuracy in {common} rounds (%)")
+    ax.set_title("accuracy vs prune ratio (mean over the seeds run)")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
+    for method, spec in PAPER003_METHODS.items():
+        runs = [c["accuracy"] for c in cells if c["method"] == method and c["prune_ratio"] == 0.8]
+        if not runs or not spec["federated"]:
+            continue
+        n = min(len(r) for r in runs)
+        curves.plot(range(1, n + 1), [100 * statistics.mean(r[i] for r in runs) for i in range(n)], label=method)
+    curves.set_xlabel("round")
+    curves.set_ylabel("test accuracy (%)")
+    curves.set_title(f"paper003 on Fashion-MNIST, prune ratio 0.8 ({results.get('cuda') or 'CPU'})")
+    curves.grid(alpha=0.3)
+    if curves.get_legend_handles_labels()[0]:
+        curves.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

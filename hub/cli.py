@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 from fedge.common import add_broker_args, add_logging_args, broker_from_args, setup_logging, stop_event_on_signals
+from hub.strategies import STRATEGIES
 from models.data import DATASETS, DEFAULT_FASHION_ROOT
 from models.partition import PARTITIONERS, PartitionSpec
 
@@ -25,7 +26,7 @@ def _add_round_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--min-updates", type=int, help="fewest updates to aggregate; fewer re-runs the round")
     g.add_argument("--target-accuracy", type=float, help="stop once test accuracy reaches this (0-1)")
     g.add_argument("--min-weight-change", type=float, help="stop once the relative weight change falls below this")
-    g.add_argument("--strategy", help="aggregation rule (fedavg)")
+    g.add_argument("--strategy", help=f"aggregation rule: {', '.join(STRATEGIES)} (default fedavg)")
     g.add_argument("--lr", type=float, help="local learning rate sent with each task")
     g.add_argument("--epochs", type=int, help="local epochs per round")
     g.add_argument("--batch-size", type=int, help="local batch size (capped by each device's profile)")
@@ -158,7 +159,8 @@ def add_fleet_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--recipe", help="a paper's experiment design (paper001, paper003); flags below override it")
     p.add_argument("--method", help="paper003: dnn-central, mpt-central-1/32, fedavg, bnn-fl-1/1, bnn-fl-1/32, "
-                                    "mpt-fl-1/1, mpt-fl-1/32 (default), mpt-fl-1bit")
+                                    "mpt-fl-1/1, mpt-fl-1/32 (default), mpt-fl-1bit (mask uplink), "
+                                    "mpt-fl-1bit-sign (sign-delta uplink)")
     p.add_argument("--prune-ratio", type=float, help="paper003: fraction of weights REMOVED (0.8 keeps 20 %%)")
     p.add_argument("--profile", help="device profile of the virtual devices (default sim; desktop-gpu trains on CUDA)")
     p.add_argument("--broker", default=None, help="external MQTT broker URL (default: embedded broker)")

@@ -1,5 +1,6 @@
-"""1-bit MPT-FL over a real broker: score averaging and the 1-bit mask uplink both learn, the
-uplink really is one bit per weight, and malformed masks or NaN scores are refused."""
+"""1-bit MPT-FL over a real broker: score averaging and the 1-bit mask and sign uplinks learn,
+the uplink really is one bit per weight, and malformed masks, NaN scores or an update in the
+wrong codec are refused."""
 
 from __future__ import annotations
 
@@ -8,13 +9,16 @@ import time
 
 import numpy as np
 import paho.mqtt.client as mqtt
+import pytest
 
 from hub.fleet import Fleet, FleetConfig
 from hub.hub import HubConfig
+from hub.strategies import sign_delta
 from models.partition import PartitionSpec
 from models.registry import build_model, get_state
 from models.wire import decode, decode_tensors
 from models.wire.codecs import encode_tensors
+from models.wire.envelope import EnvelopeError
 from models.wire.messages import build_update_message
 from models.wire.transport import BrokerConfig
 
@@ -113,3 +117,62 @@ def test_mpt_run_leaves_a_mask_file_that_exports_and_predicts(embedded_broker, t
     logits = sess.run(None, {sess.get_inputs()[0].name: small_data.test.x[:400]})[0]
     accuracy = float((logits.argmax(1) == small_data.test.y[:400]).mean())
     assert abs(accuracy - report["final_accuracy"]) < 0.02, (accuracy, report["final_accuracy"])
+
+
+def test_sign_codec_is_one_bit_per_weight_and_keeps_direction():
+    rng = np.random.default_rng(0)
+    delta = {"a": rng.normal(size=(256, 6272)).astype(np.float32), "b": rng.normal(size=(3, 5)).astype(np.float32)}
+    fields, body = encode_tensors(delta, "sign1")
+    assert len(body) == sum(4 + (v.size + 7) // 8 for v in delta.values())
+    back = decode_tensors(fields, body)
+    for k, v in delta.items():
+        assert np.array_equal(back[k] > 0, v > 0)  # every weight's direction survives
+        assert np.allclose(np.abs(back[k]), np.mean(np.abs(v)), rtol=1e-6)  # one L2-optimal scale per tensor
+    bad = bytearray(body)
+    bad[0:4] = np.array([-1.0], dtype="<f4").tobytes()
+    with pytest.raises(EnvelopeError, match="scale"):
+        decode_tensors(fields, bytes(bad))
+    with pytest.raises(EnvelopeError, match="needs"):
+        decode_tensors(fields, body[:-1])
+
+
+def test_sign_delta_rule_is_fedavg_of_rebuilt_states():
+    rng = np.random.default_rng(1)
+    glob = {"w": rng.normal(size=(4, 4)).astype(np.float32)}
+    d1, d2 = rng.normal(size=(4, 4)).astype(np.float32), rng.normal(size=(4, 4)).astype(np.float32)
+    new = sign_delta(glob, [({"w": d1}, 30), ({"w": d2}, 10)])
+    assert np.allclose(new["w"], glob["w"] + 0.75 * d1 + 0.25 * d2, atol=1e-6)
+
+
+def test_mpt_sign_uplink_learns_over_mosquitto(mosquitto_url, topic_prefix, tmp_path, small_data):
+    with _fleet(mosquitto_url, topic_prefix, tmp_path, small_data, "sign-delta") as fleet:
+        report = fleet.run()
+    assert report["rounds_completed"] == 3
+    assert report["final_accuracy"] > 0.3, report["final_accuracy"]  # chance 0.10
+    assert report["uplink_bytes_per_device"] < 198_800 / 8 + 2048  # one bit per weight + scales + header
+
+
+def test_update_in_the_wrong_codec_is_refused(embedded_broker, topic_prefix, tmp_path, small_data):
+    """Under sign-delta a full-precision state would be read as a step: the hub refuses it."""
+    cfg = BrokerConfig.from_url(embedded_broker)
+    attacker = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2)
+    attacker.connect(cfg.host, cfg.port)
+    attacker.loop_start()
+    with _fleet(embedded_broker, topic_prefix, tmp_path, small_data, "sign-delta", rounds=2) as fleet:
+        hub = fleet.make_hub()
+
+        def attack() -> None:
+            while hub._task is None:
+                time.sleep(0.02)
+            task = hub._task
+            device = task.selected[0]
+            payload = build_update_message("mpt", hub.run_id, device, task.round, task.model_version,
+                                           hub.reference, 10, codec="fp32")
+            attacker.publish(hub.topics.device_update(device), payload, qos=1)
+
+        threading.Thread(target=attack, daemon=True).start()
+        report = fleet.run(hub)
+    attacker.loop_stop()
+    assert report["rounds_completed"] == 2
+    reasons = "\n".join(r["reason"] for r in hub.store.rejections())
+    assert "codec 'fp32'" in reasons and "needs 'sign1'" in reasons, reasons
