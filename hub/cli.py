@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 
 from fedge.common import add_broker_args, add_logging_args, broker_from_args, setup_logging, stop_event_on_signals
@@ -242,6 +243,9 @@ def run_fleet(args: argparse.Namespace) -> int:
             "uplink_bytes_per_device", "downlink_bytes_per_device", "seconds_per_round", "wall_time_s")
     print(json.dumps({k: report.get(k) for k in keys}, indent=1))
     print(f"results: {fleet.run_dir}/ (run.json, accuracy.png, final_model.fedge/.onnx, partition.json)")
+    if stop.is_set():  # interrupted (Ctrl-C, SIGTERM): what ran is saved, but the run did not finish
+        print(f"stopped after {report.get('rounds_completed')} round(s)", file=sys.stderr)
+        return 130
     return 0
 
 

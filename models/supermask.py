@@ -398,7 +398,10 @@ class _ConvOps:
     def weight_grad(self, grad_y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """dL/dw; the kernel reads only the weight's shape (as torch.nn.grad.conv2d_weight)."""
         w = grad_y.new_empty(1).expand(self.out_channels, self.in_channels, self.kernel_size, self.kernel_size)
-        return self._conv_backward(grad_y, x, w, [False, True, False])[1]
+        # a channels-last input (e.g. images reshaped from N x 28 x 28) gives a channels-last
+        # gradient; the score gradient is formed on its flat view, so make it contiguous
+        # (conv layers are small: at most 147,456 weights in Conv-4)
+        return self._conv_backward(grad_y, x, w, [False, True, False])[1].contiguous()
 
     def _conv_backward(self, grad_y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, which: list[bool]) -> tuple:
         return torch.ops.aten.convolution_backward(

@@ -244,6 +244,26 @@ def test_rematerialising_op_gives_the_two_step_numbers(name):
     torch.testing.assert_close(gx, gx_ref, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_conv4_mpt_trains_on_channels_last_images(threads):
+    """Images loaded as (N, 28, 28) and reshaped have strides (784, 1, 28, 1), which torch
+    reads as channels-last: convolutions then return channels-last weight gradients, and the
+    score gradient (formed on a flat view) must come out right anyway."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(0)
+        model = build_model("conv4-mpt", seed=0)
+        x, y = torch.randn(10, 28, 28, 1).permute(0, 3, 1, 2), torch.randint(0, 10, (10,))
+        loss_ref, grads_ref, _ = _loss_and_grads(model, x, y, two_step=True)
+        loss, grads, _ = _loss_and_grads(model, x, y, two_step=False)
+    finally:
+        torch.set_num_threads(before)
+    assert loss == pytest.approx(loss_ref, rel=1e-6, abs=1e-7)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("init", ["signed_constant", "kaiming_normal"])
 @pytest.mark.parametrize("binarize", [True, False])
 def test_rematerialising_op_single_layers(init, binarize):
