@@ -187,7 +187,7 @@ def main() -> int:
     if out.exists():  # resume: keep cells already measured with the same settings
         old = json.loads(out.read_text())
         if old.get("rounds") == args.rounds and old.get("transport") == args.transport:
-            results["cells"] = old["cells"]
+            results["cells"] = [c for c in old["cells"] if _rounds(c) >= args.rounds]  # partial cells rerun
     signal.signal(signal.SIGTERM, _stop)
     done = {(c["method"], c["seed"], c["prune_ratio"]) for c in results["cells"]}
     plan = [] if args.sweep_only else [(m, s, 0.8) for m in args.methods for s in args.seeds]
