@@ -62,7 +62,7 @@ for r in range(3):
     res = trainer.train(state, x, y, cfg, seed=r)
     phases.setdefault("first round trained", peak())
     codec = UPDATE_CODEC.get(strategy, "fp32")
-    res.state = uplink_state(trainer, res, codec)  # as edge_agent.agent does
+    res.state = uplink_state(trainer, res, codec, state)  # as edge_agent.agent does
     trained_mb = sum(p.numel() * 4 for p in trainer.model.parameters()) / 2**20
     up = build_update_message("f", "run", "dev000", 1, 0, res.state, 40, codec=codec)
     del res  # the agent keeps only the published payload (its _last_update) into the next round

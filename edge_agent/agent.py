@@ -220,7 +220,7 @@ class Agent:
 
         def job(trainer: LocalTrainer) -> TrainResult:
             result = trainer.train(tensors, self.x, self.y, cfg, seed)
-            result.state = uplink_state(trainer, result, task.codec)
+            result.state = uplink_state(trainer, result, task.codec, tensors)
             return result
 
         def done(result: TrainResult | Exception) -> None:

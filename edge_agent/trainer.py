@@ -74,14 +74,12 @@ class LocalTrainer:
         self.device = torch.device(device)
         self.model = build_model(model_name, in_shape, num_classes).to(self.device)
         self.model_name = model_name
-        self.received: Mapping[str, np.ndarray] = {}
         self.num_params = count_parameters(self.model)
 
     def train(
         self, state: Mapping[str, np.ndarray], x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, seed: int
     ) -> TrainResult:
         start = time.perf_counter()
-        self.received = state  # the global this job started from (sign1 uplinks the change)
         set_state(self.model, state)
         model = self.model.train()
         params = [p for p in model.parameters() if p.requires_grad]
@@ -128,14 +126,16 @@ def _release(opt: torch.optim.Optimizer) -> None:
     opt.state.clear()
 
 
-def uplink_state(trainer: LocalTrainer, result: TrainResult, codec: str | None) -> "dict[str, np.ndarray]":
+def uplink_state(trainer: LocalTrainer, result: TrainResult, codec: str | None,
+                 received: Mapping[str, np.ndarray]) -> "dict[str, np.ndarray]":
     """What a device sends after training: its trained state, or, for the 1-bit codec
     ('mask1', strategy mpt-mask), only the masks its trained scores select, or for 'sign1'
-    (strategy sign-delta) the change from the received global, which the codec cuts to 1 bit."""
+    (strategy sign-delta) the change from `received` (the global the job started from), which
+    the codec cuts to 1 bit."""
     if codec == "mask1":
         from models.supermask import model_masks  # noqa: PLC0415
 
         return model_masks(trainer.model)
     if codec == "sign1":
-        return {k: v - np.asarray(trainer.received[k], dtype=np.float32) for k, v in result.state.items()}
+        return {k: v - np.asarray(received[k], dtype=np.float32) for k, v in result.state.items()}
     return result.state

@@ -45,7 +45,7 @@ def plain_fedavg(dataset: Dataset, parts: list[np.ndarray], hub: HubConfig, prof
         for dev in selected:
             x, y = devices[dev]
             res = trainer.train(state, x, y, cfg, job_seed(hub.seed, round_id, dev))
-            updates.append((uplink_state(trainer, res, codec), res.num_samples))
+            updates.append((uplink_state(trainer, res, codec, state), res.num_samples))
         state = aggregate(state, updates)
         set_state(trainer.model, state)
         loss, acc = evaluate(trainer.model, tx, ty)

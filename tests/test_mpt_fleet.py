@@ -33,6 +33,28 @@ def _fleet(url: str, prefix: str, tmp_path, data, strategy: str, rounds: int = 3
     return Fleet(cfg, dataset=data)
 
 
+def _run_under_attack(url: str, prefix: str, tmp_path, data, strategy: str, forge) -> tuple[dict, str]:  # noqa: ANN001
+    """Run 2 rounds while a rogue MQTT client publishes forge(hub, task) -> [(device, payload)]
+    as soon as round 1 opens; returns (fleet report, the hub's rejection reasons)."""
+    cfg = BrokerConfig.from_url(url)
+    attacker = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2)
+    attacker.connect(cfg.host, cfg.port)
+    attacker.loop_start()
+    with _fleet(url, prefix, tmp_path, data, strategy, rounds=2) as fleet:
+        hub = fleet.make_hub()
+
+        def attack() -> None:
+            while hub._task is None:
+                time.sleep(0.02)
+            for device, payload in forge(hub, hub._task):
+                attacker.publish(hub.topics.device_update(device), payload, qos=1)
+
+        threading.Thread(target=attack, daemon=True).start()
+        report = fleet.run(hub)
+    attacker.loop_stop()
+    return report, "\n".join(r["reason"] for r in hub.store.rejections())
+
+
 def test_conv4_mask_upload_is_one_bit_per_weight():
     model = build_model("conv4-mpt")
     from models.supermask import model_masks
@@ -67,36 +89,21 @@ def test_mpt_one_bit_uplink_learns_and_sends_bits(mosquitto_url, topic_prefix, t
 
 
 def test_bad_masks_and_nan_scores_are_rejected(embedded_broker, topic_prefix, tmp_path, small_data):
-    cfg = BrokerConfig.from_url(embedded_broker)
-    attacker = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2)
-    attacker.connect(cfg.host, cfg.port)
-    attacker.loop_start()
-    with _fleet(embedded_broker, topic_prefix, tmp_path, small_data, "mpt-mask", rounds=2) as fleet:
-        hub = fleet.make_hub()
+    def forge(hub, task):  # noqa: ANN001, ANN202
+        short = {k: np.ones(v.size - 8, np.float32) for k, v in hub.reference.items()}
+        nan = {k: v.copy() for k, v in hub.reference.items()}
+        next(iter(nan.values())).flat[0] = np.nan
+        good = build_update_message("mpt", hub.run_id, "dev000", task.round, task.model_version,
+                                    hub.reference, 10, codec="mask1")
+        return [
+            ("dev000", build_update_message("mpt", hub.run_id, "dev000", task.round, task.model_version, short, 10,
+                                            codec="mask1")),
+            ("dev000", build_update_message("mpt", hub.run_id, "dev000", task.round, task.model_version, nan, 10)),
+            ("dev000", good[:-200] + good[-168:]),  # body cut short: the digest no longer matches
+        ]
 
-        def attack() -> None:
-            while hub._task is None:
-                time.sleep(0.02)
-            task = hub._task
-            short = {k: np.ones(v.size - 8, np.float32) for k, v in hub.reference.items()}
-            nan = {k: v.copy() for k, v in hub.reference.items()}
-            next(iter(nan.values())).flat[0] = np.nan
-            good = build_update_message("mpt", hub.run_id, "dev000", task.round, task.model_version,
-                                        hub.reference, 10, codec="mask1")
-            sends = [
-                build_update_message("mpt", hub.run_id, "dev000", task.round, task.model_version, short, 10,
-                                     codec="mask1"),
-                build_update_message("mpt", hub.run_id, "dev000", task.round, task.model_version, nan, 10),
-                good[:-200] + good[-168:],  # body cut short: the digest no longer matches
-            ]
-            for payload in sends:
-                attacker.publish(hub.topics.device_update("dev000"), payload, qos=1)
-
-        threading.Thread(target=attack, daemon=True).start()
-        report = fleet.run(hub)
-    attacker.loop_stop()
+    report, reasons = _run_under_attack(embedded_broker, topic_prefix, tmp_path, small_data, "mpt-mask", forge)
     assert report["rounds_completed"] == 2
-    reasons = "\n".join(r["reason"] for r in hub.store.rejections())
     assert "has shape" in reasons and "NaN or Inf" in reasons, reasons
     assert "truncated" in reasons or "digest mismatch" in reasons, reasons
 
@@ -154,25 +161,11 @@ def test_mpt_sign_uplink_learns_over_mosquitto(mosquitto_url, topic_prefix, tmp_
 
 def test_update_in_the_wrong_codec_is_refused(embedded_broker, topic_prefix, tmp_path, small_data):
     """Under sign-delta a full-precision state would be read as a step: the hub refuses it."""
-    cfg = BrokerConfig.from_url(embedded_broker)
-    attacker = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2)
-    attacker.connect(cfg.host, cfg.port)
-    attacker.loop_start()
-    with _fleet(embedded_broker, topic_prefix, tmp_path, small_data, "sign-delta", rounds=2) as fleet:
-        hub = fleet.make_hub()
+    def forge(hub, task):  # noqa: ANN001, ANN202
+        device = task.selected[0]
+        return [(device, build_update_message("mpt", hub.run_id, device, task.round, task.model_version,
+                                              hub.reference, 10, codec="fp32"))]
 
-        def attack() -> None:
-            while hub._task is None:
-                time.sleep(0.02)
-            task = hub._task
-            device = task.selected[0]
-            payload = build_update_message("mpt", hub.run_id, device, task.round, task.model_version,
-                                           hub.reference, 10, codec="fp32")
-            attacker.publish(hub.topics.device_update(device), payload, qos=1)
-
-        threading.Thread(target=attack, daemon=True).start()
-        report = fleet.run(hub)
-    attacker.loop_stop()
+    report, reasons = _run_under_attack(embedded_broker, topic_prefix, tmp_path, small_data, "sign-delta", forge)
     assert report["rounds_completed"] == 2
-    reasons = "\n".join(r["reason"] for r in hub.store.rejections())
     assert "codec 'fp32'" in reasons and "needs 'sign1'" in reasons, reasons

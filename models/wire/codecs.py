@@ -85,10 +85,8 @@ def decode_tensors(header: Mapping, body: bytes) -> "OrderedDict[str, np.ndarray
         raise EnvelopeError(f"unknown codec {codec!r}; known: {sorted(ALL_CODECS)}")
     entries = _check_manifest(header.get("tensors"))
     sizes = [int(np.prod(shape, dtype=np.int64)) for _, shape in entries]
-    if codec == MASK_CODEC:
-        return _decode_masks(entries, sizes, body)
-    if codec == SIGN_CODEC:
-        return _decode_signs(entries, sizes, body)
+    if codec in (MASK_CODEC, SIGN_CODEC):
+        return _decode_packed(entries, sizes, body, codec)
     dtype = CODECS[codec]
     expected = sum(sizes) * dtype.itemsize
     if expected != len(body):
@@ -104,11 +102,14 @@ def decode_tensors(header: Mapping, body: bytes) -> "OrderedDict[str, np.ndarray
     return out
 
 
-def _decode_masks(entries: list[tuple[str, tuple[int, ...]]], sizes: list[int], body: bytes
-                  ) -> "OrderedDict[str, np.ndarray]":
-    expected = sum(_bits_len(n) for n in sizes)
+def _decode_packed(entries: list[tuple[str, tuple[int, ...]]], sizes: list[int], body: bytes, codec: str
+                   ) -> "OrderedDict[str, np.ndarray]":
+    """mask1 and sign1: per tensor [sign1: a float32 scale] then its bits packed 8 per byte.
+    mask1 decodes to 0/1, sign1 to -scale/+scale."""
+    head = 4 if codec == SIGN_CODEC else 0
+    expected = sum(head + _bits_len(n) for n in sizes)
     if expected != len(body):
-        raise EnvelopeError(f"body has {len(body)} bytes but the manifest needs {expected} for codec {MASK_CODEC}")
+        raise EnvelopeError(f"body has {len(body)} bytes but the manifest needs {expected} for codec {codec}")
     out: OrderedDict[str, np.ndarray] = OrderedDict()
     offset = 0
     raw = np.frombuffer(body, dtype=np.uint8)
@@ -116,30 +117,15 @@ def _decode_masks(entries: list[tuple[str, tuple[int, ...]]], sizes: list[int], 
         if name in out:
             raise EnvelopeError(f"tensor {name!r} appears twice in the manifest")
         nbytes = _bits_len(size)
-        bits = np.unpackbits(raw[offset : offset + nbytes], count=size, bitorder="big")
-        out[name] = bits.reshape(shape).astype(np.float32)
-        offset += nbytes
-    return out
-
-
-def _decode_signs(entries: list[tuple[str, tuple[int, ...]]], sizes: list[int], body: bytes
-                  ) -> "OrderedDict[str, np.ndarray]":
-    expected = sum(4 + _bits_len(n) for n in sizes)
-    if expected != len(body):
-        raise EnvelopeError(f"body has {len(body)} bytes but the manifest needs {expected} for codec {SIGN_CODEC}")
-    out: OrderedDict[str, np.ndarray] = OrderedDict()
-    offset = 0
-    raw = np.frombuffer(body, dtype=np.uint8)
-    for (name, shape), size in zip(entries, sizes):
-        if name in out:
-            raise EnvelopeError(f"tensor {name!r} appears twice in the manifest")
-        scale = float(np.frombuffer(body, dtype="<f4", count=1, offset=offset)[0])
-        if not np.isfinite(scale) or scale < 0:
-            raise EnvelopeError(f"tensor {name!r} has sign-codec scale {scale!r}; it must be finite and >= 0")
-        nbytes = _bits_len(size)
-        bits = np.unpackbits(raw[offset + 4 : offset + 4 + nbytes], count=size, bitorder="big")
-        out[name] = (np.where(bits.reshape(shape) == 1, scale, -scale)).astype(np.float32)
-        offset += 4 + nbytes
+        bits = np.unpackbits(raw[offset + head : offset + head + nbytes], count=size, bitorder="big").reshape(shape)
+        if head:
+            scale = float(np.frombuffer(body, dtype="<f4", count=1, offset=offset)[0])
+            if not np.isfinite(scale) or scale < 0:
+                raise EnvelopeError(f"tensor {name!r} has sign-codec scale {scale!r}; it must be finite and >= 0")
+            out[name] = np.where(bits == 1, scale, -scale).astype(np.float32)
+        else:
+            out[name] = bits.astype(np.float32)
+        offset += head + nbytes
     return out
 
 
