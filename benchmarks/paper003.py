@@ -38,18 +38,19 @@ from models.registry import build_model, count_parameters, get_state  # noqa: E4
 from models.wire.messages import build_model_message, build_update_message  # noqa: E402
 
 
-def model_bytes(model_name: str, in_shape, num_classes) -> tuple[int, float]:  # noqa: ANN001
-    """(final model size in bytes, sparsity): 4 bytes per weight for dense models; one bit per
-    weight for MPT (the mask; frozen weights regenerate from the seed) and BNN (the signs)."""
+def model_bytes(model_name: str, in_shape, num_classes) -> tuple[int, float, int]:  # noqa: ANN001
+    """(final model size in bytes, sparsity, file bytes). Dense models: 4 bytes per weight.
+    MPT and BNN: the payload of their real 1-bit file (MPT: the mask, the frozen weights
+    regenerate from the seed; BNN: the weight signs), and the whole file with its header."""
     model = build_model(model_name, in_shape, num_classes)
-    if model_name.startswith("conv4-mpt") or model_name.startswith("mlp-mpt"):
-        from models.supermask import frozen_weight_count, supermask_layers  # noqa: PLC0415
+    if not model_name.startswith(("conv4-mpt", "mlp-mpt", "conv4-bnn")):
+        n = count_parameters(model)
+        return n * 4, 0.0, n * 4
+    from models.mpt_nets import to_mask_file  # noqa: PLC0415
 
-        n = frozen_weight_count(model)
-        kept = sum(layer.kept for _, layer in supermask_layers(model))
-        return (n + 7) // 8, 1 - kept / n
-    n = count_parameters(model)
-    return (n * 4, 0.0) if not model_name.startswith("conv4-bnn") else ((n + 7) // 8, 0.0)
+    one_bit = to_mask_file(model)
+    kept = sum(layer.kept for layer in one_bit.layers)
+    return one_bit.mask_payload_bytes, 1 - kept / one_bit.total_weights, len(one_bit.to_bytes())
 
 
 def wire_bytes(model_name: str, strategy: str, in_shape, num_classes) -> tuple[int, int]:  # noqa: ANN001
@@ -93,10 +94,10 @@ def run_method(method: str, seed: int, args, ds, prune_ratio: float = 0.8) -> di
     spec = PAPER003_METHODS[method]
     parts = partition(ds.train.y, cfg.devices, cfg.partition, seed=seed, num_classes=ds.num_classes)
     started = time.time()
-    size, sparsity = model_bytes(cfg.hub.model, ds.in_shape, ds.num_classes)
+    size, sparsity, file_size = model_bytes(cfg.hub.model, ds.in_shape, ds.num_classes)
     out = {"method": method, "seed": seed, "model": cfg.hub.model, "prune_ratio": prune_ratio,
-           "size_bytes": size, "sparsity": sparsity}
-    progress: list[dict] = []
+           "size_bytes": size, "sparsity": sparsity, "file_bytes": file_size}
+    progress = _StopAfter(args.stop_after)
     if not spec["federated"] or args.transport == "plain":
         up, down = wire_bytes(cfg.hub.model, cfg.hub.strategy, ds.in_shape, ds.num_classes)
         out.update(uplink=0 if not spec["federated"] else up, downlink=0 if not spec["federated"] else down)
@@ -106,8 +107,8 @@ def run_method(method: str, seed: int, args, ds, prune_ratio: float = 0.8) -> di
                               profile=args.profile, curve=progress)
             else:
                 plain_fedavg(ds, parts, cfg.hub, profile_name=args.profile, history=progress)
-        except Exception:  # torch may wrap Stopped (e.g. load_state_dict re-raises a RuntimeError)
-            if not _STOPPING or not progress:
+        except Exception as exc:  # torch may wrap Stopped (e.g. load_state_dict re-raises a RuntimeError)
+            if not (_STOPPING or isinstance(exc, Stopped)) or not progress:
                 raise
             print(f"{method} seed {seed}: stopped after {len(progress)} of {args.rounds} rounds (kept as partial)")
         out.update(accuracy=[r["accuracy"] for r in progress], rounds_done=len(progress))
@@ -117,12 +118,37 @@ def run_method(method: str, seed: int, args, ds, prune_ratio: float = 0.8) -> di
             report = fleet.run()
         out.update(accuracy=[r["accuracy"] for r in report["rounds"]], rounds_done=len(report["rounds"]),
                    uplink=report["uplink_bytes_per_device"], downlink=report["downlink_bytes_per_device"])
+    out["ran_on"] = _ran_on(args.profile)
     out["best_accuracy"] = max(out["accuracy"])
     out["final_accuracy"] = out["accuracy"][-1]
     out["seconds"] = time.time() - started
     print(f"{method:18s} p={prune_ratio:.2f} seed {seed}: best {out['best_accuracy']:.4f} "
           f"final {out['final_accuracy']:.4f} ({out['seconds']:.0f}s)", flush=True)
     return out
+
+
+class _StopAfter(list):
+    """Round records of one cell; with a limit, the cell stops (kept as partial) once it holds
+    that many rounds. The schedule still spans --rounds, so the first N rounds are the same
+    as those of a full run: a cheap way to fill a comparison at N rounds on a slow machine."""
+
+    def __init__(self, limit: int | None) -> None:
+        super().__init__()
+        self.limit = limit
+
+    def append(self, record: dict) -> None:  # type: ignore[override]
+        super().append(record)
+        if self.limit is not None and len(self) >= self.limit:
+            raise Stopped()
+
+
+def _ran_on(profile: str) -> str:
+    """The accelerator or CPU a cell trained on: merged tables may join cells from several machines."""
+    import platform  # noqa: PLC0415
+
+    if profile == "desktop-gpu" and torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def _rounds(cell: dict) -> int:
@@ -152,7 +178,9 @@ def table(cells: list[dict]) -> list[dict]:
         best, best_sd = _mean_std([100 * c["best_accuracy"] for c in mine])
         row = {"method": method, "best_accuracy_mean": best, "best_accuracy_std": best_sd, "seeds": len(mine),
                "rounds": min(_rounds(c) for c in mine), "size_bytes": mine[0]["size_bytes"],
-               "sparsity": mine[0]["sparsity"], "uplink_bytes": mine[0]["uplink"], "downlink_bytes": mine[0]["downlink"]}
+               "file_bytes": max((c.get("file_bytes", 0) for c in mine), default=0) or None,
+               "sparsity": mine[0]["sparsity"], "uplink_bytes": mine[0]["uplink"], "downlink_bytes": mine[0]["downlink"],
+               "ran_on": sorted({c.get("ran_on", "?") for c in mine})}
         if PAPER003_METHODS[method]["federated"] and common:
             at, at_sd = _mean_std([100 * max(c["accuracy"][:common]) for c in mine])
             row.update(common_rounds=common, best_at_common_mean=at, best_at_common_std=at_sd)
@@ -171,6 +199,11 @@ def main() -> int:
     ap.add_argument("--ratios", nargs="*", type=float, default=[0.5, 0.9],
                     help="prune ratios of the sweep besides 0.8 (which comes from the table's cells)")
     ap.add_argument("--sweep-methods", nargs="*", default=["mpt-fl-1/32", "mpt-fl-1/1"])
+    ap.add_argument("--sweep-seeds", nargs="*", type=int,
+                    help="seeds of the sweep cells (default: the first of --seeds)")
+    ap.add_argument("--stop-after", type=int, metavar="N",
+                    help="stop every cell after N rounds/epochs and keep it as partial; the lr schedule "
+                         "still spans --rounds, so the cell matches the first N rounds of a full run")
     ap.add_argument("--transport", choices=["plain", "mqtt"], default="mqtt")
     ap.add_argument("--profile", default="sim", help="device profile (desktop-gpu trains on CUDA)")
     ap.add_argument("--data-root")
@@ -180,6 +213,8 @@ def main() -> int:
     out = Path(args.out)
     if args.merge is not None:
         return merge(args.merge, out)
+    if args.stop_after is not None and args.transport != "plain":
+        ap.error("--stop-after needs --transport plain (the MQTT fleet runs its rounds to the end)")
     ds = load_dataset("fashion-mnist", args.data_root)
     results = {"command": "python benchmarks/paper003.py " + " ".join(sys.argv[1:]), "machine": machine_info(),
                "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
@@ -187,12 +222,14 @@ def main() -> int:
     if out.exists():  # resume: keep cells already measured with the same settings
         old = json.loads(out.read_text())
         if old.get("rounds") == args.rounds and old.get("transport") == args.transport:
-            results["cells"] = [c for c in old["cells"] if _rounds(c) >= args.rounds]  # partial cells rerun
+            enough = min(args.rounds, args.stop_after or args.rounds)
+            results["cells"] = [c for c in old["cells"] if _rounds(c) >= enough]  # partial cells rerun
     signal.signal(signal.SIGTERM, _stop)
     done = {(c["method"], c["seed"], c["prune_ratio"]) for c in results["cells"]}
     plan = [] if args.sweep_only else [(m, s, 0.8) for m in args.methods for s in args.seeds]
     if args.sweep or args.sweep_only:  # ratio 0.8 and FedAvg come from the table's cells
-        plan += [(m, args.seeds[0], p) for p in args.ratios for m in args.sweep_methods]
+        plan += [(m, s, p) for s in (args.sweep_seeds or args.seeds[:1]) for p in args.ratios
+                 for m in args.sweep_methods]
     out.parent.mkdir(parents=True, exist_ok=True)
     for method, seed, ratio in plan:
         if (method, seed, ratio) in done:
@@ -209,21 +246,37 @@ def main() -> int:
             results["table"] = table(results["cells"])
             out.write_text(json.dumps(results, indent=1))
         done.add((method, seed, ratio))
-        if results["cells"][-1].get("rounds_done", args.rounds) < args.rounds:
+        if _STOPPING:
             break  # stopped mid-cell: the partial cell is saved, nothing more runs
     return _write(results, out)
 
 
 def merge(files: list[str], out: Path) -> int:
     """Join result files of parallel runs (one per method) into one table and figure."""
-    results: dict = {"cells": []}
+    results: dict = {"cells": [], "launches": []}
     for f in files:
         part = json.loads(Path(f).read_text())
         for key in ("machine", "cuda", "rounds", "transport"):
             results.setdefault(key, part.get(key))
-        results["cells"] += [{**c, "part": Path(f).name} for c in part["cells"]]
+        if part.get("rounds") != results["rounds"]:
+            raise SystemExit(f"{f}: ran with --rounds {part.get('rounds')}, the others with {results['rounds']}; "
+                             "the cosine schedule spans --rounds, so their cells are not comparable")
+        results["launches"] += [x for x in part.get("launches", []) if x not in results["launches"]]
+        # a merged file can be merged again: its cells keep the part they came from
+        results["cells"] += [{"part": Path(f).name, "ran_on": part.get("cuda") or "CPU", **c} for c in part["cells"]]
+    results["cells"] = _longest_per_cell(results["cells"])
     results["command"] = "python benchmarks/paper003.py --merge " + " ".join(Path(f).name for f in files)
     return _write(results, out)
+
+
+def _longest_per_cell(cells: list[dict]) -> list[dict]:
+    """One cell per (method, seed, prune ratio): where parts overlap, the one that ran longest."""
+    best: dict[tuple, dict] = {}
+    for c in cells:
+        key = (c["method"], c["seed"], c["prune_ratio"])
+        if key not in best or _rounds(c) > _rounds(best[key]):
+            best[key] = c
+    return list(best.values())
 
 
 def _write(results: dict, out: Path) -> int:
@@ -260,14 +313,18 @@ def _plot(results: dict, path: Path) -> None:
                 pts.setdefault(c["prune_ratio"], []).append(100 * max(c["accuracy"][:common]))
         if len(pts) > 1:
             ratios = sorted(pts)
-            ax.plot([100 * p for p in ratios], [statistics.mean(pts[p]) for p in ratios], marker=marker,
-                    label=f"MPT-FL {method.rsplit('-', 1)[-1]}")
+            stats = [_mean_std(pts[p]) for p in ratios]
+            seeds = "/".join(str(len(pts[p])) for p in ratios)
+            ax.errorbar([100 * p for p in ratios], [m for m, _ in stats], yerr=[sd for _, sd in stats], marker=marker,
+                        capsize=3, label=f"MPT-FL {method.rsplit('-', 1)[-1]} (seeds per point: {seeds})")
     fed = [100 * max(c["accuracy"][:common]) for c in cells if c["method"] == "fedavg"]
     if fed:
-        ax.axhline(statistics.mean(fed), color="k", ls="--", label="FedAvg (dense, no pruning)")
+        mean, sd = _mean_std(fed)
+        ax.axhline(mean, color="k", ls="--", label=f"FedAvg (dense, no pruning; {len(fed)} seeds, band = std)")
+        ax.axhspan(mean - sd, mean + sd, color="k", alpha=0.08)
     ax.set_xlabel("prune ratio (% of weights removed)")
     ax.set_ylabel(f"best test accuracy in {common} rounds (%)")
-    ax.set_title("accuracy vs prune ratio (mean over the seeds run)")
+    ax.set_title("accuracy vs prune ratio (mean ± std over seeds)")
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend()

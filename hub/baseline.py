@@ -17,9 +17,10 @@ from edge_agent.trainer import LocalTrainer, TrainConfig, job_seed, uplink_state
 from models.data import Dataset
 from models.evaluate import evaluate
 from models.registry import build_model, get_state, set_state
+from models.wire.codecs import decode_tensors, encode_tensors
 
 from .hub import HubConfig, round_train_settings, select_devices
-from .strategies import UPDATE_CODEC, get_strategy
+from .strategies import UPDATE_CODEC, check_strategy_fits, get_strategy
 
 
 def plain_fedavg(dataset: Dataset, parts: list[np.ndarray], hub: HubConfig, profile_name: str = "sim",
@@ -29,6 +30,7 @@ def plain_fedavg(dataset: Dataset, parts: list[np.ndarray], hub: HubConfig, prof
     profile = replace(load_profile(profile_name), model=hub.model)
     trainer = LocalTrainer(hub.model, dataset.in_shape, dataset.num_classes, device=profile.device)
     state = get_state(build_model(hub.model, dataset.in_shape, dataset.num_classes, seed=hub.seed))
+    check_strategy_fits(hub.strategy, hub.model, state)
     devices = {f"dev{i:03d}": (torch.from_numpy(dataset.train.x[idx]), torch.from_numpy(dataset.train.y[idx]))
                for i, idx in enumerate(parts)}
     n_eval = hub.eval_size or len(dataset.test)
@@ -41,11 +43,12 @@ def plain_fedavg(dataset: Dataset, parts: list[np.ndarray], hub: HubConfig, prof
         selected = select_devices(list(devices), hub.clients_per_round, hub.seed, round_id)
         cfg = TrainConfig.resolve(profile, round_train_settings(hub.train, round_id, hub.rounds))
         codec = hub.update_codec or UPDATE_CODEC.get(hub.strategy)
+        received = state if hub.model_codec == "fp32" else decode_tensors(*encode_tensors(state, hub.model_codec))
         updates = []
-        for dev in selected:
+        for dev in selected:  # devices start from the model as the downlink codec delivers it
             x, y = devices[dev]
-            res = trainer.train(state, x, y, cfg, job_seed(hub.seed, round_id, dev))
-            updates.append((uplink_state(trainer, res, codec, state), res.num_samples))
+            res = trainer.train(received, x, y, cfg, job_seed(hub.seed, round_id, dev))
+            updates.append((uplink_state(trainer, res, codec, received), res.num_samples))
         state = aggregate(state, updates)
         set_state(trainer.model, state)
         loss, acc = evaluate(trainer.model, tx, ty)

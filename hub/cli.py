@@ -13,6 +13,7 @@ from fedge.common import add_broker_args, add_logging_args, broker_from_args, se
 from hub.strategies import STRATEGIES
 from models.data import DATASETS, DEFAULT_FASHION_ROOT
 from models.partition import PARTITIONERS, PartitionSpec
+from models.wire.codecs import MODEL_CODECS
 
 log = logging.getLogger("fedge")
 
@@ -32,6 +33,9 @@ def _add_round_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--epochs", type=int, help="local epochs per round")
     g.add_argument("--batch-size", type=int, help="local batch size (capped by each device's profile)")
     g.add_argument("--update-codec", choices=["fp32", "fp16", "mask1", "sign1"], help="codec devices use for updates")
+    g.add_argument("--model-codec", choices=list(MODEL_CODECS),
+                   help="codec of the model the hub sends each round: fp32 (default) or fp16 (half the downlink "
+                        "bytes; the hub keeps and checkpoints the exact fp32 model)")
     g.add_argument("--eval-size", type=int, help="test images evaluated each round (0 = all)")
     g.add_argument("--seed", type=int, help="seed of model init, selection and partitions")
 
@@ -40,7 +44,8 @@ def _apply_round_args(cfg, args: argparse.Namespace) -> None:  # noqa: ANN001 - 
     mapping = {"model": "model", "rounds": "rounds", "clients_per_round": "clients_per_round",
                "deadline": "deadline_s", "quorum": "quorum", "min_updates": "min_updates",
                "target_accuracy": "target_accuracy", "min_weight_change": "min_weight_change",
-               "strategy": "strategy", "update_codec": "update_codec", "eval_size": "eval_size", "seed": "seed"}
+               "strategy": "strategy", "update_codec": "update_codec", "model_codec": "model_codec",
+               "eval_size": "eval_size", "seed": "seed"}
     for arg, attr in mapping.items():
         value = getattr(args, arg, None)
         if value is not None:

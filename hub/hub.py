@@ -19,6 +19,7 @@ from typing import Any, Callable
 import numpy as np
 
 from models.wire import EnvelopeError, Topics, check_against, decode
+from models.wire.codecs import MODEL_CODECS
 from models.wire.envelope import DEFAULT_MAX_BYTES
 from models.wire.messages import (
     TaskMessage,
@@ -34,7 +35,7 @@ from models.wire.topics import ROOT
 from models.wire.transport import BrokerConfig, MqttLink
 
 from .store import RunStore
-from .strategies import ONE_BIT_CODECS, UPDATE_CODEC, get_strategy, weight_change
+from .strategies import ONE_BIT_CODECS, UPDATE_CODEC, check_strategy_fits, get_strategy, weight_change
 
 log = logging.getLogger("fedge.hub")
 
@@ -61,7 +62,7 @@ class HubConfig:
     strategy: str = "fedavg"
     train: dict = field(default_factory=dict)  # lr, epochs, batch_size, optimizer, momentum
     update_codec: str | None = None
-    model_codec: str = "fp32"
+    model_codec: str = "fp32"  # the published model only (fp16 halves the downlink); checkpoints stay fp32
     seed: int = 0
     max_payload: int = DEFAULT_MAX_BYTES
     keep_checkpoints: int = 2
@@ -135,6 +136,9 @@ class Hub:
         self._torch = torch
         self.model = build_model(config.model, config.in_shape, config.num_classes, seed=config.seed)
         self.reference = get_state(self.model)
+        check_strategy_fits(config.strategy, config.model, self.reference)
+        if config.model_codec not in MODEL_CODECS:
+            raise ValueError(f"model codec {config.model_codec!r} cannot carry a model; use one of {', '.join(MODEL_CODECS)}")
         device = torch.device(config.eval_device)
         self.model.to(device)
         self.test_x = torch.from_numpy(test_x).to(device) if test_x is not None else None
@@ -165,7 +169,7 @@ class Hub:
         if stored is None:
             self.store.set_meta("config", self.config.to_json())
             self.store.set_meta("status", "running")
-            self.store.save_checkpoint(0, self.model_payload(0, self.global_state), keep=0)
+            self.store.save_checkpoint(0, self.model_payload(0, self.global_state, codec="fp32"), keep=0)
             return
         last = self.store.last_round()
         msg = parse_model(decode(self.store.load_checkpoint(last)))
@@ -174,9 +178,12 @@ class Hub:
         self._closed_rounds = {r["round"]: set(r["participants"]) for r in self.store.rounds()}
         log.info("resuming run %s after round %d", self.run_id, last)
 
-    def model_payload(self, version: int, state: "OrderedDict[str, np.ndarray]") -> bytes:
+    def model_payload(self, version: int, state: "OrderedDict[str, np.ndarray]", codec: str | None = None) -> bytes:
+        """The model envelope: in the run's downlink codec for devices, or (codec="fp32") the
+        exact global for checkpoints and the final model file, so a resumed run and the saved
+        model never carry the downlink's rounding."""
         return build_model_message(
-            self.config.fleet, self.run_id, version, self.config.model, state, codec=self.config.model_codec,
+            self.config.fleet, self.run_id, version, self.config.model, state, codec=codec or self.config.model_codec,
             meta={"in_shape": list(self.config.in_shape), "num_classes": self.config.num_classes},
             signer=self._signer,
         )
@@ -415,7 +422,8 @@ class Hub:
         change = weight_change(self.global_state, new_state)
         loss, acc = self.evaluate(new_state)
         new_version = self.version + 1
-        self.store.save_checkpoint(new_version, self.model_payload(new_version, new_state), keep=self.config.keep_checkpoints)
+        self.store.save_checkpoint(new_version, self.model_payload(new_version, new_state, codec="fp32"),
+                                   keep=self.config.keep_checkpoints)
         train_losses = [a.metrics.get("loss") for a in accepted.values() if isinstance(a.metrics.get("loss"), (int, float))]
         record = {
             "round": task.round,

@@ -73,29 +73,32 @@ def plot_accuracy(path: Path, history: list[dict], central: dict | None, title: 
     plt.close(fig)
 
 
-def _write_mask_file(run_dir: Path, hub: "Hub") -> Path | None:
-    """MPT runs also leave the compact model: the 1-bit mask plus seed and per-layer scales."""
+def _write_one_bit_file(run_dir: Path, hub: "Hub") -> Path | None:
+    """MPT and BNN runs also leave the compact 1-bit model: final_model.mask (MPT: the mask,
+    seed and per-layer scales) or final_model.bnn (BNN: the weight signs and per-layer scales)."""
     from models.registry import set_state  # noqa: PLC0415
 
-    if not hasattr(hub.model, "variant") or not str(getattr(hub.model, "variant", "")).startswith("mpt"):
+    variant = str(getattr(hub.model, "variant", ""))
+    if not variant.startswith(("mpt", "bnn")):
         return None
     from models.mpt_nets import save_mask_file  # noqa: PLC0415
 
     set_state(hub.model, hub.global_state)
-    path = run_dir / "final_model.mask"
+    path = run_dir / ("final_model.mask" if variant.startswith("mpt") else "final_model.bnn")
     save_mask_file(hub.model, path, model_name=hub.config.model.partition("@")[0])
     return path
 
 
 def write_final_model(run_dir: Path, hub: "Hub") -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """The run's final model as a fedge model file, as a 1-bit mask file (MPT runs) and as
+    """The run's final model as a fedge model file, as a 1-bit file (MPT and BNN runs) and as
     ONNX (fp32 + int8; skipped when FEDGE_NO_ONNX is set). Returns (files, export summary)."""
     final_model = Path(run_dir) / "final_model.fedge"
-    final_model.write_bytes(hub.model_payload(hub.version, hub.global_state))
+    final_model.write_bytes(hub.model_payload(hub.version, hub.global_state, codec="fp32"))
     files: dict[str, Any] = {"model": final_model.name}
-    mask_file = _write_mask_file(Path(run_dir), hub)
-    if mask_file:
-        files.update(mask_model=mask_file.name, mask_model_bytes=mask_file.stat().st_size)
+    one_bit = _write_one_bit_file(Path(run_dir), hub)
+    if one_bit is not None:
+        key = "mask_model" if one_bit.suffix == ".mask" else "bnn_model"
+        files.update({key: one_bit.name, f"{key}_bytes": one_bit.stat().st_size})
     onnx = None
     if not os.environ.get("FEDGE_NO_ONNX"):
         from models.export import export_run  # noqa: PLC0415

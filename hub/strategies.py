@@ -137,6 +137,24 @@ STRATEGIES: dict[str, Rule] = {
 }
 
 
+def check_strategy_fits(strategy: str, model: str, state: State) -> None:
+    """Fail at start, not in every round: mpt-mask updates are masks only, so every tensor of
+    the model's state must be a supermask score (named '*.scores'). A 1/1 MPT model also
+    carries BatchNorm running statistics that a mask cannot carry; a dense model has no scores."""
+    if UPDATE_CODEC.get(strategy) != "mask1":
+        return
+    from models.bits import SCORES_SUFFIX  # noqa: PLC0415
+
+    others = [k for k in state if not k.endswith(SCORES_SUFFIX)]
+    if len(others) == len(state):
+        raise ValueError(f"strategy {strategy} needs a supermask model (conv4-mpt, mlp-mpt, ...); "
+                         f"model {model!r} has no pruning scores")
+    if others:
+        raise ValueError(f"strategy {strategy} uploads only masks, but model {model!r} also has other state "
+                         f"({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}); use sign-delta or "
+                         f"mpt-score-avg for it")
+
+
 def get_strategy(name: str) -> Rule:
     if name not in STRATEGIES:
         raise ValueError(f"unknown aggregation strategy {name!r}; known: {', '.join(sorted(STRATEGIES))}")

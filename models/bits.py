@@ -12,8 +12,9 @@ What lives here:
 * ``keep_count``: how many weights a layer keeps at a given prune ratio. fedge's
   ``prune_ratio`` is the fraction REMOVED (0.8 keeps 20 %); the MPT / edge-popup code's
   ``prune_rate`` / ``k`` is the fraction KEPT.
-* ``MaskFile``: a trained MPT model as a file (magic, JSON header, packed mask bits, optional
-  float32 extras such as BatchNorm running statistics).
+* ``MaskFile``: a trained 1-bit model as a file (magic, JSON header, packed bits, optional
+  float32 extras such as BatchNorm running statistics): an MPT model's masks (its weights
+  regenerate from the seed), or a BNN model's weight signs (``bits == "sign"``).
 * helpers for mask-based aggregation ("mpt-mask"): top-k masks from a score state, the
   weighted average of masks (keep probabilities) and scores derived from it.
 
@@ -273,7 +274,9 @@ def scores_from_keep_prob(
 # ----------------------------------------------------------------------------- mask file
 
 MAGIC = b"FEDGEMPT"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # v2 added "bits" ("mask" or "sign"); v1 files (masks only) still load
+READABLE_VERSIONS = (1, 2)
+BIT_KINDS = ("mask", "sign")
 
 
 class MaskFileError(ValueError):
@@ -287,8 +290,8 @@ class LayerInfo:
     name: str
     shape: tuple[int, ...]
     index: int  # layer index that seeds its frozen weights
-    kept: int
-    alpha: float  # per-layer scale of the effective weight alpha * sign(W) * mask
+    kept: int  # weights the mask keeps; every weight for a sign file
+    alpha: float  # per-layer scale: effective weight alpha * sign(W) * mask, or alpha * (+-1) from the sign bits
 
     @property
     def numel(self) -> int:
@@ -297,10 +300,15 @@ class LayerInfo:
 
 @dataclass
 class MaskFile:
-    """A trained MPT model as 1-bit masks plus what is needed to regenerate the rest.
+    """A trained 1-bit model: one bit per weight plus what is needed to rebuild the rest.
+
+    ``bits == "mask"`` (MPT): the bits are the supermask; the frozen weights' signs
+    regenerate from ``seed``. ``bits == "sign"`` (BNN baseline): the bits are the signs of
+    the trained latent weights (1 = w >= 0) and there is no pruning (``kept`` = every weight).
+    Either way the effective weight of a layer is ``alpha * (+-1)``, zeroed where masked.
 
     Layout: MAGIC (8 bytes) | header length (uint32 LE) | header (UTF-8 JSON) |
-    mask payload: all layers' masks packed back to back, MSB first, padded only at the very
+    payload: all layers' bits packed back to back, MSB first, padded only at the very
     end (``ceil(total weights / 8)`` bytes: 241,544 for Conv-4 on 28x28) |
     extras: float32 little-endian tensors listed in the header (BatchNorm running
     statistics of 1/1 models; empty for 1/32).
@@ -314,9 +322,10 @@ class MaskFile:
     num_classes: int
     weight_init: str
     layers: list[LayerInfo]
-    masks: "OrderedDict[str, np.ndarray]"
+    masks: "OrderedDict[str, np.ndarray]"  # each layer's bits: its mask, or its weight signs (bits == "sign")
     extras: "OrderedDict[str, np.ndarray]" = field(default_factory=OrderedDict)
     meta: dict = field(default_factory=dict)
+    bits: str = "mask"
 
     # --------------------------------------------------------------- sizes
     @property
@@ -339,6 +348,7 @@ class MaskFile:
         return {
             "format": "fedge-mpt-mask",
             "version": FORMAT_VERSION,
+            "bits": self.bits,
             "model": self.model,
             "variant": self.variant,
             "prune_ratio": float(self.prune_ratio),
@@ -377,8 +387,11 @@ class MaskFile:
             h = json.loads(data[start : start + hlen].decode())
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise MaskFileError(f"mask file header is not JSON: {exc}") from None
-        if h.get("format") != "fedge-mpt-mask" or h.get("version") != FORMAT_VERSION:
+        if h.get("format") != "fedge-mpt-mask" or h.get("version") not in READABLE_VERSIONS:
             raise MaskFileError(f"unsupported mask file format {h.get('format')!r} v{h.get('version')!r}")
+        bits = h.get("bits", "mask")
+        if bits not in BIT_KINDS:
+            raise MaskFileError(f"mask file bits {bits!r}: expected one of {', '.join(BIT_KINDS)}")
         layers = [
             LayerInfo(str(l["name"]), tuple(int(d) for d in l["shape"]), int(l["index"]), int(l["kept"]), float(l["alpha"]))
             for l in h["layers"]
@@ -398,7 +411,9 @@ class MaskFile:
         for l in layers:
             masks[l.name] = unpack_bits(payload, l.shape, offset_bits=offset)
             offset += l.numel
-            if int(masks[l.name].sum()) != l.kept:
+            if bits == "sign" and l.kept != l.numel:
+                raise MaskFileError(f"layer {l.name!r}: a sign file keeps every weight ({l.numel}), header says {l.kept}")
+            if bits == "mask" and int(masks[l.name].sum()) != l.kept:
                 raise MaskFileError(f"layer {l.name!r}: mask keeps {int(masks[l.name].sum())}, header says {l.kept}")
         extras: OrderedDict[str, np.ndarray] = OrderedDict()
         for name, shape in h.get("extras", []):
@@ -422,6 +437,7 @@ class MaskFile:
             masks=masks,
             extras=extras,
             meta=dict(h.get("meta") or {}),
+            bits=bits,
         )
 
     def save(self, path: str | os.PathLike) -> int:
@@ -440,9 +456,13 @@ class MaskFile:
 
     # --------------------------------------------------------------- torch-free inference weights
     def effective_weights(self) -> "OrderedDict[str, np.ndarray]":
-        """alpha * sign(W) * mask per layer, float32, regenerating W's signs from the seed."""
+        """alpha * sign(W) * mask per layer, float32, regenerating W's signs from the seed
+        (mask files), or alpha * (+-1) from the stored signs (sign files)."""
         out: OrderedDict[str, np.ndarray] = OrderedDict()
         for l in self.layers:
+            if self.bits == "sign":
+                out[l.name] = np.where(self.masks[l.name], np.float32(l.alpha), np.float32(-l.alpha))
+                continue
             if self.weight_init == "signed_constant":
                 signs = regenerate_signs(self.seed, l.index, l.shape)
             else:

@@ -193,12 +193,16 @@ def load_source(
     from models.wire.messages import parse_model  # noqa: PLC0415
 
     data = path.read_bytes()
-    if data[:8] == b"FEDGEMPT":  # an MPT model file: 1-bit mask + seed + per-layer scales
-        from .bits import MaskFile  # noqa: PLC0415
+    if data[:8] == b"FEDGEMPT":  # a 1-bit model file: MPT mask + seed, or BNN signs; per-layer scales
+        from .bits import MaskFile, MaskFileError  # noqa: PLC0415
         from .mpt_nets import build_from_mask_file  # noqa: PLC0415
 
-        mask_file = MaskFile.from_bytes(data)
-        name = mask_file.model if abs(mask_file.prune_ratio - 0.8) < 1e-9 else f"{mask_file.model}@{mask_file.prune_ratio}"
+        try:
+            mask_file = MaskFile.from_bytes(data)
+        except MaskFileError as exc:
+            raise ExportError(f"{path}: {exc}") from None
+        default_ratio = mask_file.bits == "sign" or abs(mask_file.prune_ratio - 0.8) < 1e-9
+        name = mask_file.model if default_ratio else f"{mask_file.model}@{mask_file.prune_ratio}"
         model = build_from_mask_file(mask_file)
         meta = {"source": str(path), "mask_bytes": mask_file.mask_payload_bytes, **mask_file.meta}
         return name, get_state(model), tuple(mask_file.in_shape), int(mask_file.num_classes), meta

@@ -35,6 +35,7 @@ from .supermask import (
     BinaryLinear,
     SupermaskConv2d,
     SupermaskLinear,
+    binary_weight_layers,
     layer_alphas,
     materialize,
     model_masks,
@@ -51,6 +52,7 @@ REGISTRY_NAMES: dict[tuple[str, str], str] = {
     ("conv4", "bnn-1/32"): "conv4-bnn",
     ("conv4", "bnn-1/1"): "conv4-bnn11",
     ("mlp", "mpt-1/32"): "mlp-mpt",
+    ("mlp", "bnn-1/32"): "mlp-bnn",
 }
 
 # optimiser settings of the MPT / biprop code and paper 003, for the trainer to pick up
@@ -217,15 +219,26 @@ def build_mpt(arch: str, in_shape: tuple[int, ...] = (1, 28, 28), num_classes: i
 
 
 def to_mask_file(model: MPTNet, model_name: str | None = None, meta: dict | None = None) -> MaskFile:
-    """The trained model as a MaskFile: masks, per-layer alphas, seed, and (1/1) BN statistics."""
-    if not isinstance(model, MPTNet) or not model.variant.startswith("mpt"):
-        raise ValueError("only MPT supermask models (variants mpt-*) have a mask file")
-    masks = model_masks(model)
-    alphas = layer_alphas(model)
-    layers = [
-        LayerInfo(name, layer.weight_shape, layer.frozen.index, int(masks[name].sum()), float(alphas[name]))
-        for name, layer in supermask_layers(model)
-    ]
+    """The trained model as a 1-bit file: for MPT the masks, per-layer alphas and seed; for
+    the BNN baseline the signs of the latent weights and alpha = mean|w| per layer (what its
+    forward uses); for 1/1 variants also the BatchNorm statistics."""
+    if not isinstance(model, MPTNet):
+        raise ValueError("only MPT supermask and BNN models (models.mpt_nets) have a 1-bit file")
+    if model.variant.startswith("mpt"):
+        bits = "mask"
+        masks = model_masks(model)
+        alphas = layer_alphas(model)
+        layers = [
+            LayerInfo(name, layer.weight_shape, layer.frozen.index, int(masks[name].sum()), float(alphas[name]))
+            for name, layer in supermask_layers(model)
+        ]
+    else:
+        bits = "sign"
+        masks, layers = OrderedDict(), []
+        for i, (name, layer) in enumerate(binary_weight_layers(model)):
+            w = layer.weight.detach().cpu()
+            masks[name] = (w >= 0).numpy()
+            layers.append(LayerInfo(name, tuple(w.shape), i, w.numel(), float(w.abs().mean())))
     extras: OrderedDict[str, np.ndarray] = OrderedDict(
         (name, buf.detach().cpu().float().numpy().copy())
         for name, buf in model.named_buffers()
@@ -235,7 +248,7 @@ def to_mask_file(model: MPTNet, model_name: str | None = None, meta: dict | None
     return MaskFile(
         model=model_name or model.registry_name,
         variant=model.variant,
-        prune_ratio=model.prune_ratio,
+        prune_ratio=model.prune_ratio if bits == "mask" else 0.0,
         seed=model.seed,
         in_shape=model.in_shape,
         num_classes=model.num_classes,
@@ -244,6 +257,7 @@ def to_mask_file(model: MPTNet, model_name: str | None = None, meta: dict | None
         masks=masks,
         extras=extras,
         meta={"arch": model.arch, **({"hidden": cfg["hidden"]} if "hidden" in cfg else {}), **(meta or {})},
+        bits=bits,
     )
 
 
@@ -253,25 +267,35 @@ def save_mask_file(model: MPTNet, path: str | os.PathLike, model_name: str | Non
 
 
 def build_from_mask_file(src: str | os.PathLike | bytes | MaskFile, dense: bool = False) -> nn.Module:
-    """Rebuild a model from a mask file: frozen weights from the seed, scores from the masks.
+    """Rebuild a model from a 1-bit file: for masks, frozen weights from the seed and scores
+    from the masks; for signs (BNN), latent weights alpha * (+-1), which the BNN forward maps
+    back to exactly those binary weights.
 
-    Returns the supermask model in eval mode (its forward reproduces the saved masks exactly),
+    Returns the model in eval mode (its forward reproduces the saved bits exactly),
     or with ``dense=True`` the materialised plain torch model.
     """
     mf = src if isinstance(src, MaskFile) else load_mask_file(src)
     arch = str(mf.meta.get("arch") or mf.model.split("-")[0])
-    kwargs: dict[str, Any] = {
-        "variant": mf.variant,
-        "prune_ratio": mf.prune_ratio,
-        "seed": mf.seed,
-        "weight_init": mf.weight_init,
-    }
+    kwargs: dict[str, Any] = {"variant": mf.variant, "seed": mf.seed, "weight_init": mf.weight_init}
+    if mf.bits == "mask":
+        kwargs["prune_ratio"] = mf.prune_ratio
     if arch == "mlp" and "hidden" in mf.meta:
         kwargs["hidden"] = int(mf.meta["hidden"])
+    if mf.bits == "sign" and not mf.variant.startswith("bnn"):
+        raise MaskFileError(f"a sign file holds a BNN model, not variant {mf.variant!r}")
     model = build_mpt(arch, mf.in_shape, mf.num_classes, **kwargs)
-    layers = OrderedDict(supermask_layers(model))
+    layers = OrderedDict(supermask_layers(model) if mf.bits == "mask" else binary_weight_layers(model))
     if [l.name for l in mf.layers] != list(layers):
         raise MaskFileError(f"mask file layers {[l.name for l in mf.layers]} do not match the model's {list(layers)}")
+    if mf.bits == "sign":
+        with torch.no_grad():
+            for info in mf.layers:
+                weight = layers[info.name].weight
+                if tuple(info.shape) != tuple(weight.shape):
+                    raise MaskFileError(f"layer {info.name!r}: file has shape {info.shape}, model has {tuple(weight.shape)}")
+                signs = torch.from_numpy(np.asarray(mf.masks[info.name], dtype=np.bool_))
+                weight.copy_(torch.where(signs, info.alpha, -info.alpha))
+        return _with_extras(model, mf, dense)
     for info in mf.layers:
         layer = layers[info.name]
         if tuple(info.shape) != layer.weight_shape or info.index != layer.frozen.index or info.kept != layer.kept:
@@ -280,16 +304,21 @@ def build_from_mask_file(src: str | os.PathLike | bytes | MaskFile, dense: bool 
                 f"model has {layer.weight_shape}, {layer.frozen.index}, {layer.kept}"
             )
     set_scores_from_masks(model, mf.masks)
+    for info in mf.layers:
+        alpha = layers[info.name].alpha()
+        if not np.isclose(alpha, info.alpha, rtol=1e-5, atol=0):
+            raise MaskFileError(f"layer {info.name!r}: alpha {alpha} from the rebuilt weights, file says {info.alpha}")
+    return _with_extras(model, mf, dense)
+
+
+def _with_extras(model: MPTNet, mf: MaskFile, dense: bool) -> nn.Module:
+    """Load the file's float buffers (BatchNorm statistics) and hand back the eval-mode model."""
     buffers = dict(model.named_buffers())
     with torch.no_grad():
         for name, arr in mf.extras.items():
             if name not in buffers:
                 raise MaskFileError(f"extra tensor {name!r} is not a buffer of the model")
             buffers[name].copy_(torch.from_numpy(arr).to(buffers[name].dtype))
-    for info in mf.layers:
-        alpha = layers[info.name].alpha()
-        if not np.isclose(alpha, info.alpha, rtol=1e-5, atol=0):
-            raise MaskFileError(f"layer {info.name!r}: alpha {alpha} from the rebuilt weights, file says {info.alpha}")
     model.eval()
     return materialize(model) if dense else model
 

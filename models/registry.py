@@ -34,6 +34,9 @@ MODELS: dict[str, Builder] = {
     "mlp-mpt": lambda in_shape, num_classes: __import__("models.mpt_nets", fromlist=["build_mpt"]).build_mpt(
         "mlp", in_shape, num_classes, variant="mpt-1/32", prune_ratio=0.8, seed=0
     ),
+    "mlp-bnn": lambda in_shape, num_classes: __import__("models.mpt_nets", fromlist=["build_mpt"]).build_mpt(
+        "mlp", in_shape, num_classes, variant="bnn-1/32", seed=0
+    ),
 }
 
 

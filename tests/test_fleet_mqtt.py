@@ -153,3 +153,27 @@ def test_stop_rules_end_the_run_early(embedded_broker, topic_prefix, tmp_path, s
         assert last["accuracy"] >= 0.3 and all(r["accuracy"] < 0.3 for r in report["rounds"][:-1])
     else:
         assert report["rounds_completed"] == 1 and last["weight_change"] < 5.0
+
+
+def test_fp16_downlink_halves_the_model_bytes_and_checkpoints_stay_exact(embedded_broker, topic_prefix, tmp_path,
+                                                                         small_data):
+    """--model-codec fp16: devices receive half the bytes and still learn; the hub keeps and
+    checkpoints the exact fp32 model, so a resume or the final file carries no rounding."""
+    from models.wire import decode
+    from models.wire.messages import parse_model
+
+    with _fleet(embedded_broker, topic_prefix, tmp_path, small_data, model_codec="fp16") as fleet:
+        hub = fleet.make_hub()
+        report = fleet.run(hub)
+    assert report["rounds_completed"] == 3 and report["final_accuracy"] > 0.5, report["final_accuracy"]
+    # the MLP is 198,800 weights: ~0.4 MB per fp16 model envelope against ~0.8 MB in fp32
+    assert 390_000 < report["downlink_bytes_per_device"] < 410_000, report["downlink_bytes_per_device"]
+    stored = parse_model(decode(hub.store.load_checkpoint(3)))
+    final = parse_model(decode((tmp_path / report["run_id"] / "final_model.fedge").read_bytes()))
+    for k, v in hub.global_state.items():
+        np.testing.assert_array_equal(stored.tensors[k], v)
+        np.testing.assert_array_equal(final.tensors[k], v)
+    assert any(not np.array_equal(v.astype(np.float16).astype(np.float32), v) for v in hub.global_state.values())
+    with _fleet(embedded_broker, topic_prefix, tmp_path, small_data, model_codec="mask1") as fleet:
+        with pytest.raises(ValueError, match="cannot carry a model"):
+            fleet.make_hub()

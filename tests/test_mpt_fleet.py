@@ -10,10 +10,11 @@ import time
 import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
+import torch
 
 from hub.fleet import Fleet, FleetConfig
 from hub.hub import HubConfig
-from hub.strategies import sign_delta
+from hub.strategies import check_strategy_fits, sign_delta
 from models.partition import PartitionSpec
 from models.registry import build_model, get_state
 from models.wire import decode, decode_tensors
@@ -169,3 +170,36 @@ def test_update_in_the_wrong_codec_is_refused(embedded_broker, topic_prefix, tmp
     report, reasons = _run_under_attack(embedded_broker, topic_prefix, tmp_path, small_data, "sign-delta", forge)
     assert report["rounds_completed"] == 2
     assert "codec 'fp32'" in reasons and "needs 'sign1'" in reasons, reasons
+
+
+@pytest.mark.parametrize("model, reason", [("conv4-mpt11", "running_mean"), ("mlp", "no pruning scores")])
+def test_mask_uplink_refuses_models_a_mask_cannot_carry(model, reason):
+    """A 1/1 model's BatchNorm statistics (or a dense model's weights) cannot travel as a mask:
+    the run stops at start with the reason, instead of every update being refused."""
+    state = get_state(build_model(model, (1, 28, 28), 10))
+    with pytest.raises(ValueError, match=reason):
+        check_strategy_fits("mpt-mask", model, state)
+    check_strategy_fits("sign-delta", model, state)  # sign-delta moves any state
+    check_strategy_fits("mpt-mask", "conv4-mpt", get_state(build_model("conv4-mpt", (1, 28, 28), 10)))
+
+
+def test_bnn_run_leaves_a_one_bit_file_with_the_hubs_accuracy(embedded_broker, topic_prefix, tmp_path, small_data,
+                                                              monkeypatch):
+    """BNN-FL's final model is written as weight signs + scales (final_model.bnn, 1 bit per
+    weight) and rebuilds into the model the hub evaluated."""
+    from models.evaluate import evaluate
+    from models.mpt_nets import build_from_mask_file
+
+    monkeypatch.setenv("FEDGE_NO_ONNX", "1")  # ONNX export of BNN models is covered in test_supermask
+    hub = HubConfig(fleet="bnn", prefix=topic_prefix, model="mlp-bnn", rounds=3, deadline_s=60,
+                    strategy="fedavg", train={"optimizer": "adam", "lr": 1e-3, "epochs": 2, "batch_size": 32})
+    cfg = FleetConfig(devices=4, dataset="synthetic", partition=PartitionSpec("iid"), broker=embedded_broker,
+                      runs_dir=str(tmp_path), progress=False, hub=hub)
+    with Fleet(cfg, dataset=small_data) as fleet:
+        report = fleet.run()
+    path = tmp_path / report["run_id"] / "final_model.bnn"
+    assert report["files"]["bnn_model_bytes"] == path.stat().st_size < 198_800 // 8 + 4096  # 1 bit per weight
+    model = build_from_mask_file(path)
+    _, accuracy = evaluate(model, torch.from_numpy(small_data.test.x), torch.from_numpy(small_data.test.y))
+    assert report["final_accuracy"] > 0.3 and abs(accuracy - report["final_accuracy"]) < 1e-6, (
+        accuracy, report["final_accuracy"])

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+import struct
 import subprocess
 import sys
 
@@ -24,6 +26,7 @@ from models.supermask import (
     SupermaskConv2d,
     SupermaskLayer,
     SupermaskLinear,
+    binary_weight_layers,
     frozen_weight_count,
     mask_from_scores,
     materialize,
@@ -454,8 +457,56 @@ def test_mask_file_rejects_corruption():
         MaskFile.from_bytes(bytes(data[:-1]))
     with pytest.raises(MaskFileError):
         MaskFile.from_bytes(b"NOTAMASK" + bytes(data[8:]))
-    with pytest.raises(ValueError):
-        to_mask_file(build_model("conv4-bnn", seed=0))
+    with pytest.raises(ValueError, match="1-bit file"):
+        to_mask_file(build_model("conv4", seed=0))  # a dense model has no 1-bit form
+
+
+@pytest.mark.parametrize("name", ["conv4-bnn", "conv4-bnn11"])
+def test_bnn_file_is_one_bit_per_weight_and_rebuilds_the_same_model(name, tmp_path):
+    """BNN-FL's final model: the latent weights' signs plus alpha = mean|w| per layer (and the
+    BatchNorm statistics for 1/1), 1 bit per weight like the MPT mask file."""
+    model = build_model(name, seed=3)
+    with torch.no_grad():  # a trained-looking latent state and, for 1/1, BatchNorm statistics
+        for _, layer in binary_weight_layers(model):
+            layer.weight.mul_(torch.rand_like(layer.weight) * 2)
+        model.train()
+        model(torch.randn(16, 1, 28, 28))
+    model.eval()
+    mf = to_mask_file(model)
+    assert mf.bits == "sign" and mf.total_weights == 1_932_352
+    size = mf.save(tmp_path / "final_model.bnn")
+    extras = sum(4 * v.size for v in mf.extras.values())
+    assert mf.mask_payload_bytes == 241_544 and 241_544 + extras < size < 241_544 + extras + 4096
+    rebuilt = build_from_mask_file(tmp_path / "final_model.bnn")
+    with torch.no_grad():
+        for (_, mine), (_, back) in zip(binary_weight_layers(model), binary_weight_layers(rebuilt)):
+            torch.testing.assert_close(back.binary_weight(), mine.binary_weight(), rtol=1e-6, atol=0)
+        for (k, buf), (_, back_buf) in zip(model.named_buffers(), rebuilt.named_buffers()):
+            assert not buf.is_floating_point() or torch.equal(buf, back_buf), k  # the counter is not needed
+        if name == "conv4-bnn":  # 1/1 logits can differ where a binary activation sits on a tie
+            x = torch.randn(4, 1, 28, 28)
+            assert (rebuilt(x) - model(x)).abs().max().item() < 1e-4
+    if name == "conv4-bnn":  # `fedge export` reads the file; 1/1 parity is not enforced (sign ties)
+        from models.export import export  # noqa: PLC0415
+
+        summary = export(tmp_path / "final_model.bnn", out=tmp_path / "bnn.onnx")
+        assert summary["model"] == "conv4-bnn" and summary["max_abs_diff"] < 1e-3, summary
+    bad = bytearray((tmp_path / "final_model.bnn").read_bytes())
+    bad[-1 - extras] ^= 0x80  # a flipped sign bit
+    with pytest.raises(MaskFileError, match="CRC"):
+        MaskFile.from_bytes(bytes(bad))
+
+
+def test_mask_file_of_format_v1_still_loads():
+    """Files written before sign files existed (v1, no "bits" field) are masks."""
+    data = to_mask_file(build_mpt("mlp", variant="mpt-1/32", seed=0)).to_bytes()
+    (hlen,) = struct.unpack_from("<I", data, 8)
+    head = json.loads(data[12 : 12 + hlen])
+    assert head.pop("bits") == "mask"
+    head["version"] = 1
+    raw = json.dumps(head).encode()
+    old = MaskFile.from_bytes(data[:8] + struct.pack("<I", len(raw)) + raw + data[12 + hlen :])
+    assert old.bits == "mask" and old.model == "mlp-mpt"
 
 
 def test_mask_file_of_11_model_carries_bn_statistics():

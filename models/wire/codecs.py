@@ -29,6 +29,8 @@ MASK_CODEC = "mask1"
 # float32 +-scale: a 1-bit-per-weight uplink that still says which way every score moved.
 SIGN_CODEC = "sign1"
 ALL_CODECS = (*CODECS, MASK_CODEC, SIGN_CODEC)
+# codecs a model envelope may use: a model's tensors are values, which the 1-bit codecs cannot carry
+MODEL_CODECS = tuple(CODECS)
 
 
 def _bits_len(n: int) -> int:
