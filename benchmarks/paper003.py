@@ -336,7 +336,8 @@ def _plot(results: dict, path: Path) -> None:
         curves.plot(range(1, n + 1), [100 * statistics.mean(r[i] for r in runs) for i in range(n)], label=method)
     curves.set_xlabel("round")
     curves.set_ylabel("test accuracy (%)")
-    curves.set_title(f"paper003 on Fashion-MNIST, prune ratio 0.8 ({results.get('cuda') or 'CPU'})")
+    ran_on = sorted({c.get("ran_on") or results.get("cuda") or "CPU" for c in cells})
+    curves.set_title(f"paper003 on Fashion-MNIST, prune ratio 0.8 ({' + '.join(ran_on)})", fontsize=10)
     curves.grid(alpha=0.3)
     if curves.get_legend_handles_labels()[0]:
         curves.legend(fontsize=8)
