@@ -5,7 +5,7 @@
 #   OUT=results_dir ROUNDS=50 LIMIT=480 bash benchmarks/paper003_gpu.sh [--data-root DIR]
 # METHODS, SEEDS and SWEEP (1/0) pick a subset: every process shares one GPU, and all 31 at
 # once starve the slower MPT cells, e.g. the 100-round core comparison alone:
-#   METHODS="fedavg mpt-fl-1/32 mpt-fl-1bit-sign" SWEEP=0 ROUNDS=100 LIMIT=540 bash benchmarks/paper003_gpu.sh
+#   METHODS="fedavg mpt-fl-1/32 mpt-fl-1bit-sign" SWEEP=0 ROUNDS=100 LIMIT=480 bash benchmarks/paper003_gpu.sh
 # SWEEP_SEEDS: seeds of the prune-ratio sweep cells (default 0). EXTRA_MERGE names earlier
 # result files of the same --rounds to merge with (where cells overlap, the longest run wins).
 set -u
