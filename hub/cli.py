@@ -13,7 +13,7 @@ from fedge.common import add_broker_args, add_logging_args, broker_from_args, se
 from hub.strategies import STRATEGIES
 from models.data import DATASETS, DEFAULT_FASHION_ROOT
 from models.partition import PARTITIONERS, PartitionSpec
-from models.wire.codecs import MODEL_CODECS
+from models.wire.codecs import ALL_CODECS, MODEL_CODECS
 
 log = logging.getLogger("fedge")
 
@@ -32,7 +32,7 @@ def _add_round_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--lr", type=float, help="local learning rate sent with each task")
     g.add_argument("--epochs", type=int, help="local epochs per round")
     g.add_argument("--batch-size", type=int, help="local batch size (capped by each device's profile)")
-    g.add_argument("--update-codec", choices=["fp32", "fp16", "mask1", "sign1"], help="codec devices use for updates")
+    g.add_argument("--update-codec", choices=list(ALL_CODECS), help="codec devices use for updates")
     g.add_argument("--model-codec", choices=list(MODEL_CODECS),
                    help="codec of the model the hub sends each round: fp32 (default) or fp16 (half the downlink "
                         "bytes; the hub keeps and checkpoints the exact fp32 model)")

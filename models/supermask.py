@@ -375,7 +375,17 @@ class SignActivation(nn.Module):
 # ----------------------------------------------------------------------------- supermask layers
 
 
-class _ConvOps:
+class _WeightOps:
+    """The forward shared by the conv and linear mixins: a supermask layer that trains runs as
+    one SupermaskOp (rematerialising); otherwise op(x, forward weight)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self, SupermaskLayer) and torch.is_grad_enabled() and self.scores.requires_grad:
+            return SupermaskOp.apply(x, self.scores, self)
+        return self.apply_weight(x, self.forward_weight())  # type: ignore[attr-defined]
+
+
+class _ConvOps(_WeightOps):
     """Conv geometry shared by supermask and binary layers: both run F.conv2d on the layer's
     forward weight and export as a plain bias-free nn.Conv2d of their dense weight."""
 
@@ -384,11 +394,6 @@ class _ConvOps:
     kernel_size: int
     stride: int
     padding: int
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if isinstance(self, SupermaskLayer) and torch.is_grad_enabled() and self.scores.requires_grad:
-            return SupermaskOp.apply(x, self.scores, self)
-        return self.apply_weight(x, self.forward_weight())  # type: ignore[attr-defined]
 
     def apply_weight(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return F.conv2d(x, w, None, self.stride, self.padding)
@@ -416,16 +421,11 @@ class _ConvOps:
         return conv
 
 
-class _LinearOps:
+class _LinearOps(_WeightOps):
     """Linear counterpart of _ConvOps."""
 
     in_features: int
     out_features: int
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if isinstance(self, SupermaskLayer) and torch.is_grad_enabled() and self.scores.requires_grad:
-            return SupermaskOp.apply(x, self.scores, self)
-        return self.apply_weight(x, self.forward_weight())  # type: ignore[attr-defined]
 
     def apply_weight(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return F.linear(x, w)
