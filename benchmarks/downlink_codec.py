@@ -27,13 +27,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from hub.baseline import plain_fedavg  # noqa: E402
-from hub.recipes import PAPER003_METHODS, paper003  # noqa: E402
-from hub.report import machine_info  # noqa: E402
-from models.data import load_dataset  # noqa: E402
-from models.partition import partition  # noqa: E402
-from models.registry import build_model, get_state  # noqa: E402
-from models.wire.messages import build_model_message  # noqa: E402
+from fedge.hub.report import machine_info  # noqa: E402
+from fedge.hub.sim.baseline import plain_fedavg  # noqa: E402
+from fedge.hub.sim.recipes import PAPER003_METHODS, paper003  # noqa: E402
+from fedge.models.data import load_dataset  # noqa: E402
+from fedge.models.partition import partition  # noqa: E402
+from fedge.models.registry import build_model, get_state  # noqa: E402
+from fedge.models.wire.messages import build_model_message  # noqa: E402
 
 MLP_OF = {"conv4": "mlp", "conv4-mpt": "mlp-mpt"}
 

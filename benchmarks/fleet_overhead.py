@@ -24,12 +24,12 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from hub.baseline import plain_fedavg  # noqa: E402
-from hub.fleet import Fleet, FleetConfig  # noqa: E402
-from hub.hub import HubConfig  # noqa: E402
-from hub.report import machine_info  # noqa: E402
-from models.data import load_dataset, synthetic  # noqa: E402
-from models.partition import PartitionSpec, partition  # noqa: E402
+from fedge.hub.hub import HubConfig  # noqa: E402
+from fedge.hub.report import machine_info  # noqa: E402
+from fedge.hub.sim.baseline import plain_fedavg  # noqa: E402
+from fedge.hub.sim.fleet import Fleet, FleetConfig  # noqa: E402
+from fedge.models.data import load_dataset, synthetic  # noqa: E402
+from fedge.models.partition import PartitionSpec, partition  # noqa: E402
 
 
 def _mosquitto_up(host: str = "127.0.0.1", port: int = 1883) -> bool:

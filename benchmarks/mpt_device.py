@@ -44,10 +44,10 @@ def peak(): return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 def rss(): return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 import numpy as np, torch
 torch.set_num_threads(1)
-from edge_agent.trainer import LocalTrainer, TrainConfig, uplink_state
-from hub.strategies import UPDATE_CODEC
-from models.registry import build_model, get_state
-from models.wire.messages import build_model_message, build_update_message
+from fedge.edge_agent.trainer import LocalTrainer, TrainConfig, uplink_state
+from fedge.hub.strategies import UPDATE_CODEC
+from fedge.models.registry import build_model, get_state
+from fedge.models.wire.messages import build_model_message, build_update_message
 model, strategy, opt = sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
 base, phases = rss(), {}
 rng = np.random.default_rng(0)
@@ -103,7 +103,7 @@ def main() -> int:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "mpt_device.json"))
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
-    from hub.report import machine_info
+    from fedge.hub.report import machine_info
 
     results = {"command": "python benchmarks/mpt_device.py", "machine": machine_info(), "threads": 1,
                "repeats": REPEATS, "statistic": "median over fresh processes", "allocators": ALLOCATORS, "modes": {}}

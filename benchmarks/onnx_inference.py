@@ -60,7 +60,7 @@ def child(args: argparse.Namespace) -> int:
     if args.runtime == "torch":
         import torch  # noqa: PLC0415
 
-        from models.nets import MLP, Conv4  # noqa: PLC0415
+        from fedge.models.nets import MLP, Conv4  # noqa: PLC0415
 
         torch.set_num_threads(1)
         t_import = time.perf_counter()
@@ -72,7 +72,7 @@ def child(args: argparse.Namespace) -> int:
             with torch.inference_mode():
                 return net(torch.from_numpy(batch)).numpy()
     else:
-        from edge_agent.infer import Predictor  # noqa: PLC0415
+        from fedge.edge_agent.infer import Predictor  # noqa: PLC0415
 
         t_import = time.perf_counter()
         pred = Predictor.load(args.file, threads=1)
@@ -196,7 +196,7 @@ def train(name: str, x, y, epochs: int, seed: int):  # noqa: ANN001, ANN201
     import torch  # noqa: PLC0415
     import torch.nn.functional as F  # noqa: PLC0415
 
-    from models.registry import build_model  # noqa: PLC0415
+    from fedge.models.registry import build_model  # noqa: PLC0415
 
     torch.manual_seed(seed)
     model = build_model(name, tuple(x.shape[1:]), 10, seed=seed)
@@ -261,10 +261,10 @@ def main_parent(args: argparse.Namespace, argv: list[str]) -> int:
     import numpy as np  # noqa: PLC0415
     import torch  # noqa: PLC0415
 
-    from models.data import DataError, load_dataset, synthetic  # noqa: PLC0415
-    from models.export import export_onnx, quantize_int8, torch_logits  # noqa: PLC0415
-    from models.registry import get_state  # noqa: PLC0415
-    from models.wire.messages import build_model_message  # noqa: PLC0415
+    from fedge.models.data import DataError, load_dataset, synthetic  # noqa: PLC0415
+    from fedge.models.export import export_onnx, quantize_int8, torch_logits  # noqa: PLC0415
+    from fedge.models.registry import get_state  # noqa: PLC0415
+    from fedge.models.wire.messages import build_model_message  # noqa: PLC0415
 
     weights = dict(w.split("=", 1) for w in args.weights)
     rerun = "cd " + shlex.quote(str(ROOT)) + " && " + shlex.join([sys.executable, "benchmarks/onnx_inference.py", *argv])
@@ -293,8 +293,8 @@ def main_parent(args: argparse.Namespace, argv: list[str]) -> int:
         n_train = args.mlp_train if name == "mlp" else args.conv4_train
         t = time.time()
         if name in weights:  # a real run's model instead of the quick training below
-            from models.export import load_source  # noqa: PLC0415
-            from models.registry import build_model, set_state  # noqa: PLC0415
+            from fedge.models.export import load_source  # noqa: PLC0415
+            from fedge.models.registry import build_model, set_state  # noqa: PLC0415
 
             model_name, tensors, shape, classes, _ = load_source(weights[name])
             if model_name != name or tuple(shape) != ds.in_shape:
@@ -321,10 +321,11 @@ def main_parent(args: argparse.Namespace, argv: list[str]) -> int:
         calib = ds.train.x[len(ds.train) - args.calib_images :]  # not among the training images used above
         quantize_int8(files["onnx-fp32"], files["onnx-int8-static"], "static", calibration=calib)
 
-        from edge_agent.infer import Predictor  # noqa: PLC0415
+        from fedge.edge_agent.infer import Predictor  # noqa: PLC0415
 
         ref = torch_logits(model, ex)
-        entry: dict = {"weights": weights.get(name), "train_images": n_train, "epochs": args.epochs, "train_s": train_s, "eval_images": n_eval,
+        entry: dict = {"weights": weights.get(name), "train_images": n_train, "epochs": args.epochs, "train_s": train_s,
+                       "eval_images": n_eval,
                        "variants": {}}
         for variant in VARIANTS:
             if variant == "torch":
@@ -337,7 +338,7 @@ def main_parent(args: argparse.Namespace, argv: list[str]) -> int:
                 "accuracy": acc, "max_abs_diff_vs_torch": float(np.abs(logits - ref).max()),
                 "class_agreement_vs_torch": float((logits.argmax(1) == ref.argmax(1)).mean()),
             }
-        for rep in range(args.repeats):
+        for _rep in range(args.repeats):
             for variant in VARIANTS:
                 runtime = "torch" if variant == "torch" else "onnx"
                 res = run_child(launch, runtime, name, files[variant], inputs, args.seconds)

@@ -26,16 +26,16 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from hub.baseline import plain_fedavg  # noqa: E402
-from hub.central import train_central  # noqa: E402
-from hub.fleet import Fleet  # noqa: E402
-from hub.recipes import PAPER003_METHODS, paper003  # noqa: E402
-from hub.report import machine_info  # noqa: E402
-from hub.strategies import UPDATE_CODEC  # noqa: E402
-from models.data import load_dataset  # noqa: E402
-from models.partition import partition  # noqa: E402
-from models.registry import build_model, count_parameters, get_state  # noqa: E402
-from models.wire.messages import build_model_message, build_update_message  # noqa: E402
+from fedge.hub.report import machine_info  # noqa: E402
+from fedge.hub.sim.baseline import plain_fedavg  # noqa: E402
+from fedge.hub.sim.central import train_central  # noqa: E402
+from fedge.hub.sim.fleet import Fleet  # noqa: E402
+from fedge.hub.sim.recipes import PAPER003_METHODS, paper003  # noqa: E402
+from fedge.hub.strategies import UPDATE_CODEC  # noqa: E402
+from fedge.models.data import load_dataset  # noqa: E402
+from fedge.models.partition import partition  # noqa: E402
+from fedge.models.registry import build_model, count_parameters, get_state  # noqa: E402
+from fedge.models.wire.messages import build_model_message, build_update_message  # noqa: E402
 
 
 def model_bytes(model_name: str, in_shape, num_classes) -> tuple[int, float, int]:  # noqa: ANN001
@@ -46,7 +46,7 @@ def model_bytes(model_name: str, in_shape, num_classes) -> tuple[int, float, int
     if not model_name.startswith(("conv4-mpt", "mlp-mpt", "conv4-bnn")):
         n = count_parameters(model)
         return n * 4, 0.0, n * 4
-    from models.mpt_nets import to_mask_file  # noqa: PLC0415
+    from fedge.models.mpt_nets import to_mask_file  # noqa: PLC0415
 
     one_bit = to_mask_file(model)
     kept = sum(layer.kept for layer in one_bit.layers)
@@ -59,7 +59,7 @@ def wire_bytes(model_name: str, strategy: str, in_shape, num_classes) -> tuple[i
     state = get_state(model)
     codec = UPDATE_CODEC.get(strategy, "fp32")
     if codec == "mask1":
-        from models.supermask import model_masks  # noqa: PLC0415
+        from fedge.models.supermask import model_masks  # noqa: PLC0415
 
         up_state = model_masks(model)
     else:

@@ -17,11 +17,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from hub.fleet import Fleet, FleetConfig  # noqa: E402
-from hub.hub import HubConfig  # noqa: E402
-from hub.report import machine_info  # noqa: E402
-from models.data import load_dataset, synthetic  # noqa: E402
-from models.partition import PartitionSpec  # noqa: E402
+from fedge.hub.hub import HubConfig  # noqa: E402
+from fedge.hub.report import machine_info  # noqa: E402
+from fedge.hub.sim.fleet import Fleet, FleetConfig  # noqa: E402
+from fedge.models.data import load_dataset, synthetic  # noqa: E402
+from fedge.models.partition import PartitionSpec  # noqa: E402
 
 STRATEGIES = ["fedavg", "median", "trimmed-mean", "krum", "multi-krum"]
 ATTACKS = ["none", "scaled", "sign-flip"]

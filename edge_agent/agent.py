@@ -9,15 +9,16 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
 
-from models.data import Split
-from models.wire import EnvelopeError, Topics, decode
-from models.wire.envelope import DEFAULT_MAX_BYTES, Verifier
-from models.wire.messages import (
+from fedge.models.data import Split
+from fedge.models.wire import EnvelopeError, Topics, decode
+from fedge.models.wire.envelope import DEFAULT_MAX_BYTES, Verifier
+from fedge.models.wire.messages import (
     ModelMessage,
     TaskMessage,
     build_update_message,
@@ -25,7 +26,7 @@ from models.wire.messages import (
     parse_task,
     status_payload,
 )
-from models.wire.transport import BrokerConfig, MqttLink
+from fedge.models.wire.transport import BrokerConfig, MqttLink
 
 from .pool import TrainingPool
 from .profile import Profile, ProfileError
@@ -86,7 +87,7 @@ class Agent:
         )
 
     # -- lifecycle -------------------------------------------------------------------
-    def start(self, timeout: float = 20.0) -> "Agent":
+    def start(self, timeout: float = 20.0) -> Agent:
         self._check_memory_budget()
         # The model topic is subscribed only while this device is selected and lacks the
         # round's model: unselected devices never download it (fewer bytes on the air).
@@ -110,7 +111,7 @@ class Agent:
 
     def _check_memory_budget(self, model_name: str | None = None) -> None:
         """Refuse a model whose training would not fit the profile's memory budget."""
-        from models.registry import parameter_count  # noqa: PLC0415
+        from fedge.models.registry import parameter_count  # noqa: PLC0415
 
         name = model_name or self.profile.model
         if name in self._fits:

@@ -6,7 +6,7 @@ a graph from a fedge model message), never torch.
 * `LiveModel`      the model currently served; `swap()` replaces it atomically, requests
                    already running finish on the model they started with.
 * `ModelFollower`  subscribes to the fleet's model topic and swaps in every new global model
-                   (rebuilt torch-free by edge_agent.onnx_graph).
+                   (rebuilt torch-free by models.onnx_graph).
 * `make_server`    a small JSON HTTP endpoint (standard library http.server) for local
                    clients: GET /health, GET /model, POST /predict. Binds 127.0.0.1 by default.
 * `load_inputs`    .npy arrays and (with Pillow) grayscale/RGB images -> a float32 batch.
@@ -24,10 +24,11 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlparse
 
 import numpy as np
@@ -119,25 +120,25 @@ class Predictor:
 
     # -- construction ------------------------------------------------------------------
     @classmethod
-    def from_bytes(cls, model_bytes: bytes, threads: int = 1, info: dict[str, Any] | None = None) -> "Predictor":
+    def from_bytes(cls, model_bytes: bytes, threads: int = 1, info: dict[str, Any] | None = None) -> Predictor:
         sess = ort.InferenceSession(model_bytes, session_options(threads), providers=["CPUExecutionProvider"])
         return cls(sess, info)
 
     @classmethod
-    def from_proto(cls, proto: "onnx.ModelProto", threads: int = 1, info: dict[str, Any] | None = None) -> "Predictor":
+    def from_proto(cls, proto: onnx.ModelProto, threads: int = 1, info: dict[str, Any] | None = None) -> Predictor:
         return cls.from_bytes(proto.SerializeToString(), threads, info)
 
     @classmethod
-    def from_envelope(cls, payload: bytes, threads: int = 1, verifier: Any = None) -> "Predictor":
+    def from_envelope(cls, payload: bytes, threads: int = 1, verifier: Any = None) -> Predictor:
         """A fedge model envelope: the graph is rebuilt from its tensors (torch-free). With
         `verifier` (models.wire.keys.hub_verifier) the hub's signature is required."""
-        from . import onnx_graph  # noqa: PLC0415 - onnx is only needed for envelopes
+        from fedge.models import onnx_graph  # noqa: PLC0415 - onnx is only needed for envelopes
 
         proto, _msg = onnx_graph.from_envelope(payload, verifier=verifier)
         return cls.from_proto(proto, threads)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, threads: int = 1, verifier: Any = None) -> "Predictor":
+    def load(cls, path: str | os.PathLike, threads: int = 1, verifier: Any = None) -> Predictor:
         """An .onnx file, or a .fedge model envelope (e.g. runs/<id>/final_model.fedge)."""
         path = Path(path)
         if not path.is_file():
@@ -260,9 +261,8 @@ class ModelFollower:
         """Process one model-topic payload; True if it was swapped in."""
         import onnx  # noqa: PLC0415
 
-        from models.wire.envelope import EnvelopeError  # noqa: PLC0415 - torch-free
-
-        from . import onnx_graph  # noqa: PLC0415
+        from fedge.models import onnx_graph  # noqa: PLC0415 - onnx is only needed for envelopes
+        from fedge.models.wire.envelope import EnvelopeError  # noqa: PLC0415 - torch-free
 
         if not payload:
             return False  # a cleared retained message
@@ -294,7 +294,7 @@ class ModelFollower:
         log.info("serving %s run %s version %d", msg.model, msg.run, msg.version)
         return True
 
-    def _save(self, proto: "onnx.ModelProto") -> None:
+    def _save(self, proto: onnx.ModelProto) -> None:
         try:
             self.save_to.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.save_to.with_suffix(self.save_to.suffix + ".tmp")
@@ -311,8 +311,8 @@ class ModelFollower:
         """Subscribe to the fleet's model topic; `broker` is a BrokerConfig or URL. Returns the link."""
         import uuid  # noqa: PLC0415
 
-        from models.wire.topics import ROOT, Topics  # noqa: PLC0415 - torch-free
-        from models.wire.transport import BrokerConfig, MqttLink  # noqa: PLC0415 - paho only
+        from fedge.models.wire.topics import ROOT, Topics  # noqa: PLC0415 - torch-free
+        from fedge.models.wire.transport import BrokerConfig, MqttLink  # noqa: PLC0415 - paho only
 
         if self.fleet is None:
             raise InferenceError("following a hub needs the fleet id")
@@ -501,7 +501,9 @@ def make_server(
     return server
 
 
-def start_server(live: LiveModel, host: str = "127.0.0.1", port: int = 0, **kwargs: Any) -> tuple[ThreadingHTTPServer, threading.Thread]:
+def start_server(
+    live: LiveModel, host: str = "127.0.0.1", port: int = 0, **kwargs: Any
+) -> tuple[ThreadingHTTPServer, threading.Thread]:
     """make_server + serve_forever on a daemon thread; stop with server.shutdown()."""
     server = make_server(live, host, port, **kwargs)
     thread = threading.Thread(target=server.serve_forever, name="fedge-infer-http", daemon=True)

@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-import firmware_profiles
+from fedge import firmware_profiles
 
 PROFILE_DIR = Path(firmware_profiles.__file__).resolve().parent
 
@@ -79,7 +79,7 @@ def validate(raw: Any, source: str) -> Profile:
             raise ProfileError(f"{source}: key 'momentum' must be in [0, 1), got {value!r}")
     if "name" not in raw:
         raise ProfileError(f"{source}: missing required key 'name'")
-    from models.registry import is_known_model, model_names  # noqa: PLC0415 - torch only when validating
+    from fedge.models.registry import is_known_model, model_names  # noqa: PLC0415 - torch only when validating
 
     if not is_known_model(raw.get("model", "mlp")):
         raise ProfileError(f"{source}: key 'model' is {raw['model']!r}; allowed: {', '.join(model_names())}")

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import time
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models.registry import build_model, count_parameters, get_state, set_state
+from fedge.models.registry import build_model, count_parameters, get_state, set_state
 
 from .profile import Profile
 
@@ -32,7 +33,7 @@ class TrainConfig:
     weight_decay: float = 0.0
 
     @classmethod
-    def resolve(cls, profile: Profile, task: Mapping[str, Any] | None) -> "TrainConfig":
+    def resolve(cls, profile: Profile, task: Mapping[str, Any] | None) -> TrainConfig:
         """The hub's round settings win (paper 004), but never a batch above the profile's cap."""
         task = dict(task or {})
         return cls(
@@ -47,7 +48,7 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
-    state: "dict[str, np.ndarray]"
+    state: dict[str, np.ndarray]
     num_samples: int
     loss: float
     accuracy: float
@@ -127,13 +128,13 @@ def _release(opt: torch.optim.Optimizer) -> None:
 
 
 def uplink_state(trainer: LocalTrainer, result: TrainResult, codec: str | None,
-                 received: Mapping[str, np.ndarray]) -> "dict[str, np.ndarray]":
+                 received: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """What a device sends after training: its trained state, or, for the 1-bit codec
     ('mask1', strategy mpt-mask), only the masks its trained scores select, or for 'sign1'
     (strategy sign-delta) the change from `received` (the global the job started from), which
     the codec cuts to 1 bit."""
     if codec == "mask1":
-        from models.supermask import model_masks  # noqa: PLC0415
+        from fedge.models.supermask import model_masks  # noqa: PLC0415
 
         return model_masks(trainer.model)
     if codec == "sign1":

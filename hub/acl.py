@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import re
 import subprocess
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
-from models.wire.topics import ROOT, Topics, check_name
+from fedge.models.wire.topics import ROOT, Topics, check_name
 
 _USER = re.compile(r"^[^\s/+#%]{1,64}$")
 

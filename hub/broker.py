@@ -11,6 +11,8 @@ import logging
 import socket
 import threading
 
+from amqtt.broker import Broker
+
 log = logging.getLogger("fedge.broker")
 
 
@@ -35,11 +37,7 @@ class EmbeddedBroker:
     def url(self) -> str:
         return f"mqtt://{self.host}:{self.port}"
 
-    def start(self, timeout: float = 15.0) -> "EmbeddedBroker":
-        try:
-            from amqtt.broker import Broker
-        except ImportError as exc:  # pragma: no cover - amqtt is a declared dependency
-            raise RuntimeError("the embedded broker needs the 'amqtt' package (pip install amqtt)") from exc
+    def start(self, timeout: float = 15.0) -> EmbeddedBroker:
         for name in ("amqtt", "transitions"):
             logging.getLogger(name).setLevel(logging.WARNING)
         config = {
@@ -87,7 +85,7 @@ class EmbeddedBroker:
         self._loop = None
         self._broker = None
 
-    def __enter__(self) -> "EmbeddedBroker":
+    def __enter__(self) -> EmbeddedBroker:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

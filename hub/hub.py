@@ -13,15 +13,17 @@ import math
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
-from models.wire import EnvelopeError, Topics, check_against, decode
-from models.wire.codecs import MODEL_CODECS
-from models.wire.envelope import DEFAULT_MAX_BYTES
-from models.wire.messages import (
+from fedge.models.wire import EnvelopeError, Topics, check_against, decode
+from fedge.models.wire.codecs import MODEL_CODECS
+from fedge.models.wire.envelope import DEFAULT_MAX_BYTES
+from fedge.models.wire.keys import device_key, hub_signer
+from fedge.models.wire.messages import (
     TaskMessage,
     build_model_message,
     build_task_message,
@@ -30,9 +32,8 @@ from models.wire.messages import (
     parse_update,
     status_payload,
 )
-from models.wire.keys import device_key, hub_signer
-from models.wire.topics import ROOT
-from models.wire.transport import BrokerConfig, MqttLink
+from fedge.models.wire.topics import ROOT
+from fedge.models.wire.transport import BrokerConfig, MqttLink
 
 from .store import RunStore
 from .strategies import ONE_BIT_CODECS, UPDATE_CODEC, check_strategy_fits, get_strategy, weight_change
@@ -77,7 +78,7 @@ class HubConfig:
         return data
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "HubConfig":
+    def from_json(cls, data: dict[str, Any]) -> HubConfig:
         data = dict(data)
         data["in_shape"] = tuple(data.get("in_shape", (1, 28, 28)))
         known = set(cls.__dataclass_fields__)
@@ -86,7 +87,7 @@ class HubConfig:
 
 @dataclass
 class Accepted:
-    tensors: "OrderedDict[str, np.ndarray]"
+    tensors: OrderedDict[str, np.ndarray]
     num_samples: int
     metrics: dict
     nbytes: int
@@ -125,7 +126,7 @@ class Hub:
     ) -> None:
         import torch  # noqa: PLC0415 - the hub evaluates with torch; the wire stays torch-free
 
-        from models.registry import build_model, get_state  # noqa: PLC0415
+        from fedge.models.registry import build_model, get_state  # noqa: PLC0415
 
         self.config = config
         self.store = store
@@ -178,7 +179,7 @@ class Hub:
         self._closed_rounds = {r["round"]: set(r["participants"]) for r in self.store.rounds()}
         log.info("resuming run %s after round %d", self.run_id, last)
 
-    def model_payload(self, version: int, state: "OrderedDict[str, np.ndarray]", codec: str | None = None) -> bytes:
+    def model_payload(self, version: int, state: OrderedDict[str, np.ndarray], codec: str | None = None) -> bytes:
         """The model envelope: in the run's downlink codec for devices, or (codec="fp32") the
         exact global for checkpoints and the final model file, so a resumed run and the saved
         model never carry the downlink's rounding."""
@@ -344,11 +345,11 @@ class Hub:
                      len(accepted), len(task.selected), ", ".join(late))
         return accepted
 
-    def evaluate(self, state: "OrderedDict[str, np.ndarray]", full: bool = False) -> tuple[float | None, float | None]:
+    def evaluate(self, state: OrderedDict[str, np.ndarray], full: bool = False) -> tuple[float | None, float | None]:
         if self.test_x is None:
             return None, None
-        from models.evaluate import evaluate  # noqa: PLC0415
-        from models.registry import set_state  # noqa: PLC0415
+        from fedge.models.evaluate import evaluate  # noqa: PLC0415
+        from fedge.models.registry import set_state  # noqa: PLC0415
 
         set_state(self.model, state)
         n = len(self.test_y) if (full or not self.config.eval_size) else min(self.config.eval_size, len(self.test_y))
@@ -452,7 +453,8 @@ class Hub:
         if cfg.target_accuracy is not None and record.get("accuracy") is not None and record["accuracy"] >= cfg.target_accuracy:
             log.info("target accuracy %.4f reached at round %d", cfg.target_accuracy, round_id)
             return True
-        if cfg.min_weight_change is not None and record.get("weight_change") is not None and record["weight_change"] < cfg.min_weight_change:
+        change = record.get("weight_change")
+        if cfg.min_weight_change is not None and change is not None and change < cfg.min_weight_change:
             log.info("weight change %.5f below %.5f at round %d", record["weight_change"], cfg.min_weight_change, round_id)
             return True
         return False

@@ -73,15 +73,15 @@ def plot_accuracy(path: Path, history: list[dict], central: dict | None, title: 
     plt.close(fig)
 
 
-def _write_one_bit_file(run_dir: Path, hub: "Hub") -> Path | None:
+def _write_one_bit_file(run_dir: Path, hub: Hub) -> Path | None:
     """MPT and BNN runs also leave the compact 1-bit model: final_model.mask (MPT: the mask,
     seed and per-layer scales) or final_model.bnn (BNN: the weight signs and per-layer scales)."""
-    from models.registry import set_state  # noqa: PLC0415
+    from fedge.models.registry import set_state  # noqa: PLC0415
 
     variant = str(getattr(hub.model, "variant", ""))
     if not variant.startswith(("mpt", "bnn")):
         return None
-    from models.mpt_nets import save_mask_file  # noqa: PLC0415
+    from fedge.models.mpt_nets import save_mask_file  # noqa: PLC0415
 
     set_state(hub.model, hub.global_state)
     path = run_dir / ("final_model.mask" if variant.startswith("mpt") else "final_model.bnn")
@@ -89,7 +89,7 @@ def _write_one_bit_file(run_dir: Path, hub: "Hub") -> Path | None:
     return path
 
 
-def write_final_model(run_dir: Path, hub: "Hub") -> tuple[dict[str, Any], dict[str, Any] | None]:
+def write_final_model(run_dir: Path, hub: Hub) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """The run's final model as a fedge model file, as a 1-bit file (MPT and BNN runs) and as
     ONNX (fp32 + int8; skipped when FEDGE_NO_ONNX is set). Returns (files, export summary)."""
     final_model = Path(run_dir) / "final_model.fedge"
@@ -101,7 +101,7 @@ def write_final_model(run_dir: Path, hub: "Hub") -> tuple[dict[str, Any], dict[s
         files.update({key: one_bit.name, f"{key}_bytes": one_bit.stat().st_size})
     onnx = None
     if not os.environ.get("FEDGE_NO_ONNX"):
-        from models.export import export_run  # noqa: PLC0415
+        from fedge.models.export import export_run  # noqa: PLC0415
 
         onnx = export_run(run_dir)
         files["onnx"] = onnx.get("onnx")
@@ -109,7 +109,7 @@ def write_final_model(run_dir: Path, hub: "Hub") -> tuple[dict[str, Any], dict[s
 
 
 def write_run_report(
-    run_dir: Path, hub: "Hub", history: list[dict], final: tuple[float | None, float | None],
+    run_dir: Path, hub: Hub, history: list[dict], final: tuple[float | None, float | None],
     central: dict | None, partition_counts: list[list[int]], fleet_config: Any, wall_time: float,
 ) -> dict[str, Any]:
     run_dir = Path(run_dir)
@@ -135,5 +135,6 @@ def write_run_report(
     if central and central.get("accuracy") and final[1] is not None:
         report["federated_over_central"] = final[1] / central["accuracy"]
     (run_dir / "run.json").write_text(json.dumps(report, indent=1, default=str))
-    plot_accuracy(run_dir / "accuracy.png", history, central, f"{hub.run_id}: {hub.config.model}, {len(partition_counts)} devices")
+    title = f"{hub.run_id}: {hub.config.model}, {len(partition_counts)} devices"
+    plot_accuracy(run_dir / "accuracy.png", history, central, title)
     return report

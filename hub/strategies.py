@@ -7,7 +7,7 @@ returns new global tensors; the hub, the fleet and the plain baseline loop all c
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -16,7 +16,7 @@ Update = tuple[State, int]
 Rule = Callable[[State, Sequence[Update]], "OrderedDict[str, np.ndarray]"]
 
 
-def fedavg(global_state: State, updates: Sequence[Update]) -> "OrderedDict[str, np.ndarray]":
+def fedavg(global_state: State, updates: Sequence[Update]) -> OrderedDict[str, np.ndarray]:
     """McMahan et al.: average of the devices' weights, weighted by their sample counts."""
     if not updates:
         raise ValueError("fedavg needs at least one update")
@@ -34,14 +34,14 @@ def _stack(name: str, updates: Sequence[Update]) -> np.ndarray:
     return np.stack([np.asarray(t[name], dtype=np.float64) for t, _ in updates])
 
 
-def coordinate_median(global_state: State, updates: Sequence[Update]) -> "OrderedDict[str, np.ndarray]":
+def coordinate_median(global_state: State, updates: Sequence[Update]) -> OrderedDict[str, np.ndarray]:
     """Yin et al. 2018: per-coordinate median; one lying device cannot move it far."""
     if not updates:
         raise ValueError("median needs at least one update")
     return OrderedDict((k, np.median(_stack(k, updates), axis=0).astype(np.float32)) for k in global_state)
 
 
-def trimmed_mean(global_state: State, updates: Sequence[Update], trim: float = 0.1) -> "OrderedDict[str, np.ndarray]":
+def trimmed_mean(global_state: State, updates: Sequence[Update], trim: float = 0.1) -> OrderedDict[str, np.ndarray]:
     """Per coordinate, drop the ceil(trim*n) largest and smallest values, average the rest."""
     n = len(updates)
     if n == 0:
@@ -59,7 +59,7 @@ def _flat(tensors: State, names: Sequence[str]) -> np.ndarray:
 
 
 def multi_krum(global_state: State, updates: Sequence[Update], byzantine: int = 1, keep: int | None = None
-               ) -> "OrderedDict[str, np.ndarray]":
+               ) -> OrderedDict[str, np.ndarray]:
     """Blanchard et al. 2017: score each update by the squared distances to its n-f-2 nearest
     neighbours; average (FedAvg-weighted) the `keep` best-scored (keep=1 is plain Krum)."""
     n = len(updates)
@@ -76,23 +76,23 @@ def multi_krum(global_state: State, updates: Sequence[Update], byzantine: int = 
     return fedavg(global_state, chosen)
 
 
-def krum(global_state: State, updates: Sequence[Update]) -> "OrderedDict[str, np.ndarray]":
+def krum(global_state: State, updates: Sequence[Update]) -> OrderedDict[str, np.ndarray]:
     return multi_krum(global_state, updates, byzantine=1, keep=1)
 
 
-def mpt_score_avg(global_state: State, updates: Sequence[Update]) -> "OrderedDict[str, np.ndarray]":
+def mpt_score_avg(global_state: State, updates: Sequence[Update]) -> OrderedDict[str, np.ndarray]:
     """Paper 003's MPT-FL: the state of an MPT model is its pruning scores, so FedAvg of the
     states is the sample-weighted average of the scores."""
     return fedavg(global_state, updates)
 
 
-def mpt_mask(global_state: State, updates: Sequence[Update], step: float = 0.5) -> "OrderedDict[str, np.ndarray]":
+def mpt_mask(global_state: State, updates: Sequence[Update], step: float = 0.5) -> OrderedDict[str, np.ndarray]:
     """1-bit uplink: each update is a device's 0/1 mask. Per weight, p = the sample-weighted
     share of devices keeping it and g = whether the current global mask keeps it; the score's
     magnitude moves by step * std(|scores|) * (p - g): weights the devices added rise, weights
     they dropped sink, and a layer's score scale is preserved. (Turning p directly into scores
     discarded the scores' accumulated information and did not learn on non-IID shards.)"""
-    from models.bits import keep_count, keep_probability, topk_mask  # noqa: PLC0415
+    from fedge.models.bits import keep_count, keep_probability, topk_mask  # noqa: PLC0415
 
     if not updates:
         raise ValueError("mpt-mask needs at least one update")
@@ -109,7 +109,7 @@ def mpt_mask(global_state: State, updates: Sequence[Update], step: float = 0.5) 
     return out
 
 
-def sign_delta(global_state: State, updates: Sequence[Update]) -> "OrderedDict[str, np.ndarray]":
+def sign_delta(global_state: State, updates: Sequence[Update]) -> OrderedDict[str, np.ndarray]:
     """1-bit uplink of the change: each update is a device's decoded delta, scale * sign(trained -
     global) per tensor (codec sign1). The global moves by their sample-weighted mean, i.e.
     FedAvg of the devices' states as the hub can rebuild them from one bit per weight. Unlike
@@ -143,7 +143,7 @@ def check_strategy_fits(strategy: str, model: str, state: State) -> None:
     carries BatchNorm running statistics that a mask cannot carry; a dense model has no scores."""
     if UPDATE_CODEC.get(strategy) != "mask1":
         return
-    from models.bits import SCORES_SUFFIX  # noqa: PLC0415
+    from fedge.models.bits import SCORES_SUFFIX  # noqa: PLC0415
 
     others = [k for k in state if not k.endswith(SCORES_SUFFIX)]
     if len(others) == len(state):

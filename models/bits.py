@@ -30,8 +30,8 @@ import os
 import struct
 import zlib
 from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
 
 import numpy as np
 from bitarray import bitarray
@@ -217,7 +217,7 @@ def _topk_flat(a: np.ndarray, kept: int) -> np.ndarray:
     return mask
 
 
-def masks_from_scores(state: Mapping[str, np.ndarray], prune_ratio: float) -> "OrderedDict[str, np.ndarray]":
+def masks_from_scores(state: Mapping[str, np.ndarray], prune_ratio: float) -> OrderedDict[str, np.ndarray]:
     """Masks of every '*.scores' tensor of a model state (what an MPT model computes in forward)."""
     out: OrderedDict[str, np.ndarray] = OrderedDict()
     for name, arr in state.items():
@@ -228,7 +228,7 @@ def masks_from_scores(state: Mapping[str, np.ndarray], prune_ratio: float) -> "O
 
 def keep_probability(
     masks: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float] | None = None
-) -> "OrderedDict[str, np.ndarray]":
+) -> OrderedDict[str, np.ndarray]:
     """Weighted average of several devices' masks: per weight, the probability it is kept."""
     if not masks:
         raise ValueError("keep_probability needs at least one mask set")
@@ -250,7 +250,7 @@ def scores_from_keep_prob(
     previous: Mapping[str, np.ndarray] | None = None,
     scale: float | None = None,
     tie_eps: float = 1e-3,
-) -> "OrderedDict[str, np.ndarray]":
+) -> OrderedDict[str, np.ndarray]:
     """Next global scores from keep probabilities (for a mask-averaging 'mpt-mask' strategy).
 
     score = scale * (p + tie_eps * r), where r in [0, 1) is the rank of |previous score| within
@@ -322,8 +322,8 @@ class MaskFile:
     num_classes: int
     weight_init: str
     layers: list[LayerInfo]
-    masks: "OrderedDict[str, np.ndarray]"  # each layer's bits: its mask, or its weight signs (bits == "sign")
-    extras: "OrderedDict[str, np.ndarray]" = field(default_factory=OrderedDict)
+    masks: OrderedDict[str, np.ndarray]  # each layer's bits: its mask, or its weight signs (bits == "sign")
+    extras: OrderedDict[str, np.ndarray] = field(default_factory=OrderedDict)
     meta: dict = field(default_factory=dict)
     bits: str = "mask"
 
@@ -375,7 +375,7 @@ class MaskFile:
         return MAGIC + struct.pack("<I", len(head)) + head + payload + extras
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "MaskFile":
+    def from_bytes(cls, data: bytes) -> MaskFile:
         data = bytes(data)
         if len(data) < len(MAGIC) + 4 or data[: len(MAGIC)] != MAGIC:
             raise MaskFileError("not a fedge mask file (bad magic)")
@@ -450,12 +450,12 @@ class MaskFile:
         return len(data)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "MaskFile":
+    def load(cls, path: str | os.PathLike) -> MaskFile:
         with open(path, "rb") as fh:
             return cls.from_bytes(fh.read())
 
     # --------------------------------------------------------------- torch-free inference weights
-    def effective_weights(self) -> "OrderedDict[str, np.ndarray]":
+    def effective_weights(self) -> OrderedDict[str, np.ndarray]:
         """alpha * sign(W) * mask per layer, float32, regenerating W's signs from the seed
         (mask files), or alpha * (+-1) from the stored signs (sign files)."""
         out: OrderedDict[str, np.ndarray] = OrderedDict()

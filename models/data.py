@@ -31,7 +31,7 @@ class Split:
     def __len__(self) -> int:
         return int(len(self.y))
 
-    def subset(self, idx: np.ndarray) -> "Split":
+    def subset(self, idx: np.ndarray) -> Split:
         return Split(self.x[idx], self.y[idx])
 
 
@@ -112,7 +112,7 @@ def load_idx_dataset(root: str | os.PathLike, name: str = "fashion-mnist") -> Da
 def load_torchvision(name: str, root: str | os.PathLike, download: bool = True) -> Dataset:
     """MNIST or CIFAR-10 via torchvision; downloads on a machine with internet access."""
     try:
-        from torchvision import datasets
+        from torchvision import datasets  # noqa: PLC0415 - a slow import, needed for mnist/cifar10 only
     except ImportError as exc:
         raise DataError("torchvision is required for mnist/cifar10") from exc
     cls = {"mnist": datasets.MNIST, "cifar10": datasets.CIFAR10}[name]

@@ -1,7 +1,7 @@
 """torch -> ONNX export of the models fedge trains, the checker, parity and int8 quantisation.
 
 This side needs torch (it runs where training runs: the hub, a workstation). The device
-side, edge_agent/infer.py and edge_agent/onnx_graph.py, is torch-free.
+side, edge_agent/infer.py and models/onnx_graph.py, is torch-free.
 
 Why `torch.onnx.export(..., dynamo=False)`: since torch 2.9 the default is the
 torch.export/dynamo exporter, which requires the extra `onnxscript` package (not a fedge
@@ -9,27 +9,27 @@ dependency, not installed) and gains nothing for these static feed-forward nets.
 legacy TorchScript exporter produces a plain Flatten/Gemm/Conv/MaxPool graph with a
 dynamic batch axis that ONNX Runtime matches to ~1e-7. It emits a DeprecationWarning,
 which we silence here; if a future torch removes it, `builder="graph"` (the torch-free
-graph builder in edge_agent.onnx_graph) exports the registered models without it.
+graph builder in models.onnx_graph) exports the registered models without it.
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import json
 import os
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import onnx
 import torch
 from torch import nn
 
-from edge_agent import onnx_graph
+from fedge.models import onnx_graph
 
 from .registry import build_model, get_state, set_state
+from .supermask import BinaryActivation, BinaryWeightLayer, SupermaskLayer, materialize
 
 OPSET = onnx_graph.OPSET
 INPUT_NAME = onnx_graph.INPUT_NAME
@@ -45,32 +45,11 @@ class ExportError(RuntimeError):
 
 # ----------------------------------------------------------------------------- supermask hook
 def materialize_if_needed(model: nn.Module) -> nn.Module:
-    """A plain dense equivalent of a supermask (MPT) model, or the model itself.
-
-    Calls models.supermask.materialize(model) when that module exists and the model has a
-    supermask / binary layer (SupermaskLayer, BinaryWeightLayer, BinaryActivation; or, if the
-    module provides it, `models.supermask.has_supermask(model)` is true).
-    """
-    try:
-        if importlib.util.find_spec("models.supermask") is None:
-            return model
-    except (ImportError, ValueError):
+    """A plain dense equivalent of a supermask / BNN model (ONNX has no supermask op), or the model itself."""
+    special = (SupermaskLayer, BinaryWeightLayer, BinaryActivation)
+    if not any(isinstance(m, special) for m in model.modules()):
         return model
-    sm = importlib.import_module("models.supermask")
-    special = tuple(c for c in (getattr(sm, n, None) for n in ("SupermaskLayer", "BinaryWeightLayer", "BinaryActivation"))
-                    if isinstance(c, type))
-    if hasattr(sm, "has_supermask"):
-        has = bool(sm.has_supermask(model))
-    elif special:
-        has = any(isinstance(m, special) for m in model.modules())
-    else:
-        has = False
-    if not has:
-        return model
-    dense = sm.materialize(model)
-    if not isinstance(dense, nn.Module):
-        raise ExportError("models.supermask.materialize did not return an nn.Module")
-    return dense
+    return materialize(model)
 
 
 def has_binary_activations(model: nn.Module) -> bool:
@@ -179,7 +158,7 @@ def resolve_source(source: str | os.PathLike, runs_dir: str | os.PathLike = "run
 def load_source(
     source: str | os.PathLike, runs_dir: str | os.PathLike = "runs", in_shape: tuple[int, ...] = (1, 28, 28),
     num_classes: int = 10, seed: int = 0, verifier: Any = None,
-) -> tuple[str, "dict[str, np.ndarray]", tuple[int, ...], int, dict[str, Any]]:
+) -> tuple[str, dict[str, np.ndarray], tuple[int, ...], int, dict[str, Any]]:
     """(model name, tensors, in_shape, num_classes, meta) of a run, a .fedge file or a model name.
 
     A bare model name gives its freshly initialised weights (seeded): useful for benchmarks
@@ -189,8 +168,8 @@ def load_source(
     if path is None:
         model = build_model(str(source), tuple(in_shape), int(num_classes), seed=seed)
         return str(source), get_state(model), tuple(in_shape), int(num_classes), {"source": f"init seed {seed}"}
-    from models.wire.envelope import EnvelopeError, decode  # noqa: PLC0415
-    from models.wire.messages import parse_model  # noqa: PLC0415
+    from fedge.models.wire.envelope import EnvelopeError, decode  # noqa: PLC0415
+    from fedge.models.wire.messages import parse_model  # noqa: PLC0415
 
     data = path.read_bytes()
     if data[:8] == b"FEDGEMPT":  # a 1-bit model file: MPT mask + seed, or BNN signs; per-layer scales
@@ -281,9 +260,17 @@ def export_run(
 
 # ----------------------------------------------------------------------------- checks
 def onnx_logits(path: str | os.PathLike, x: np.ndarray, threads: int = 1, batch_size: int = 500) -> np.ndarray:
-    from edge_agent.infer import Predictor  # noqa: PLC0415
+    """ONNX Runtime's logits, straight from the runtime (models/ does not import the device's predictor)."""
+    import onnxruntime as ort  # noqa: PLC0415 - only the parity check needs the runtime
 
-    return Predictor.load(path, threads=threads).logits(x, batch_size=batch_size)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = max(1, int(threads))
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(os.fspath(path), opts, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    parts = [session.run(None, {name: np.ascontiguousarray(x[i : i + batch_size], dtype=np.float32)})[0]
+             for i in range(0, len(x), batch_size)]
+    return np.concatenate(parts)
 
 
 @torch.no_grad()

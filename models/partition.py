@@ -45,7 +45,9 @@ def _take(pools: list[list[int]], c: int, n: int, device: int) -> list[int]:
     return taken
 
 
-def partition(y: np.ndarray, num_devices: int, spec: PartitionSpec, seed: int = 0, num_classes: int | None = None) -> list[np.ndarray]:
+def partition(
+    y: np.ndarray, num_devices: int, spec: PartitionSpec, seed: int = 0, num_classes: int | None = None
+) -> list[np.ndarray]:
     """Split label vector `y` over `num_devices` devices according to `spec`."""
     if num_devices < 1:
         raise PartitionError("num_devices must be at least 1")
@@ -88,7 +90,7 @@ def partition(y: np.ndarray, num_devices: int, spec: PartitionSpec, seed: int = 
         if spec.alpha <= 0:
             raise PartitionError("dirichlet: alpha must be positive")
         buckets: list[list[int]] = [[] for _ in range(num_devices)]
-        for c, pool in enumerate(_by_class(y, k, rng)):
+        for pool in _by_class(y, k, rng):
             shares = rng.dirichlet([spec.alpha] * num_devices)
             cuts = (np.cumsum(shares)[:-1] * len(pool)).astype(int)
             for d, chunk in enumerate(np.split(np.array(pool, dtype=np.int64), cuts)):

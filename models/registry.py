@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import functools
 from collections import OrderedDict
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import torch
 from torch import nn
 
+from .mpt_nets import build_mpt
 from .nets import MLP, Conv4
 
 Builder = Callable[[tuple[int, ...], int], nn.Module]
@@ -17,24 +18,24 @@ Builder = Callable[[tuple[int, ...], int], nn.Module]
 MODELS: dict[str, Builder] = {
     "mlp": lambda in_shape, num_classes: MLP(in_shape, num_classes),
     "conv4": lambda in_shape, num_classes: Conv4(in_shape, num_classes),
-    # 1-bit Multi-Prize Lottery Tickets (models/mpt_nets.py, imported lazily): the state is only the
+    # 1-bit Multi-Prize Lottery Tickets (models/mpt_nets.py): the state is only the
     # scores (plus BatchNorm running statistics for 1/1); frozen weights come from the fixed seed 0
-    "conv4-mpt": lambda in_shape, num_classes: __import__("models.mpt_nets", fromlist=["build_mpt"]).build_mpt(
+    "conv4-mpt": lambda in_shape, num_classes: build_mpt(
         "conv4", in_shape, num_classes, variant="mpt-1/32", prune_ratio=0.8, seed=0
     ),
-    "conv4-mpt11": lambda in_shape, num_classes: __import__("models.mpt_nets", fromlist=["build_mpt"]).build_mpt(
+    "conv4-mpt11": lambda in_shape, num_classes: build_mpt(
         "conv4", in_shape, num_classes, variant="mpt-1/1", prune_ratio=0.8, seed=0
     ),
-    "conv4-bnn": lambda in_shape, num_classes: __import__("models.mpt_nets", fromlist=["build_mpt"]).build_mpt(
+    "conv4-bnn": lambda in_shape, num_classes: build_mpt(
         "conv4", in_shape, num_classes, variant="bnn-1/32", seed=0
     ),
-    "conv4-bnn11": lambda in_shape, num_classes: __import__("models.mpt_nets", fromlist=["build_mpt"]).build_mpt(
+    "conv4-bnn11": lambda in_shape, num_classes: build_mpt(
         "conv4", in_shape, num_classes, variant="bnn-1/1", seed=0
     ),
-    "mlp-mpt": lambda in_shape, num_classes: __import__("models.mpt_nets", fromlist=["build_mpt"]).build_mpt(
+    "mlp-mpt": lambda in_shape, num_classes: build_mpt(
         "mlp", in_shape, num_classes, variant="mpt-1/32", prune_ratio=0.8, seed=0
     ),
-    "mlp-bnn": lambda in_shape, num_classes: __import__("models.mpt_nets", fromlist=["build_mpt"]).build_mpt(
+    "mlp-bnn": lambda in_shape, num_classes: build_mpt(
         "mlp", in_shape, num_classes, variant="bnn-1/32", seed=0
     ),
 }
@@ -96,7 +97,7 @@ def parameter_count(name: str, in_shape: tuple[int, ...], num_classes: int) -> i
     return count_parameters(build_model(name, tuple(in_shape), int(num_classes)))
 
 
-def get_state(model: nn.Module) -> "OrderedDict[str, np.ndarray]":
+def get_state(model: nn.Module) -> OrderedDict[str, np.ndarray]:
     """Every float tensor of the model (parameters and float buffers), as float32 numpy."""
     out: OrderedDict[str, np.ndarray] = OrderedDict()
     for name, tensor in model.state_dict().items():

@@ -35,7 +35,7 @@ from __future__ import annotations
 import copy
 import math
 from collections import OrderedDict
-from typing import Iterator, Mapping
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 import torch
@@ -46,8 +46,8 @@ from torch import nn
 from .bits import (
     BIT_ORDER,
     RELU_GAIN,
-    _topk_flat,
     WEIGHT_INITS,
+    _topk_flat,
     from_bitarray,
     keep_count,
     regenerate_normal,
@@ -305,7 +305,7 @@ class SupermaskOp(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, scores: torch.Tensor, layer: "SupermaskLayer") -> torch.Tensor:  # noqa: ANN001
+    def forward(ctx, x: torch.Tensor, scores: torch.Tensor, layer: SupermaskLayer) -> torch.Tensor:  # noqa: ANN001
         mask = mask_from_scores(scores, layer.kept)
         y = layer.masked_apply(x, mask, scores)
         ctx.layer = layer
@@ -629,7 +629,7 @@ def supermask_layers(model: nn.Module) -> Iterator[tuple[str, SupermaskLayer]]:
             yield (f"{name}.scores" if name else "scores"), module
 
 
-def binary_weight_layers(model: nn.Module) -> "list[tuple[str, BinaryWeightLayer]]":
+def binary_weight_layers(model: nn.Module) -> list[tuple[str, BinaryWeightLayer]]:
     """(latent weight state name, layer) for every BNN layer, in module order."""
     return [(f"{name}.weight", m) for name, m in model.named_modules() if isinstance(m, BinaryWeightLayer)]
 
@@ -639,22 +639,22 @@ def frozen_weight_count(model: nn.Module) -> int:
     return sum(layer.frozen.numel for _, layer in supermask_layers(model))
 
 
-def model_masks(model: nn.Module) -> "OrderedDict[str, np.ndarray]":
+def model_masks(model: nn.Module) -> OrderedDict[str, np.ndarray]:
     """Current masks, keyed like the scores in get_state ('net.0.scores'), as boolean numpy."""
     return OrderedDict((name, layer.mask().cpu().numpy().copy()) for name, layer in supermask_layers(model))
 
 
-def model_signs(model: nn.Module) -> "OrderedDict[str, np.ndarray]":
+def model_signs(model: nn.Module) -> OrderedDict[str, np.ndarray]:
     """Signs of the frozen weights (True = +), keyed like model_masks."""
     return OrderedDict((name, layer.frozen.sign_array()) for name, layer in supermask_layers(model))
 
 
-def mask_bitarrays(model: nn.Module) -> "OrderedDict[str, bitarray]":
+def mask_bitarrays(model: nn.Module) -> OrderedDict[str, bitarray]:
     """Current masks as bitarrays (1 bit per weight), keyed like model_masks."""
     return OrderedDict((name, to_bitarray(m)) for name, m in model_masks(model).items())
 
 
-def layer_alphas(model: nn.Module) -> "OrderedDict[str, float]":
+def layer_alphas(model: nn.Module) -> OrderedDict[str, float]:
     return OrderedDict((name, layer.alpha()) for name, layer in supermask_layers(model))
 
 
@@ -719,7 +719,9 @@ def _convert(module: nn.Module) -> nn.Module:
     # a custom container: shallow structure copy, then replace the children
     clone = copy.copy(module)
     clone._modules = OrderedDict()  # type: ignore[attr-defined]
-    clone._parameters = OrderedDict((k, None if v is None else nn.Parameter(v.detach().clone(), v.requires_grad)) for k, v in module._parameters.items())  # type: ignore[attr-defined]
+    clone._parameters = OrderedDict(  # type: ignore[attr-defined]
+        (k, None if v is None else nn.Parameter(v.detach().clone(), v.requires_grad)) for k, v in module._parameters.items()
+    )
     clone._buffers = OrderedDict((k, None if v is None else v.detach().clone()) for k, v in module._buffers.items())  # type: ignore[attr-defined]
     for name, child in module.named_children():
         clone._modules[name] = _convert(child)  # type: ignore[attr-defined]
@@ -735,7 +737,8 @@ def materialize(model: nn.Module) -> nn.Module:
     pooling, ReLU and Flatten are copied. A model whose body is `model.net` (the MPT nets)
     comes back as that nn.Sequential. The result is in eval mode on the model's device.
     """
-    body = model.net if isinstance(getattr(model, "net", None), nn.Sequential) and getattr(model, "forward_is_net", False) else model
+    is_net = isinstance(getattr(model, "net", None), nn.Sequential) and getattr(model, "forward_is_net", False)
+    body = model.net if is_net else model
     dense = _convert(body)
     ref = next(iter(model.parameters()), None)
     if ref is not None:

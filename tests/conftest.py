@@ -24,7 +24,7 @@ def _reachable(url: str) -> bool:
 
 @pytest.fixture(scope="session")
 def embedded_broker():
-    from hub.broker import EmbeddedBroker
+    from fedge.hub.broker import EmbeddedBroker
 
     broker = EmbeddedBroker().start()
     yield broker.url
@@ -55,7 +55,7 @@ def topic_prefix() -> str:
 
 @pytest.fixture(scope="session")
 def small_data():
-    from models.data import synthetic
+    from fedge.models.data import synthetic
 
     return synthetic(n_train=1600, n_test=400, seed=1)
 

@@ -12,7 +12,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from hub.broker import free_port
+from fedge.hub.broker import free_port
 
 
 def mosquitto_binary() -> str | None:
@@ -41,7 +41,7 @@ class MosquittoProcess:
     def url(self) -> str:
         return f"mqtt://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 10.0) -> "MosquittoProcess":
+    def start(self, timeout: float = 10.0) -> MosquittoProcess:
         binary = mosquitto_binary()
         if binary is None:
             raise RuntimeError("mosquitto is not installed (apt-get install mosquitto)")

@@ -10,12 +10,12 @@ import time
 import numpy as np
 import paho.mqtt.client as mqtt
 
-from hub.fleet import Fleet, FleetConfig
-from hub.hub import HubConfig
-from models.partition import PartitionSpec
-from models.wire.envelope import MAGIC
-from models.wire.messages import build_update_message
-from models.wire.transport import BrokerConfig
+from fedge.hub.hub import HubConfig
+from fedge.hub.sim.fleet import Fleet, FleetConfig
+from fedge.models.partition import PartitionSpec
+from fedge.models.wire.envelope import MAGIC
+from fedge.models.wire.messages import build_update_message
+from fedge.models.wire.transport import BrokerConfig
 
 
 def _client(url: str, on_message=None) -> mqtt.Client:  # noqa: ANN001
@@ -36,7 +36,7 @@ def test_bad_inputs_are_each_rejected_with_a_reason(embedded_broker, topic_prefi
     captured: dict[int, tuple[str, bytes]] = {}
 
     def capture(client, userdata, msg) -> None:  # noqa: ANN001
-        from models.wire import EnvelopeError, decode
+        from fedge.models.wire import EnvelopeError, decode
 
         try:
             env = decode(msg.payload)

@@ -12,7 +12,7 @@ import time
 import paho.mqtt.client as mqtt
 import pytest
 
-from models.wire.transport import BrokerConfig
+from fedge.models.wire.transport import BrokerConfig
 
 FEDGE = [sys.executable, "-m", "fedge.cli"]
 

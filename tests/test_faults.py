@@ -13,11 +13,11 @@ import time
 
 import pytest
 
-from edge_agent.agent import Agent
-from hub.fleet import Fleet, FleetConfig
-from hub.hub import HubConfig
-from hub.store import RunStore
-from models.partition import PartitionSpec
+from fedge.edge_agent.agent import Agent
+from fedge.hub.hub import HubConfig
+from fedge.hub.sim.fleet import Fleet, FleetConfig
+from fedge.hub.store import RunStore
+from fedge.models.partition import PartitionSpec
 
 from .fault_tally import TALLY
 from .mosquitto_proc import MosquittoProcess, mosquitto_binary

@@ -12,11 +12,11 @@ import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
 
-from hub.fleet import Fleet, FleetConfig
-from hub.hub import HubConfig
-from models.partition import PartitionSpec
-from models.wire.messages import build_update_message
-from models.wire.transport import BrokerConfig
+from fedge.hub.hub import HubConfig
+from fedge.hub.sim.fleet import Fleet, FleetConfig
+from fedge.models.partition import PartitionSpec
+from fedge.models.wire.messages import build_update_message
+from fedge.models.wire.transport import BrokerConfig
 
 
 def _fleet(broker_url: str, prefix: str, tmp_path, data, devices: int = 4, **hub_kw) -> Fleet:
@@ -159,8 +159,8 @@ def test_fp16_downlink_halves_the_model_bytes_and_checkpoints_stay_exact(embedde
                                                                          small_data):
     """--model-codec fp16: devices receive half the bytes and still learn; the hub keeps and
     checkpoints the exact fp32 model, so a resume or the final file carries no rounding."""
-    from models.wire import decode
-    from models.wire.messages import parse_model
+    from fedge.models.wire import decode
+    from fedge.models.wire.messages import parse_model
 
     with _fleet(embedded_broker, topic_prefix, tmp_path, small_data, model_codec="fp16") as fleet:
         hub = fleet.make_hub()

@@ -37,10 +37,10 @@ SCRIPT = textwrap.dedent(
 
     import numpy as np
 
-    from edge_agent import onnx_graph
-    from edge_agent.infer import LiveModel, ModelFollower, Predictor, start_server
-    from edge_agent.infer_cli import main
-    from models.wire.messages import build_model_message
+    from fedge.models import onnx_graph
+    from fedge.edge_agent.infer import LiveModel, ModelFollower, Predictor, start_server
+    from fedge.cli.infer import main
+    from fedge.models.wire.messages import build_model_message
 
     rng = np.random.default_rng(0)
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from models.data import DataError, load_dataset, load_idx_dataset, read_idx
-from models.registry import build_model, count_parameters, get_state, set_state
+from fedge.models.data import DataError, load_dataset, load_idx_dataset, read_idx
+from fedge.models.registry import build_model, count_parameters, get_state, set_state
 
 
 def test_conv4_has_exactly_1932352_parameters_on_28x28():

@@ -12,16 +12,16 @@ import paho.mqtt.client as mqtt
 import pytest
 import torch
 
-from hub.fleet import Fleet, FleetConfig
-from hub.hub import HubConfig
-from hub.strategies import check_strategy_fits, sign_delta
-from models.partition import PartitionSpec
-from models.registry import build_model, get_state
-from models.wire import decode, decode_tensors
-from models.wire.codecs import encode_tensors
-from models.wire.envelope import EnvelopeError
-from models.wire.messages import build_update_message
-from models.wire.transport import BrokerConfig
+from fedge.hub.hub import HubConfig
+from fedge.hub.sim.fleet import Fleet, FleetConfig
+from fedge.hub.strategies import check_strategy_fits, sign_delta
+from fedge.models.partition import PartitionSpec
+from fedge.models.registry import build_model, get_state
+from fedge.models.wire import decode, decode_tensors
+from fedge.models.wire.codecs import encode_tensors
+from fedge.models.wire.envelope import EnvelopeError
+from fedge.models.wire.messages import build_update_message
+from fedge.models.wire.transport import BrokerConfig
 
 MPT_TRAIN = {"optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4, "epochs": 2, "batch_size": 32}
 
@@ -58,13 +58,14 @@ def _run_under_attack(url: str, prefix: str, tmp_path, data, strategy: str, forg
 
 def test_conv4_mask_upload_is_one_bit_per_weight():
     model = build_model("conv4-mpt")
-    from models.supermask import model_masks
+    from fedge.models.supermask import model_masks
 
     masks = model_masks(model)
     fields, body = encode_tensors(masks, "mask1")
     assert len(body) == 1_932_352 // 8 == 241_544
     env = decode(build_update_message("f", "r", "d", 1, 0, masks, 40, codec="mask1"))
-    assert len(body) < len(env.body) + 1 and len(build_update_message("f", "r", "d", 1, 0, masks, 40, codec="mask1")) < 241_544 + 2048
+    assert len(body) < len(env.body) + 1
+    assert len(build_update_message("f", "r", "d", 1, 0, masks, 40, codec="mask1")) < 241_544 + 2048
     back = decode_tensors(fields, body)
     assert all(np.array_equal(back[k] != 0, masks[k]) for k in masks)
     for name, mask in masks.items():  # prune ratio 0.8 keeps 20 % (ceil) of every layer
@@ -112,7 +113,7 @@ def test_bad_masks_and_nan_scores_are_rejected(embedded_broker, topic_prefix, tm
 def test_mpt_run_leaves_a_mask_file_that_exports_and_predicts(embedded_broker, topic_prefix, tmp_path, small_data):
     import onnxruntime as ort
 
-    from models.export import export
+    from fedge.models.export import export
 
     with _fleet(embedded_broker, topic_prefix, tmp_path, small_data, "mpt-score-avg", rounds=2) as fleet:
         report = fleet.run()
@@ -187,8 +188,8 @@ def test_bnn_run_leaves_a_one_bit_file_with_the_hubs_accuracy(embedded_broker, t
                                                               monkeypatch):
     """BNN-FL's final model is written as weight signs + scales (final_model.bnn, 1 bit per
     weight) and rebuilds into the model the hub evaluated."""
-    from models.evaluate import evaluate
-    from models.mpt_nets import build_from_mask_file
+    from fedge.models.evaluate import evaluate
+    from fedge.models.mpt_nets import build_from_mask_file
 
     monkeypatch.setenv("FEDGE_NO_ONNX", "1")  # ONNX export of BNN models is covered in test_supermask
     hub = HubConfig(fleet="bnn", prefix=topic_prefix, model="mlp-bnn", rounds=3, deadline_s=60,

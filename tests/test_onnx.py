@@ -20,11 +20,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from edge_agent import onnx_graph
-from edge_agent.infer import LiveModel, ModelFollower, Predictor, load_inputs, start_server
-from edge_agent.infer_cli import main as cli_main
-from models.data import synthetic
-from models.export import (
+from fedge.cli.infer import main as cli_main
+from fedge.edge_agent.infer import LiveModel, ModelFollower, Predictor, load_inputs, start_server
+from fedge.models import onnx_graph
+from fedge.models.data import synthetic
+from fedge.models.export import (
     PARITY_ATOL,
     export,
     export_onnx,
@@ -33,8 +33,8 @@ from models.export import (
     quantize_int8,
     torch_logits,
 )
-from models.registry import build_model, get_state, set_state
-from models.wire.messages import build_model_message
+from fedge.models.registry import build_model, get_state, set_state
+from fedge.models.wire.messages import build_model_message
 
 SHAPE = (1, 28, 28)
 SIZES = {"mlp": (1000, 500), "conv4": (500, 200)}  # (train, test) samples; Conv-4 is ~100x the FLOPs
@@ -280,7 +280,7 @@ def test_hot_swap_and_http_endpoint(setup, tmp_path):  # noqa: ANN001
     assert (ref_a.argmax(1) != ref_b.argmax(1)).any()
 
     live = LiveModel()
-    from models.wire.keys import hub_signer, hub_verifier, init_hub_keys
+    from fedge.models.wire.keys import hub_signer, hub_verifier, init_hub_keys
 
     init_hub_keys(tmp_path / "hub")
     init_hub_keys(tmp_path / "impostor")
@@ -338,9 +338,9 @@ def test_hot_swap_and_http_endpoint(setup, tmp_path):  # noqa: ANN001
 
 def test_follower_over_mqtt(setup, tmp_path):  # noqa: ANN001
     """The real path: the hub's retained model message on the fleet topic reaches the follower."""
-    from hub.broker import EmbeddedBroker
-    from models.wire import Topics
-    from models.wire.transport import BrokerConfig, MqttLink
+    from fedge.hub.broker import EmbeddedBroker
+    from fedge.models.wire import Topics
+    from fedge.models.wire.transport import BrokerConfig, MqttLink
 
     s = setup["mlp"]
     state = get_state(s["model"])

@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hub.baseline import plain_fedavg
-from hub.hub import HubConfig
-from models.data import synthetic
-from models.partition import PartitionSpec, partition
+from fedge.hub.hub import HubConfig
+from fedge.hub.sim.baseline import plain_fedavg
+from fedge.models.data import synthetic
+from fedge.models.partition import PartitionSpec, partition
 
 ROOT = Path(__file__).resolve().parent.parent
 

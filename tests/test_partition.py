@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from models.partition import PartitionError, PartitionSpec, class_counts, partition
+from fedge.models.partition import PartitionError, PartitionSpec, class_counts, partition
 
 
 def _labels(per_class: int = 6000, classes: int = 10) -> np.ndarray:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from edge_agent.profile import ProfileError, available_profiles, load_profile
+from fedge.edge_agent.profile import ProfileError, available_profiles, load_profile
 
 
 def test_builtin_profiles_are_valid():

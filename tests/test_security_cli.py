@@ -10,9 +10,9 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from fedge.cli import main
-from hub.acl import device_rules, mosquitto_acl
-from models.wire.keys import HUB_PRIVATE, HUB_PUBLIC, hub_signer, hub_verifier, read_device_key
-from models.wire.topics import Topics
+from fedge.hub.acl import device_rules, mosquitto_acl
+from fedge.models.wire.keys import HUB_PRIVATE, HUB_PUBLIC, hub_signer, hub_verifier, read_device_key
+from fedge.models.wire.topics import Topics
 
 pytest.importorskip("cryptography")
 

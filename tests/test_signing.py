@@ -9,14 +9,14 @@ import time
 import paho.mqtt.client as mqtt
 import pytest
 
-from hub.fleet import Fleet, FleetConfig
-from hub.hub import HubConfig
-from models.partition import PartitionSpec
-from models.registry import build_model, get_state
-from models.wire import EnvelopeError, decode
-from models.wire.keys import enroll_device, hub_signer, hub_verifier, init_hub_keys, read_device_key
-from models.wire.messages import build_model_message, build_update_message
-from models.wire.transport import BrokerConfig
+from fedge.hub.hub import HubConfig
+from fedge.hub.sim.fleet import Fleet, FleetConfig
+from fedge.models.partition import PartitionSpec
+from fedge.models.registry import build_model, get_state
+from fedge.models.wire import EnvelopeError, decode
+from fedge.models.wire.keys import enroll_device, hub_signer, hub_verifier, init_hub_keys, read_device_key
+from fedge.models.wire.messages import build_model_message, build_update_message
+from fedge.models.wire.transport import BrokerConfig
 
 
 def test_signature_round_trip_and_tamper(tmp_path):
@@ -77,11 +77,11 @@ def test_signed_fleet_learns_and_forgeries_are_refused(embedded_broker, topic_pr
 
 
 def test_agent_refuses_unsigned_or_tampered_models_and_tasks(tmp_path, small_data, caplog):
-    from edge_agent.agent import Agent
-    from edge_agent.pool import TrainingPool
-    from edge_agent.profile import load_profile
-    from models.wire import Topics
-    from models.wire.messages import TaskMessage, build_task_message
+    from fedge.edge_agent.agent import Agent
+    from fedge.edge_agent.pool import TrainingPool
+    from fedge.edge_agent.profile import load_profile
+    from fedge.models.wire import Topics
+    from fedge.models.wire.messages import TaskMessage, build_task_message
 
     init_hub_keys(tmp_path)
     signer = hub_signer(tmp_path)

@@ -7,7 +7,7 @@ from collections import OrderedDict
 import numpy as np
 import pytest
 
-from hub.strategies import STRATEGIES, fedavg, get_strategy, weight_change
+from fedge.hub.strategies import STRATEGIES, fedavg, get_strategy, weight_change
 
 
 def _u(value: float, n: int = 1):

@@ -15,11 +15,11 @@ import torch.nn.functional as F
 from bitarray import bitarray
 from torch import nn
 
-from models import bits
-from models.bits import MaskFile, MaskFileError, keep_count
-from models.mpt_nets import MPTConv4, MPTMLP, build_from_mask_file, build_mpt, to_mask_file
-from models.registry import build_model, count_parameters, get_state, set_state
-from models.supermask import (
+from fedge.models import bits
+from fedge.models.bits import MaskFile, MaskFileError, keep_count
+from fedge.models.mpt_nets import MPTMLP, MPTConv4, build_from_mask_file, build_mpt, to_mask_file
+from fedge.models.registry import build_model, count_parameters, get_state, set_state
+from fedge.models.supermask import (
     BinaryActivation,
     BinaryLinear,
     SignActivation,
@@ -112,7 +112,7 @@ def test_state_of_11_variant_has_scores_and_bn_buffers():
     assert sum(v.size for k, v in state.items() if k.endswith(".scores")) == CONV4_WEIGHTS
     assert not any(isinstance(m, nn.BatchNorm2d) and m.affine for m in model.modules())
     # set_state round trip and FedAvg of states is score averaging
-    from hub.strategies import fedavg
+    from fedge.hub.strategies import fedavg
 
     other = build_model("conv4-mpt11", seed=1)
     avg = fedavg(state, [(state, 1), (get_state(other), 3)])
@@ -126,7 +126,7 @@ def test_state_of_11_variant_has_scores_and_bn_buffers():
 def test_frozen_weights_come_from_the_seed_not_torch_rng():
     a = build_model("mlp-mpt", seed=1)
     b = build_model("mlp-mpt", seed=2)
-    for (na, la), (nb, lb) in zip(supermask_layers(a), supermask_layers(b)):
+    for (_na, la), (_nb, lb) in zip(supermask_layers(a), supermask_layers(b)):
         assert la.frozen.signs == lb.frozen.signs  # same frozen weights on every participant
         assert not torch.equal(la.scores, lb.scores)  # scores come from torch's (seeded) RNG
     c = MPTMLP(variant="mpt-1/32", seed=7)
@@ -166,7 +166,7 @@ def test_pack_bits_order_is_msb_first():
 
 
 def test_conv4_masks_and_signs_survive_bitarray_round_trip(conv4):
-    for name, layer in supermask_layers(conv4):
+    for _name, layer in supermask_layers(conv4):
         mask = layer.mask().numpy()
         signs = layer.frozen.sign_array()
         for arr in (mask, signs):
@@ -332,7 +332,7 @@ def test_sign_bits_are_packed_signs(shape):
 
 
 def test_trainer_leaves_no_gradients_behind():
-    from edge_agent.trainer import LocalTrainer, TrainConfig
+    from fedge.edge_agent.trainer import LocalTrainer, TrainConfig
 
     trainer = LocalTrainer("conv4-mpt", (1, 28, 28), 10)
     x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
@@ -405,7 +405,7 @@ def test_materialize_matches_the_model(name):
     if name.startswith("conv4"):
         assert count_parameters(dense) == CONV4_WEIGHTS
     if "mpt" in name:
-        for (sname, layer), lin in zip(supermask_layers(model), [m for m in dense if isinstance(m, (nn.Conv2d, nn.Linear))]):
+        for (_sname, layer), lin in zip(supermask_layers(model), [m for m in dense if isinstance(m, (nn.Conv2d, nn.Linear))]):
             nz = lin.weight.detach() != 0
             assert int(nz.sum()) == layer.kept
             assert set(lin.weight.detach().abs()[nz].unique().tolist()) == pytest.approx([layer.alpha()], rel=1e-6)
@@ -441,7 +441,7 @@ def test_conv4_mask_file_size_and_round_trip(conv4, tmp_path):
     dense = materialize(conv4)
     eff = back.effective_weights()
     lins = [m for m in dense if isinstance(m, (nn.Conv2d, nn.Linear))]
-    for (name, w), lin in zip(eff.items(), lins):
+    for (_name, w), lin in zip(eff.items(), lins):
         np.testing.assert_allclose(w, lin.weight.detach().numpy(), rtol=1e-6, atol=0)
 
 
@@ -487,7 +487,7 @@ def test_bnn_file_is_one_bit_per_weight_and_rebuilds_the_same_model(name, tmp_pa
             x = torch.randn(4, 1, 28, 28)
             assert (rebuilt(x) - model(x)).abs().max().item() < 1e-4
     if name == "conv4-bnn":  # `fedge export` reads the file; 1/1 parity is not enforced (sign ties)
-        from models.export import export  # noqa: PLC0415
+        from fedge.models.export import export  # noqa: PLC0415
 
         summary = export(tmp_path / "final_model.bnn", out=tmp_path / "bnn.onnx")
         assert summary["model"] == "conv4-bnn" and summary["max_abs_diff"] < 1e-3, summary
@@ -556,9 +556,9 @@ def test_masks_from_scores_and_keep_probability_helpers():
 
 
 def test_mlp_mpt_learns_synthetic_data_through_local_trainer():
-    from edge_agent.trainer import LocalTrainer, TrainConfig
-    from models.data import synthetic
-    from models.evaluate import evaluate
+    from fedge.edge_agent.trainer import LocalTrainer, TrainConfig
+    from fedge.models.data import synthetic
+    from fedge.models.evaluate import evaluate
 
     ds = synthetic(n_train=1000, n_test=500, seed=0)
     trainer = LocalTrainer("mlp-mpt", ds.in_shape, ds.num_classes)
@@ -573,7 +573,7 @@ def test_mlp_mpt_learns_synthetic_data_through_local_trainer():
     print("mlp-mpt accuracy after 2 local epochs:", acc)
     assert acc > 0.4, acc  # chance is 0.1
     # the trained masks still keep exactly 20 % per layer
-    for name, layer in supermask_layers(model):
+    for _name, layer in supermask_layers(model):
         assert int(layer.mask().sum()) == keep_count(layer.frozen.numel, 0.8)
 
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.registry import build_model
-from models.supermask import model_masks
+from fedge.models.registry import build_model
+from fedge.models.supermask import model_masks
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

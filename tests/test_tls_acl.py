@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from hub.acl import mosquitto_acl, set_passwords
-from models.wire.topics import Topics
-from models.wire.transport import BrokerConfig, MqttLink
+from fedge.hub.acl import mosquitto_acl, set_passwords
+from fedge.models.wire.topics import Topics
+from fedge.models.wire.transport import BrokerConfig, MqttLink
 
 from .mosquitto_proc import MosquittoProcess, mosquitto_binary
 
@@ -190,13 +190,13 @@ def test_hub_and_two_devices_learn_over_mqtts_with_acl_and_keys(pki, secure_brok
 
     import numpy as np
 
-    from edge_agent.agent import Agent
-    from edge_agent.pool import TrainingPool
-    from edge_agent.profile import load_profile
     from fedge.cli import main
-    from hub.hub import Hub, HubConfig
-    from hub.store import RunStore
-    from models.wire.keys import HUB_PUBLIC, hub_verifier, read_device_key
+    from fedge.edge_agent.agent import Agent
+    from fedge.edge_agent.pool import TrainingPool
+    from fedge.edge_agent.profile import load_profile
+    from fedge.hub.hub import Hub, HubConfig
+    from fedge.hub.store import RunStore
+    from fedge.models.wire.keys import HUB_PUBLIC, hub_verifier, read_device_key
 
     keys = tmp_path / "keys"
     assert main(["keys", "init", "--dir", str(keys)]) == 0

@@ -10,12 +10,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from models.wire import EnvelopeError, check_against, decode, decode_tensors, encode, encode_tensors
-from models.wire.envelope import MAGIC, PREFIX_SIZE
-from models.wire.messages import build_update_message, parse_update
+from fedge.models.wire import EnvelopeError, check_against, decode, decode_tensors, encode, encode_tensors
+from fedge.models.wire.envelope import MAGIC, PREFIX_SIZE
+from fedge.models.wire.messages import build_update_message, parse_update
 
 
-def _tensors(seed: int = 0) -> "OrderedDict[str, np.ndarray]":
+def _tensors(seed: int = 0) -> OrderedDict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     return OrderedDict(
         [("a.weight", rng.normal(size=(20, 7)).astype(np.float32)), ("a.bias", rng.normal(size=(20,)).astype(np.float32)),

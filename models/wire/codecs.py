@@ -8,7 +8,8 @@ Torch-free: both the hub and a torch-less device import this.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -37,12 +38,12 @@ def _bits_len(n: int) -> int:
     return (n + 7) // 8
 
 
-def manifest_of(tensors: Mapping[str, np.ndarray]) -> list[list]:
+def manifest_of(tensors: Mapping[str, np.ndarray]) -> list[list[Any]]:
     """The [name, shape] list that tells a receiver how to cut the body."""
     return [[name, [int(d) for d in np.shape(arr)]] for name, arr in tensors.items()]
 
 
-def encode_tensors(tensors: Mapping[str, np.ndarray], codec: str = "fp32") -> tuple[dict, bytes]:
+def encode_tensors(tensors: Mapping[str, np.ndarray], codec: str = "fp32") -> tuple[dict[str, Any], bytes]:
     """Return (header fields, body) for the tensors under the chosen codec."""
     if codec == MASK_CODEC:
         parts = [np.packbits(np.asarray(arr).reshape(-1) != 0, bitorder="big").tobytes() for arr in tensors.values()]
@@ -80,7 +81,7 @@ def _check_manifest(manifest: object) -> list[tuple[str, tuple[int, ...]]]:
     return out
 
 
-def decode_tensors(header: Mapping, body: bytes) -> "OrderedDict[str, np.ndarray]":
+def decode_tensors(header: Mapping[str, Any], body: bytes) -> OrderedDict[str, np.ndarray]:
     """Cut the body into named float32 arrays; EnvelopeError if it does not add up."""
     codec = header.get("codec")
     if codec not in ALL_CODECS:
@@ -105,7 +106,7 @@ def decode_tensors(header: Mapping, body: bytes) -> "OrderedDict[str, np.ndarray
 
 
 def _decode_packed(entries: list[tuple[str, tuple[int, ...]]], sizes: list[int], body: bytes, codec: str
-                   ) -> "OrderedDict[str, np.ndarray]":
+                   ) -> OrderedDict[str, np.ndarray]:
     """mask1 and sign1: per tensor [sign1: a float32 scale] then its bits packed 8 per byte.
     mask1 decodes to 0/1, sign1 to -scale/+scale."""
     head = 4 if codec == SIGN_CODEC else 0

@@ -23,8 +23,9 @@ import hashlib
 import hmac
 import json
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 Signer = Callable[[bytes], bytes]  # digest -> 64-byte signature
 Verifier = Callable[[bytes, bytes], bool]  # (digest, signature) -> valid?

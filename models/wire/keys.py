@@ -32,7 +32,7 @@ def _write_secret(path: Path, data: bytes) -> None:
         fh.write(data)
 
 
-def init_hub_keys(folder: str | os.PathLike, overwrite: bool = False) -> tuple[Path, Path]:
+def init_hub_keys(folder: str | os.PathLike[str], overwrite: bool = False) -> tuple[Path, Path]:
     from cryptography.hazmat.primitives import serialization  # noqa: PLC0415
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: PLC0415
 
@@ -48,7 +48,7 @@ def init_hub_keys(folder: str | os.PathLike, overwrite: bool = False) -> tuple[P
     return priv_path, pub_path
 
 
-def enroll_device(folder: str | os.PathLike, device: str, overwrite: bool = False) -> Path:
+def enroll_device(folder: str | os.PathLike[str], device: str, overwrite: bool = False) -> Path:
     path = Path(folder) / "devices" / f"{check_name(device, 'device id')}.key"
     if path.exists() and not overwrite:
         raise KeyFileError(f"{path} exists; pass overwrite to rotate this device's key")
@@ -56,7 +56,7 @@ def enroll_device(folder: str | os.PathLike, device: str, overwrite: bool = Fals
     return path
 
 
-def read_device_key(path: str | os.PathLike) -> bytes:
+def read_device_key(path: str | os.PathLike[str]) -> bytes:
     try:
         text = Path(path).read_text().strip()
         key = bytes.fromhex(text)
@@ -69,13 +69,14 @@ def read_device_key(path: str | os.PathLike) -> bytes:
     return key
 
 
-def device_key(folder: str | os.PathLike, device: str) -> bytes | None:
+def device_key(folder: str | os.PathLike[str], device: str) -> bytes | None:
     path = Path(folder) / "devices" / f"{device}.key"
     return read_device_key(path) if path.exists() else None
 
 
-def hub_signer(folder_or_file: str | os.PathLike) -> Signer:
+def hub_signer(folder_or_file: str | os.PathLike[str]) -> Signer:
     from cryptography.hazmat.primitives import serialization  # noqa: PLC0415
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: PLC0415
 
     path = Path(folder_or_file)
     path = path / HUB_PRIVATE if path.is_dir() else path
@@ -83,12 +84,17 @@ def hub_signer(folder_or_file: str | os.PathLike) -> Signer:
         key = serialization.load_pem_private_key(path.read_bytes(), password=None)
     except FileNotFoundError:
         raise KeyFileError(f"hub private key not found: {path} (run `fedge keys init`)") from None
-    return key.sign  # type: ignore[return-value]
+    except ValueError as exc:
+        raise KeyFileError(f"{path}: not a PEM private key ({exc})") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise KeyFileError(f"{path}: the hub key must be Ed25519, not {type(key).__name__}")
+    return key.sign
 
 
-def hub_verifier(folder_or_file: str | os.PathLike) -> Verifier:
+def hub_verifier(folder_or_file: str | os.PathLike[str]) -> Verifier:
     from cryptography.exceptions import InvalidSignature  # noqa: PLC0415
     from cryptography.hazmat.primitives import serialization  # noqa: PLC0415
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey  # noqa: PLC0415
 
     path = Path(folder_or_file)
     path = path / HUB_PUBLIC if path.is_dir() else path
@@ -96,10 +102,14 @@ def hub_verifier(folder_or_file: str | os.PathLike) -> Verifier:
         public = serialization.load_pem_public_key(path.read_bytes())
     except FileNotFoundError:
         raise KeyFileError(f"hub public key not found: {path}") from None
+    except ValueError as exc:
+        raise KeyFileError(f"{path}: not a PEM public key ({exc})") from None
+    if not isinstance(public, Ed25519PublicKey):
+        raise KeyFileError(f"{path}: the hub key must be Ed25519, not {type(public).__name__}")
 
     def verify(digest: bytes, signature: bytes) -> bool:
         try:
-            public.verify(signature, digest)  # type: ignore[call-arg]
+            public.verify(signature, digest)
             return True
         except InvalidSignature:
             return False

@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 import time
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -36,8 +37,8 @@ class ModelMessage:
     run: str
     version: int
     model: str
-    tensors: "OrderedDict[str, np.ndarray]"
-    meta: dict = field(default_factory=dict)
+    tensors: OrderedDict[str, np.ndarray]
+    meta: dict[str, Any] = field(default_factory=dict)
 
 
 def build_model_message(
@@ -69,7 +70,7 @@ class TaskMessage:
     model_version: int
     selected: list[str]
     deadline: float
-    train: dict
+    train: dict[str, Any]
     state: str  # "open" (train now) or "finished" (the run is over)
     codec: str | None = None  # update codec the hub asks for; None = the device's profile decides
 
@@ -108,8 +109,8 @@ class UpdateMessage:
     round: int
     base_version: int
     num_samples: int
-    tensors: "OrderedDict[str, np.ndarray]"
-    metrics: dict
+    tensors: OrderedDict[str, np.ndarray]
+    metrics: dict[str, Any]
     codec: str = "fp32"
 
 

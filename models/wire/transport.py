@@ -9,11 +9,13 @@ from __future__ import annotations
 import logging
 import ssl
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any
 from urllib.parse import unquote, urlparse
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
 
 log = logging.getLogger("fedge.mqtt")
 
@@ -35,7 +37,7 @@ class BrokerConfig:
     keepalive: int = 30
 
     @classmethod
-    def from_url(cls, url: str, **overrides: object) -> "BrokerConfig":
+    def from_url(cls, url: str, **overrides: object) -> BrokerConfig:
         parsed = urlparse(url if "://" in url else f"mqtt://{url}")
         if parsed.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
             raise ValueError(f"broker URL {url!r}: scheme must be mqtt:// or mqtts://")
@@ -86,7 +88,7 @@ class MqttLink:
         self._connected = threading.Event()
         self._on_connect_hooks: list[Callable[[], None]] = []
         self.client = mqtt.Client(
-            callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
+            callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=client_id,
             clean_session=clean_session,
             protocol=mqtt.MQTTv311,
@@ -118,7 +120,7 @@ class MqttLink:
         """Run `hook` after every successful (re)connect, after resubscribing."""
         self._on_connect_hooks.append(hook)
 
-    def start(self, timeout: float = 20.0) -> "MqttLink":
+    def start(self, timeout: float = 20.0) -> MqttLink:
         """Connect in the background (paho retries with backoff) and wait for the first CONNACK."""
         self.client.connect_async(self.config.host, self.config.port, keepalive=self.config.keepalive)
         self.client.loop_start()
@@ -160,7 +162,7 @@ class MqttLink:
         return self.client.publish(topic, payload, qos=qos, retain=retain)
 
     # -- paho callbacks --------------------------------------------------------------
-    def _handle_connect(self, client, userdata, flags, reason_code, properties=None) -> None:  # noqa: ANN001
+    def _handle_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any = None) -> None:
         if reason_code.is_failure:
             self.last_error = str(reason_code)
             log.warning("%s: broker refused connection: %s", self.client_id, reason_code)
@@ -174,22 +176,24 @@ class MqttLink:
             except Exception:  # noqa: BLE001 - a hook must not kill paho's thread
                 log.exception("%s: on-connect hook failed", self.client_id)
 
-    def _handle_connect_fail(self, client, userdata) -> None:  # noqa: ANN001
+    def _handle_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
         """TCP or TLS failed before MQTT could answer (wrong port, CA or host name)."""
         self.last_error = f"could not open {'a TLS' if self.config.tls else 'a TCP'} connection to {self.config.url}" + (
             " (check the CA file, the broker's certificate host name and that the port speaks TLS)"
             if self.config.tls else "")
 
-    def _handle_disconnect(self, client, userdata, flags, reason_code, properties=None) -> None:  # noqa: ANN001
+    def _handle_disconnect(
+        self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any = None
+    ) -> None:
         if self._connected.is_set() and not self._stopping:
             log.info("%s: disconnected (%s); reconnecting with backoff", self.client_id, reason_code)
         self._connected.clear()
 
-    def _handle_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:  # noqa: ANN001
+    def _handle_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         for pattern, (_, handler) in list(self._subs.items()):
             if mqtt.topic_matches_sub(pattern, msg.topic):
                 try:
-                    handler(msg.topic, msg.payload)
+                    handler(msg.topic, bytes(msg.payload))
                 except Exception:  # noqa: BLE001 - never let a bad message kill the network loop
                     log.exception("%s: handler for %s failed", self.client_id, msg.topic)
                 return

@@ -8,7 +8,7 @@ import os
 import signal
 import threading
 
-from models.wire.transport import BrokerConfig
+from fedge.models.wire.transport import BrokerConfig
 
 
 def add_broker_args(parser: argparse.ArgumentParser, required: bool = True, default: str | None = None) -> None:

@@ -11,14 +11,14 @@ from pathlib import Path
 
 import numpy as np
 
-from fedge.common import add_broker_args, add_logging_args, broker_from_args, setup_logging, stop_event_on_signals
+from fedge.cli.common import add_broker_args, add_logging_args, broker_from_args, setup_logging, stop_event_on_signals
 
 log = logging.getLogger("fedge.agent")
 
 
 def load_local_data(spec: str, num_classes: int = 10):  # noqa: ANN201 - returns models.data.Split
     """--data: a .npz written by `fedge partition` (x, y), an idx folder, or 'synthetic'."""
-    from models.data import DataError, Split, load_idx_dataset, synthetic  # noqa: PLC0415
+    from fedge.models.data import DataError, Split, load_idx_dataset, synthetic  # noqa: PLC0415
 
     if spec == "synthetic":
         return synthetic(n_train=1000, num_classes=num_classes).train
@@ -76,11 +76,10 @@ def add_agent_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
 def run_agent(args: argparse.Namespace) -> int:
     import torch  # noqa: PLC0415
 
-    from models.wire import Topics  # noqa: PLC0415
-
-    from .agent import Agent  # noqa: PLC0415
-    from .pool import TrainingPool  # noqa: PLC0415
-    from .profile import load_profile  # noqa: PLC0415
+    from fedge.edge_agent.agent import Agent  # noqa: PLC0415
+    from fedge.edge_agent.pool import TrainingPool  # noqa: PLC0415
+    from fedge.edge_agent.profile import load_profile  # noqa: PLC0415
+    from fedge.models.wire import Topics  # noqa: PLC0415
 
     setup_logging(args)
     if not args.broker:
@@ -90,7 +89,7 @@ def run_agent(args: argparse.Namespace) -> int:
     data = load_local_data(args.data, args.num_classes)
     stop = stop_event_on_signals()
     pool = TrainingPool(workers=1, device=profile.device)
-    from models.wire.keys import hub_verifier, read_device_key  # noqa: PLC0415
+    from fedge.models.wire.keys import hub_verifier, read_device_key  # noqa: PLC0415
 
     verifier = hub_verifier(args.hub_public_key) if args.hub_public_key else None
     device_key = read_device_key(args.device_key) if args.device_key else None

@@ -7,7 +7,7 @@ agent never loads this.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 

@@ -8,7 +8,7 @@ import hashlib
 import sys
 from pathlib import Path
 
-from models.wire.topics import ROOT, check_name
+from fedge.models.wire.topics import ROOT, check_name
 
 KEYS_EPILOG = """\
 examples:
@@ -71,7 +71,7 @@ def add_keys_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
 
 
 def run_keys_init(args: argparse.Namespace) -> int:
-    from models.wire.keys import HUB_PRIVATE, init_hub_keys  # noqa: PLC0415
+    from fedge.models.wire.keys import HUB_PRIVATE, init_hub_keys  # noqa: PLC0415
 
     folder = Path(args.dir)
     if (folder / HUB_PRIVATE).exists() and not args.force:
@@ -91,7 +91,7 @@ def run_keys_init(args: argparse.Namespace) -> int:
 
 
 def run_keys_enroll(args: argparse.Namespace) -> int:
-    from models.wire.keys import HUB_PUBLIC, enroll_device  # noqa: PLC0415
+    from fedge.models.wire.keys import HUB_PUBLIC, enroll_device  # noqa: PLC0415
 
     folder = Path(args.dir)
     devices = list(dict.fromkeys(check_name(d, "device id") for d in args.devices))
@@ -115,7 +115,7 @@ def run_keys_enroll(args: argparse.Namespace) -> int:
 
 
 def run_keys_list(args: argparse.Namespace) -> int:
-    from models.wire.keys import HUB_PRIVATE, HUB_PUBLIC  # noqa: PLC0415
+    from fedge.models.wire.keys import HUB_PRIVATE, HUB_PUBLIC  # noqa: PLC0415
 
     folder = Path(args.dir)
     if not folder.is_dir():
@@ -163,7 +163,7 @@ def add_acl_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
 
 
 def run_acl(args: argparse.Namespace) -> int:
-    from .acl import mosquitto_acl, set_passwords  # noqa: PLC0415
+    from fedge.hub.acl import mosquitto_acl, set_passwords  # noqa: PLC0415
 
     if bool(args.passwords) != bool(args.password_file):
         raise ValueError("--passwords and --password-file go together")

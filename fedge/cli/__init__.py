@@ -35,7 +35,7 @@ def _add_profiles_parser(subparsers: argparse._SubParsersAction) -> None:
 def _run_profiles(args: argparse.Namespace) -> int:
     import yaml  # noqa: PLC0415
 
-    from edge_agent.profile import ProfileError, available_profiles, load_profile  # noqa: PLC0415
+    from fedge.edge_agent.profile import ProfileError, available_profiles, load_profile  # noqa: PLC0415
 
     if not args.names:
         for name in available_profiles():
@@ -54,9 +54,9 @@ def _run_profiles(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from edge_agent.cli import add_agent_parser  # noqa: PLC0415
-    from hub.cli import add_fleet_parser, add_hub_parser, add_partition_parser  # noqa: PLC0415
-    from hub.security_cli import add_acl_parser, add_keys_parser  # noqa: PLC0415
+    from fedge.cli.agent import add_agent_parser  # noqa: PLC0415
+    from fedge.cli.hub import add_fleet_parser, add_hub_parser, add_partition_parser  # noqa: PLC0415
+    from fedge.cli.security import add_acl_parser, add_keys_parser  # noqa: PLC0415
 
     parser = argparse.ArgumentParser(prog="fedge", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -73,11 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_optional_commands(sub: argparse._SubParsersAction, agent: argparse.ArgumentParser) -> None:
-    """ONNX export and torch-free inference live in their own modules."""
-    try:
-        from edge_agent import infer_cli  # noqa: PLC0415
-    except ImportError:
-        return
+    """ONNX export and torch-free inference live in their own module."""
+    from fedge.cli import infer as infer_cli  # noqa: PLC0415
+
     agent_sub = agent.add_subparsers(dest="agent_command", metavar="ACTION", required=False,
                                      title="inference (torch-free)")
     infer_cli.add_predict_parser(agent_sub)
@@ -91,9 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    from edge_agent.profile import ProfileError  # noqa: PLC0415
-    from models.data import DataError  # noqa: PLC0415
-    from models.partition import PartitionError  # noqa: PLC0415
+    from fedge.edge_agent.profile import ProfileError  # noqa: PLC0415
+    from fedge.models.data import DataError  # noqa: PLC0415
+    from fedge.models.partition import PartitionError  # noqa: PLC0415
 
     try:
         return int(args.func(args) or 0)
@@ -102,7 +100,3 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

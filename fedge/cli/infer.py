@@ -7,7 +7,7 @@ fedge/cli.py registers them:
     add_predict_parser(agent_sub)               # fedge agent predict --model m.onnx x.npy ...
     add_serve_parser(agent_sub)                 # fedge agent serve --broker URL --fleet F
 
-Each sets `func(args) -> int`. Standalone: `python -m edge_agent.infer_cli {export,predict,serve} ...`.
+Each sets `func(args) -> int`. Standalone: `python -m fedge.cli.infer {export,predict,serve} ...`.
 Importing this module imports neither torch nor onnxruntime; predict/serve never import
 torch, export does (lazily).
 """
@@ -18,15 +18,16 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 
 def _labels(value: str | None) -> list[str] | None:
     if not value or value == "none":
         return None
     if value == "fashion-mnist":
-        from .infer import FASHION_LABELS  # noqa: PLC0415
+        from fedge.edge_agent.infer import FASHION_LABELS  # noqa: PLC0415
 
         return list(FASHION_LABELS)
     return [s.strip() for s in value.split(",")]
@@ -36,7 +37,7 @@ def _verifier(path: str | None):  # noqa: ANN202
     """hub_ed25519.pub (or the keys folder holding it) -> signature verifier; None without."""
     if not path:
         return None
-    from models.wire.keys import hub_verifier  # noqa: PLC0415 - torch-free; imports cryptography
+    from fedge.models.wire.keys import hub_verifier  # noqa: PLC0415 - torch-free; imports cryptography
 
     return hub_verifier(path)
 
@@ -71,7 +72,7 @@ def add_predict_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from .infer import FASHION_MEAN, FASHION_STD, InferenceError, Predictor, load_inputs  # noqa: PLC0415
+    from fedge.edge_agent.infer import FASHION_MEAN, FASHION_STD, InferenceError, Predictor, load_inputs  # noqa: PLC0415
 
     labels = _labels(args.labels)
     try:
@@ -118,10 +119,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import signal  # noqa: PLC0415
     import threading  # noqa: PLC0415
 
-    from .infer import DEFAULT_PORT, InferenceError, LiveModel, ModelFollower, Predictor, make_server  # noqa: PLC0415
+    from fedge.edge_agent.infer import DEFAULT_PORT, InferenceError, LiveModel, ModelFollower, Predictor, make_server  # noqa: PLC0415
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    from models.wire.keys import KeyFileError  # noqa: PLC0415 - torch-free
+    from fedge.models.wire.keys import KeyFileError  # noqa: PLC0415 - torch-free
 
     try:
         verifier = _verifier(args.hub_key)
@@ -145,7 +146,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     follower = None
     if args.broker:
         follower = ModelFollower(live, fleet=args.fleet, verifier=verifier, threads=args.threads, save_to=args.save)
-        from models.wire.transport import BrokerConfig  # noqa: PLC0415 - torch-free
+        from fedge.models.wire.transport import BrokerConfig  # noqa: PLC0415 - torch-free
 
         try:
             follower.connect(BrokerConfig.from_url(args.broker, ca_file=args.ca_file), prefix=args.prefix)
@@ -215,15 +216,15 @@ def _calibration(args: argparse.Namespace, n: int):  # noqa: ANN202
 
     if args.calib.endswith(".npy"):
         return np.load(args.calib, allow_pickle=False).astype(np.float32)[:n]
-    from models.data import load_dataset  # noqa: PLC0415
+    from fedge.models.data import load_dataset  # noqa: PLC0415
 
     ds = load_dataset(args.calib, args.data_root, download=False)
     return ds.train.x[:n]
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from models.data import DataError  # noqa: PLC0415
-    from models.export import ExportError, export, summary_json  # noqa: PLC0415
+    from fedge.models.data import DataError  # noqa: PLC0415
+    from fedge.models.export import ExportError, export, summary_json  # noqa: PLC0415
 
     try:
         calib = _calibration(args, args.calib_size) if args.int8 == "static" else None
@@ -245,7 +246,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- standalone
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m edge_agent.infer_cli",
+    parser = argparse.ArgumentParser(prog="python -m fedge.cli.infer",
                                      description="fedge ONNX export and torch-free inference")
     sub = parser.add_subparsers(dest="command", required=True)
     add_export_parser(sub)

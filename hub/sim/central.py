@@ -12,13 +12,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from edge_agent.profile import load_profile
-from edge_agent.trainer import LocalTrainer, TrainConfig
-from models.data import Dataset
-from models.evaluate import evaluate
-from models.registry import build_model, get_state
-
-from .hub import round_train_settings
+from fedge.edge_agent.profile import load_profile
+from fedge.edge_agent.trainer import LocalTrainer, TrainConfig
+from fedge.hub.hub import round_train_settings
+from fedge.models.data import Dataset
+from fedge.models.evaluate import evaluate
+from fedge.models.registry import build_model, get_state
 
 
 def train_central(dataset: Dataset, parts: list[np.ndarray], model: str, train: dict, epochs: int, seed: int = 0,

@@ -5,12 +5,12 @@ A recipe fills a FleetConfig; command-line flags override any of its fields afte
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
-from models.partition import PartitionSpec
+from fedge.hub.hub import HubConfig
+from fedge.models.partition import PartitionSpec
 
 from .fleet import FleetConfig
-from .hub import HubConfig
 
 
 def paper001() -> FleetConfig:

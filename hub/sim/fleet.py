@@ -16,19 +16,19 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent.agent import Agent
-from edge_agent.pool import TrainingPool
-from edge_agent.profile import load_profile
-from models.data import Dataset, load_dataset
-from models.partition import PartitionSpec, class_counts, partition
-from models.wire import Topics
-from models.wire.transport import BrokerConfig
+from fedge.edge_agent.agent import Agent
+from fedge.edge_agent.pool import TrainingPool
+from fedge.edge_agent.profile import load_profile
+from fedge.hub.broker import EmbeddedBroker
+from fedge.hub.hub import Hub, HubConfig
+from fedge.hub.report import write_run_report
+from fedge.hub.store import RunStore
+from fedge.models.data import Dataset, load_dataset
+from fedge.models.partition import PartitionSpec, class_counts, partition
+from fedge.models.wire import Topics
+from fedge.models.wire.transport import BrokerConfig
 
 from .attacks import ATTACKS
-from .broker import EmbeddedBroker
-from .hub import Hub, HubConfig
-from .report import write_run_report
-from .store import RunStore
 
 log = logging.getLogger("fedge.fleet")
 
@@ -72,7 +72,7 @@ class Fleet:
         self.broker_config: BrokerConfig | None = None
 
     # -- set-up ----------------------------------------------------------------------
-    def start(self) -> "Fleet":
+    def start(self) -> Fleet:
         cfg = self.cfg
         if self.dataset is None:
             self.dataset = load_dataset(cfg.dataset, cfg.data_root, seed=cfg.seed)
@@ -108,7 +108,7 @@ class Fleet:
         keys_dir = self.cfg.hub.keys_dir
         if not keys_dir:
             return {}
-        from models.wire.keys import HUB_PRIVATE, device_key, enroll_device, hub_verifier, init_hub_keys  # noqa: PLC0415
+        from fedge.models.wire.keys import HUB_PRIVATE, device_key, enroll_device, hub_verifier, init_hub_keys  # noqa: PLC0415
 
         if not (Path(keys_dir) / HUB_PRIVATE).exists():
             init_hub_keys(keys_dir)
@@ -126,7 +126,7 @@ class Fleet:
         if self.broker:
             self.broker.stop()
 
-    def __enter__(self) -> "Fleet":
+    def __enter__(self) -> Fleet:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

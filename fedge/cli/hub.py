@@ -9,11 +9,11 @@ import os
 import sys
 from pathlib import Path
 
-from fedge.common import add_broker_args, add_logging_args, broker_from_args, setup_logging, stop_event_on_signals
-from hub.strategies import STRATEGIES
-from models.data import DATASETS, DEFAULT_FASHION_ROOT
-from models.partition import PARTITIONERS, PartitionSpec
-from models.wire.codecs import ALL_CODECS, MODEL_CODECS
+from fedge.cli.common import add_broker_args, add_logging_args, broker_from_args, setup_logging, stop_event_on_signals
+from fedge.hub.strategies import STRATEGIES
+from fedge.models.data import DATASETS, DEFAULT_FASHION_ROOT
+from fedge.models.partition import PARTITIONERS, PartitionSpec
+from fedge.models.wire.codecs import ALL_CODECS, MODEL_CODECS
 
 log = logging.getLogger("fedge")
 
@@ -98,12 +98,11 @@ def add_hub_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_hub(args: argparse.Namespace) -> int:
-    from models.data import load_dataset  # noqa: PLC0415
-
-    from .fleet import new_run_id  # noqa: PLC0415
-    from .hub import Hub, HubConfig  # noqa: PLC0415
-    from .report import summarise, write_final_model  # noqa: PLC0415
-    from .store import RunStore  # noqa: PLC0415
+    from fedge.hub.hub import Hub, HubConfig  # noqa: PLC0415
+    from fedge.hub.report import summarise, write_final_model  # noqa: PLC0415
+    from fedge.hub.sim.fleet import new_run_id  # noqa: PLC0415
+    from fedge.hub.store import RunStore  # noqa: PLC0415
+    from fedge.models.data import load_dataset  # noqa: PLC0415
 
     setup_logging(args)
     if not args.broker:
@@ -195,9 +194,9 @@ def add_fleet_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def fleet_config_from_args(args: argparse.Namespace):  # noqa: ANN201 - FleetConfig
-    from .fleet import FleetConfig  # noqa: PLC0415
-    from .hub import HubConfig  # noqa: PLC0415
-    from .recipes import get_recipe  # noqa: PLC0415
+    from fedge.hub.hub import HubConfig  # noqa: PLC0415
+    from fedge.hub.sim.fleet import FleetConfig  # noqa: PLC0415
+    from fedge.hub.sim.recipes import get_recipe  # noqa: PLC0415
 
     if args.recipe:
         cfg = get_recipe(args.recipe, method=args.method, prune_ratio=args.prune_ratio)
@@ -209,7 +208,8 @@ def fleet_config_from_args(args: argparse.Namespace):  # noqa: ANN201 - FleetCon
                         "using the generated dataset instead", DEFAULT_FASHION_ROOT)
             cfg.dataset = "synthetic"
             cfg.partition = PartitionSpec(kind="iid")
-    for arg, attr in (("profile", "profile"), ("broker", "broker"), ("devices", "devices"), ("dataset", "dataset"), ("data_root", "data_root"),
+    for arg, attr in (("profile", "profile"), ("broker", "broker"), ("devices", "devices"), ("dataset", "dataset"),
+                      ("data_root", "data_root"),
                       ("workers", "workers"), ("threads", "threads"), ("central", "central"),
                       ("runs_dir", "runs_dir"), ("run_id", "run_id"), ("seed", "seed")):
         value = getattr(args, arg, None)
@@ -231,7 +231,7 @@ def fleet_config_from_args(args: argparse.Namespace):  # noqa: ANN201 - FleetCon
 
 
 def run_fleet(args: argparse.Namespace) -> int:
-    from .fleet import Fleet  # noqa: PLC0415
+    from fedge.hub.sim.fleet import Fleet  # noqa: PLC0415
 
     setup_logging(args)
     if not args.verbose:
@@ -279,8 +279,8 @@ def add_partition_parser(subparsers: argparse._SubParsersAction) -> None:
 def run_partition(args: argparse.Namespace) -> int:
     import numpy as np  # noqa: PLC0415
 
-    from models.data import load_dataset  # noqa: PLC0415
-    from models.partition import class_counts, partition  # noqa: PLC0415
+    from fedge.models.data import load_dataset  # noqa: PLC0415
+    from fedge.models.partition import class_counts, partition  # noqa: PLC0415
 
     ds = load_dataset(args.dataset, args.data_root, seed=args.seed)
     spec = _apply_partition_args(PartitionSpec(), args)

@@ -12,15 +12,14 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from edge_agent.profile import load_profile
-from edge_agent.trainer import LocalTrainer, TrainConfig, job_seed, uplink_state
-from models.data import Dataset
-from models.evaluate import evaluate
-from models.registry import build_model, get_state, set_state
-from models.wire.codecs import decode_tensors, encode_tensors
-
-from .hub import HubConfig, round_train_settings, select_devices
-from .strategies import UPDATE_CODEC, check_strategy_fits, get_strategy
+from fedge.edge_agent.profile import load_profile
+from fedge.edge_agent.trainer import LocalTrainer, TrainConfig, job_seed, uplink_state
+from fedge.hub.hub import HubConfig, round_train_settings, select_devices
+from fedge.hub.strategies import UPDATE_CODEC, check_strategy_fits, get_strategy
+from fedge.models.data import Dataset
+from fedge.models.evaluate import evaluate
+from fedge.models.registry import build_model, get_state, set_state
+from fedge.models.wire.codecs import decode_tensors, encode_tensors
 
 
 def plain_fedavg(dataset: Dataset, parts: list[np.ndarray], hub: HubConfig, profile_name: str = "sim",

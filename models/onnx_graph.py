@@ -18,7 +18,8 @@ Must stay torch-free: import nothing from models.registry, models.nets, models.d
 from __future__ import annotations
 
 import json
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 import onnx
@@ -226,8 +227,8 @@ def from_envelope(payload: bytes, verifier: Any = None, max_bytes: int | None = 
 
     Returns (onnx model, ModelMessage). Raises models.wire.EnvelopeError or GraphError.
     """
-    from models.wire.envelope import DEFAULT_MAX_BYTES, decode  # noqa: PLC0415 - torch-free
-    from models.wire.messages import parse_model  # noqa: PLC0415
+    from fedge.models.wire.envelope import DEFAULT_MAX_BYTES, decode  # noqa: PLC0415 - torch-free
+    from fedge.models.wire.messages import parse_model  # noqa: PLC0415
 
     msg = parse_model(decode(payload, max_bytes=max_bytes or DEFAULT_MAX_BYTES, verifier=verifier))
     return from_model_message(msg), msg
