@@ -15,6 +15,13 @@ import numpy as np
 
 DEFAULT_FASHION_ROOT = "/usr/share/datasets/fashion-mnist"
 DATASETS = ("fashion-mnist", "mnist", "cifar10", "synthetic")
+# dataset -> (mean, std) applied to pixel/255, one scalar for all channels (docs/protocol.md §6.1:
+# a device written from the docs must preprocess exactly like this, the wire does not carry it)
+NORMALISATION: dict[str, tuple[float, float]] = {
+    "fashion-mnist": (0.2860, 0.3530),
+    "mnist": (0.1307, 0.3081),
+    "cifar10": (0.4734, 0.2516),
+}
 
 
 class DataError(RuntimeError):
@@ -99,7 +106,7 @@ def load_idx_dataset(root: str | os.PathLike, name: str = "fashion-mnist") -> Da
     yt = read_idx(_find(root, "t10k-labels-idx1-ubyte"))
     if len(xs) != len(ys) or len(xt) != len(yt):
         raise DataError(f"{root}: image and label counts differ")
-    mean, std = (0.2860, 0.3530) if name == "fashion-mnist" else (0.1307, 0.3081)
+    mean, std = NORMALISATION["fashion-mnist" if name == "fashion-mnist" else "mnist"]
     return Dataset(
         name=name,
         train=Split(_normalise(xs, mean, std)[:, None], ys.astype(np.int64)),
@@ -129,9 +136,9 @@ def load_torchvision(name: str, root: str | os.PathLike, download: bool = True) 
         data = np.asarray(ds.data)
         labels = np.asarray(ds.targets, dtype=np.int64)
         if data.ndim == 3:  # MNIST: N,H,W
-            x = _normalise(data, 0.1307, 0.3081)[:, None]
+            x = _normalise(data, *NORMALISATION["mnist"])[:, None]
         else:  # CIFAR: N,H,W,C
-            x = _normalise(data, 0.4734, 0.2516).transpose(0, 3, 1, 2).copy()
+            x = _normalise(data, *NORMALISATION["cifar10"]).transpose(0, 3, 1, 2).copy()
         return Split(x, labels)
 
     return Dataset(name=name, train=arrays(train), test=arrays(test), num_classes=10)
