@@ -18,6 +18,7 @@ import torch
 from fedge.models.data import Split
 from fedge.models.wire import EnvelopeError, Topics, decode
 from fedge.models.wire.envelope import DEFAULT_MAX_BYTES, Verifier
+from fedge.models.wire.freshness import Position, RunGuard, StaleMessage
 from fedge.models.wire.messages import (
     ModelMessage,
     TaskMessage,
@@ -52,6 +53,7 @@ class Agent:
         tamper: Callable[[Mapping[str, np.ndarray], Mapping[str, np.ndarray]], Mapping[str, np.ndarray]] | None = None,
         hub_verifier: Verifier | None = None,
         device_key: bytes | None = None,
+        guard: RunGuard | None = None,
     ) -> None:
         self.device_id = device_id
         self.profile = profile
@@ -68,6 +70,7 @@ class Agent:
         self.publish_delay_s = 0.0  # simulation of a slow device; 0 on real devices
         self.hub_verifier = hub_verifier  # set: models and tasks must carry the hub's signature
         self.device_key = device_key  # set: updates carry an HMAC tag the hub checks
+        self.guard = guard or RunGuard(topics.fleet)  # refuses replays of earlier runs/versions
         self._lock = threading.Lock()
         self._model: ModelMessage | None = None
         self._task: TaskMessage | None = None
@@ -132,6 +135,8 @@ class Agent:
             "class_counts": self.class_counts,
             "profile": self.profile.summary(),
         }
+        if self.guard.last_refusal:
+            info["refused"] = {"count": self.guard.refused, "last": self.guard.last_refusal}
         self.link.publish(self.topics.device_status(self.device_id), status_payload("online", **info), retain=True)
 
     # -- inbound ---------------------------------------------------------------------
@@ -148,6 +153,13 @@ class Agent:
             return None
         if msg.fleet != self.topics.fleet:
             log.warning("%s: dropped %s of fleet %r", self.device_id, what, msg.fleet)
+            return None
+        try:
+            self.guard.admit(Position.of(msg))
+        except StaleMessage as exc:
+            log.warning("%s: refused %s: %s", self.device_id, what, exc)
+            if self.guard.refused == 1 or self.guard.refused % 100 == 0:
+                self._announce()  # the reason shows in this device's retained status
             return None
         return msg
 

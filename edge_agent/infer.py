@@ -234,18 +234,27 @@ class LiveModel:
 class ModelFollower:
     """Swaps every new global model from the hub into a LiveModel.
 
-    Accepts a model when it belongs to another run than the current one or has a higher
-    version in the same run (so the retained message replayed after a reconnect is a no-op).
-    With `verifier`, only models signed by the hub's Ed25519 key are accepted. A message that
-    fails to decode, verify or build is logged and counted; the previous model keeps serving.
+    Accepts a model only in the order of models/wire/freshness.py: a newer run (higher epoch)
+    or a higher version of the current run; an earlier run or an older version is refused as a
+    replay (counted, reason in status), the same version again is ignored (the retained message
+    re-delivered after a reconnect). `guard_file` keeps the newest accepted (epoch, run,
+    version) across restarts. With `verifier`, only models signed by the hub's Ed25519 key are
+    accepted. A message that fails to decode, verify or build is logged and counted; the
+    previous model keeps serving.
     """
 
     def __init__(
         self, live: LiveModel, fleet: str | None = None, verifier: Any = None, threads: int = 1,
         max_bytes: int | None = None, save_to: str | os.PathLike | None = None,
+        guard_file: str | os.PathLike | None = None,
     ) -> None:
+        from fedge.models.wire.freshness import RunGuard  # noqa: PLC0415 - torch-free
+
         self.live = live
         self.fleet = fleet
+        if guard_file is not None and fleet is None:
+            raise InferenceError("a replay-guard file needs the fleet id")
+        self.guard = RunGuard(fleet or "", guard_file)
         self.verifier = verifier  # models.wire.keys.hub_verifier(...): only hub-signed models are served
         self.threads = threads
         self.max_bytes = max_bytes
@@ -263,6 +272,7 @@ class ModelFollower:
 
         from fedge.models import onnx_graph  # noqa: PLC0415 - onnx is only needed for envelopes
         from fedge.models.wire.envelope import EnvelopeError  # noqa: PLC0415 - torch-free
+        from fedge.models.wire.freshness import Position, StaleMessage  # noqa: PLC0415 - torch-free
 
         if not payload:
             return False  # a cleared retained message
@@ -271,12 +281,20 @@ class ModelFollower:
                 proto, msg = onnx_graph.from_envelope(payload, verifier=self.verifier, max_bytes=self.max_bytes)
                 if self.fleet is not None and msg.fleet != self.fleet:
                     raise InferenceError(f"model of fleet {msg.fleet!r}, this device serves fleet {self.fleet!r}")
+                position = Position.of(msg)
+                reason = self.guard.check(position)
+                if reason is not None:
+                    raise StaleMessage(reason)
+                if position == self.guard.newest and self.live.peek() is not None:
+                    self.ignored += 1
+                    return False
                 current = self.live.peek()
                 if current is not None and current.info.get("run") == msg.run and \
                         isinstance(current.info.get("version"), int) and msg.version <= current.info["version"]:
                     self.ignored += 1
                     return False
                 predictor = Predictor.from_proto(proto, self.threads)
+                self.guard.admit(position)
             except (EnvelopeError, onnx_graph.GraphError, InferenceError, onnx.checker.ValidationError) as exc:
                 self.rejected += 1
                 self.last_error = str(exc)
@@ -331,7 +349,8 @@ class ModelFollower:
 
     def status(self) -> dict[str, Any]:
         return {"accepted": self.accepted, "ignored": self.ignored, "rejected": self.rejected,
-                "last_error": self.last_error, "connected": bool(self.link and self.link.connected)}
+                "last_error": self.last_error, "connected": bool(self.link and self.link.connected),
+                "newest": self.guard.status()["newest"]}
 
 
 # ----------------------------------------------------------------------------- inputs

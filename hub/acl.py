@@ -1,7 +1,6 @@
-"""Mosquitto ACL for one fleet: the hub may do everything under its fleet, a device (MQTT
-username == device id) may publish only its own status and update and read only the model,
-the round task and the hub's status. Pure text generation, so it is unit-testable; `fedge acl`
-writes it to a file.
+"""Mosquitto ACL for one fleet: the hub may do everything under its fleet, a device may
+publish only its own status and update and read only the model, the round task and the hub's
+status. Pure text generation, so it is unit-testable; `fedge acl` writes it to a file.
 
 The rules follow the topic table of docs/protocol.md section 2:
 
@@ -11,9 +10,13 @@ The rules follow the topic table of docs/protocol.md section 2:
     {prefix}/{fleet}/dev/{device}/status   that device writes, hub reads
     {prefix}/{fleet}/dev/{device}/update   that device writes, hub reads
 
-Mosquitto substitutes `%u` in `pattern` lines with the connecting client's username, so one
-pattern covers every device; a device can neither write another device's topics nor read
-any device's updates. A client whose username contains `/`, `+` or `#` matches no pattern.
+Every rule sits in a `user` block: Mosquitto applies `pattern` lines to every client of the
+broker, so a pattern written for one fleet would also open that fleet's topics to the devices
+of every other fleet on the same broker. MQTT usernames are qualified by fleet
+(`<device>@<fleet>`, `hub@<fleet>`; '@' is not allowed in fleet or device ids, so two fleets
+never share a username), which is why the output of `fedge acl` for several fleets can simply
+be concatenated into one acl_file. The price: a newly enrolled device needs the ACL
+regenerated (and Mosquitto reloaded), like its password entry.
 """
 
 from __future__ import annotations
@@ -43,39 +46,48 @@ def check_user(user: str, what: str = "hub user") -> str:
     return user
 
 
-def device_rules(fleet: str, prefix: str = ROOT) -> list[tuple[str, str]]:
-    """(access, topic pattern) pairs every device gets; `%u` is the device's username."""
+def device_user(fleet: str, device: str) -> str:
+    """The MQTT username of `device` in `fleet`: unique across the fleets of one broker."""
+    return f"{check_name(device, 'device id')}@{check_name(fleet, 'fleet id')}"
+
+
+def hub_user_of(fleet: str) -> str:
+    """The default MQTT username of the fleet's hub."""
+    return f"hub@{check_name(fleet, 'fleet id')}"
+
+
+def device_rules(fleet: str, device: str, prefix: str = ROOT) -> list[tuple[str, str]]:
+    """(access, topic) pairs of one device of one fleet."""
     t = Topics(check_name(fleet, "fleet id"), check_prefix(prefix))
     return [
-        ("write", f"{t.base}/dev/%u/status"),
-        ("write", f"{t.base}/dev/%u/update"),
+        ("write", t.device_status(device)),
+        ("write", t.device_update(device)),
         ("read", t.model),
         ("read", t.round),
         ("read", t.hub_status),
     ]
 
 
-def mosquitto_acl(fleet: str, prefix: str = ROOT, hub_user: str = "hub") -> str:
-    """The text of a Mosquitto `acl_file` for one fleet."""
-    rules = device_rules(fleet, prefix)
-    base = Topics(fleet, prefix).base
-    check_user(hub_user)
+def mosquitto_acl(fleet: str, devices: Iterable[str], prefix: str = ROOT, hub_user: str | None = None) -> str:
+    """The text of a Mosquitto `acl_file` section for one fleet; sections of several fleets
+    (each with its own hub user) concatenate into one file without opening one to another."""
+    base = Topics(check_name(fleet, "fleet id"), check_prefix(prefix)).base
+    hub = check_user(hub_user if hub_user is not None else hub_user_of(fleet))
+    names = list(dict.fromkeys(check_name(d, "device id") for d in devices))
     lines = [
         f"# Mosquitto ACL for fedge fleet {fleet!r} under {prefix!r} (written by `fedge acl`).",
-        "# Use with `allow_anonymous false` and a password_file: a device's MQTT username is its",
-        "# device id (fedge agent --device-id ... --username <same id>).",
-        "",
-        "# Every device: publish only its own status and update; read the model, the round task",
-        "# and the hub's status. (Pattern lines apply to all clients; the hub's own rules follow.)",
-    ]
-    lines += [f"pattern {access} {topic}" for access, topic in rules]
-    lines += [
+        "# Use with `allow_anonymous false` and a password_file. Only `user` blocks, no `pattern`",
+        "# lines: sections written for other fleets may be appended to this file.",
         "",
         f"# The hub: everything of fleet {fleet!r}.",
-        f"user {hub_user}",
+        f"user {hub}",
         f"topic readwrite {base}/#",
-        "",
     ]
+    for device in names:
+        lines += ["", f"# Device {device}: its own status and update; the model, the round task, the hub status.",
+                  f"user {device_user(fleet, device)}"]
+        lines += [f"topic {access} {topic}" for access, topic in device_rules(fleet, device, prefix)]
+    lines.append("")
     return "\n".join(lines)
 
 

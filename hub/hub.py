@@ -10,15 +10,18 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from fedge.models.errors import ConfigError
 from fedge.models.wire import EnvelopeError, Topics, check_against, decode
 from fedge.models.wire.codecs import MODEL_CODECS
 from fedge.models.wire.envelope import DEFAULT_MAX_BYTES
@@ -114,6 +117,28 @@ def select_devices(online: list[str], k: int, seed: int, round_id: int, attempt:
     return sorted(rng.choice(pool, size=k, replace=False).tolist())
 
 
+EPOCH_FILE = "run_epoch"  # in the keys folder: the last epoch handed out by any run signed with this key
+
+
+def new_run_epoch(keys_dir: str | None) -> int:
+    """A run epoch larger than every earlier one: the clock in ns, and (with a keys folder) at
+    least one more than the last epoch recorded there, so a clock set back cannot reuse one.
+    Devices order runs by it (models/wire/freshness.py)."""
+    epoch = time.time_ns()
+    if not keys_dir:
+        return epoch
+    path = Path(keys_dir) / EPOCH_FILE
+    try:
+        last = int(path.read_text().strip()) if path.exists() else 0
+    except ValueError:
+        raise ConfigError(f"{path} must hold one integer (the last run epoch); fix or restore it") from None
+    epoch = max(epoch, last + 1)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(f"{epoch}\n")
+    os.replace(tmp, path)
+    return epoch
+
+
 class Hub:
     def __init__(
         self,
@@ -146,6 +171,7 @@ class Hub:
         self.test_y = torch.from_numpy(test_y).to(device) if test_y is not None else None
         self.global_state = self.reference
         self.version = 0
+        self.epoch = 0  # set by _restore_or_init: new run -> new_run_epoch, resumed run -> its own
         self._cond = threading.Condition()
         self._online: dict[str, dict] = {}
         self._task: TaskMessage | None = None
@@ -167,6 +193,11 @@ class Hub:
     # -- persistence -----------------------------------------------------------------
     def _restore_or_init(self) -> None:
         stored = self.store.get_meta("config")
+        epoch = self.store.get_meta("epoch")
+        if not isinstance(epoch, int) or isinstance(epoch, bool):  # a new run, or one from before epochs
+            epoch = new_run_epoch(self.config.keys_dir)
+            self.store.set_meta("epoch", epoch)
+        self.epoch = epoch
         if stored is None:
             self.store.set_meta("config", self.config.to_json())
             self.store.set_meta("status", "running")
@@ -186,7 +217,7 @@ class Hub:
         return build_model_message(
             self.config.fleet, self.run_id, version, self.config.model, state, codec=codec or self.config.model_codec,
             meta={"in_shape": list(self.config.in_shape), "num_classes": self.config.num_classes},
-            signer=self._signer,
+            signer=self._signer, epoch=self.epoch,
         )
 
     # -- MQTT inbound ----------------------------------------------------------------
@@ -308,6 +339,7 @@ class Hub:
         resumed = self.store.get_open_round()
         if resumed and resumed[0] == round_id and attempt == 0:
             task = TaskMessage(**resumed[1])
+            task.epoch = self.epoch
             task.deadline = max(task.deadline, time.time() + self.config.resume_grace_s)
             log.info("round %d was open when the hub stopped; %d update(s) already stored", round_id,
                      len(self.store.pending(round_id)))
@@ -317,7 +349,7 @@ class Hub:
                 fleet=self.config.fleet, run=self.run_id, round=round_id, model_version=self.version,
                 selected=self._select(online, round_id, attempt), deadline=time.time() + self.config.deadline_s,
                 train=round_train_settings(self.config.train, round_id, self.config.rounds), state="open",
-                codec=self.config.update_codec or UPDATE_CODEC.get(self.config.strategy),
+                codec=self.config.update_codec or UPDATE_CODEC.get(self.config.strategy), epoch=self.epoch,
             )
         self.store.open_round(round_id, asdict(task))
         with self._cond:
@@ -463,7 +495,8 @@ class Hub:
         """Publish the final model and a 'finished' task so agents know the run is over."""
         final_model = self.model_payload(self.version, self.global_state)
         done = TaskMessage(fleet=self.config.fleet, run=self.run_id, round=self.version, model_version=self.version,
-                           selected=[], deadline=time.time(), train={}, state="finished")
+                           selected=[], deadline=time.time(), train={}, state="finished",
+                           epoch=self.epoch)
         self._current = (final_model, build_task_message(done, self._signer))
         self.link.publish(self.topics.model, final_model, qos=1, retain=True)
         info = self.link.publish(self.topics.round, self._current[1], qos=1, retain=True)

@@ -88,9 +88,9 @@ def setup(tmp_path_factory):  # noqa: ANN001, ANN201
 
 
 def _envelope(name: str, state, version: int = 1, run: str = "run-a", fleet: str = "f1", codec: str = "fp32",
-              signer=None) -> bytes:  # noqa: ANN001
+              signer=None, epoch: int = 1) -> bytes:  # noqa: ANN001
     return build_model_message(fleet, run, version, name, state, codec=codec,
-                               meta={"in_shape": list(SHAPE), "num_classes": 10}, signer=signer)
+                               meta={"in_shape": list(SHAPE), "num_classes": 10}, signer=signer, epoch=epoch)
 
 
 # ----------------------------------------------------------------------------- torch export
@@ -310,6 +310,7 @@ def test_hot_swap_and_http_endpoint(setup, tmp_path):  # noqa: ANN001
         # replayed old version, other fleet, foreign or no signature, corrupted bytes, wrong architecture:
         # v2 keeps serving
         assert not follower.handle(_envelope("mlp", state_a, version=1, signer=key))
+        assert "older than the accepted version 2" in follower.last_error
         assert not follower.handle(_envelope("mlp", state_a, version=3, fleet="f2", signer=key))
         assert not follower.handle(_envelope("mlp", state_a, version=3, signer=impostor))
         assert "signature does not verify" in follower.last_error
@@ -320,10 +321,10 @@ def test_hot_swap_and_http_endpoint(setup, tmp_path):  # noqa: ANN001
         assert not follower.handle(bytes(corrupt))
         assert not follower.handle(_envelope("conv4", state_a, version=3, signer=key))
         assert "tensor names do not match" in follower.last_error
-        assert (follower.accepted, follower.ignored, follower.rejected) == (2, 1, 5)
+        assert (follower.accepted, follower.ignored, follower.rejected) == (2, 0, 6)
         assert live.get().describe()["version"] == 2
-        # a new run starts over at version 1 and is accepted
-        assert follower.handle(_envelope("mlp", state_a, version=1, run="run-b", signer=key))
+        # a new run (higher epoch) starts over at version 1 and is accepted
+        assert follower.handle(_envelope("mlp", state_a, version=1, run="run-b", signer=key, epoch=2))
         code, out = _post(f"{base}/predict", json.dumps({"inputs": x[0].tolist()}).encode(), "application/json")
         assert code == 200 and out["classes"] == [int(ref_a[0].argmax())] and out["model"]["run"] == "run-b"
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from fedge.hub.acl import mosquitto_acl, set_passwords
+from fedge.hub.acl import device_user, mosquitto_acl, set_passwords
 from fedge.models.wire.topics import Topics
 from fedge.models.wire.transport import BrokerConfig, MqttLink
 
@@ -107,7 +107,7 @@ def pki():
         "key": _write_pem(folder / "server.key", server_key.private_bytes(
             pem, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption())),
     }
-    passwords = {user: secrets.token_urlsafe(12) for user in (HUB_USER, *DEVICES)}
+    passwords = {user: secrets.token_urlsafe(12) for user in (HUB_USER, *(device_user(FLEET, d) for d in DEVICES))}
     files["passwd"] = set_passwords(folder / "passwd", passwords.items())
     files["passwd"].chmod(0o644)
     yield {"dir": folder, "files": files, "passwords": passwords}
@@ -120,7 +120,7 @@ def secure_broker(pki, topic_prefix):
     workdir = Path(tempfile.mkdtemp(prefix="broker-", dir=pki["dir"]))
     workdir.chmod(0o755)
     acl = workdir / "fedge.acl"
-    acl.write_text(mosquitto_acl(FLEET, topic_prefix, HUB_USER))
+    acl.write_text(mosquitto_acl(FLEET, DEVICES, topic_prefix, HUB_USER))
     acl.chmod(0o644)
     f = pki["files"]
     broker = MosquittoProcess(workdir, allow_anonymous=False, extra_config=(
@@ -132,6 +132,8 @@ def secure_broker(pki, topic_prefix):
 
 
 def _cfg(pki, broker: MosquittoProcess, user: str | None, password: str | None = None, **kw) -> BrokerConfig:
+    """Settings for `user`; a device id stands for its MQTT username DEVICE@FLEET."""
+    user = device_user(FLEET, user) if user in DEVICES else user
     base = {"host": "127.0.0.1", "port": broker.port, "tls": True, "ca_file": str(pki["files"]["ca"]),
             "username": user, "password": password if password is not None else pki["passwords"].get(user)}
     return BrokerConfig(**{**base, **kw})

@@ -68,6 +68,10 @@ def add_agent_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
                         help="hub_ed25519.pub from `fedge keys init`: accept only models and tasks the hub signed")
     parser.add_argument("--device-key", metavar="FILE",
                         help="this device's key from `fedge keys enroll` (devices/<id>.key): tag every update")
+    parser.add_argument("--seen-file", metavar="FILE",
+                        help="where the newest accepted (run epoch, run, model version) is kept, so replays of "
+                             "earlier runs are refused after a restart (default: fedge-agent-seen-FLEET.json "
+                             "next to --data, else --device-key, else --hub-public-key; none: memory only)")
     add_logging_args(parser)
     parser.set_defaults(func=run_agent)
     return parser
@@ -93,8 +97,14 @@ def run_agent(args: argparse.Namespace) -> int:
 
     verifier = hub_verifier(args.hub_public_key) if args.hub_public_key else None
     device_key = read_device_key(args.device_key) if args.device_key else None
+    from fedge.models.wire.freshness import RunGuard, default_guard_path  # noqa: PLC0415
+
+    beside = (args.data if Path(args.data).exists() else None) or args.device_key or args.hub_public_key
+    seen = args.seen_file or (default_guard_path(beside, "agent", args.fleet) if beside else None)
+    log.info("newest accepted run kept in %s", seen or "memory only (replays of earlier runs are refused until a restart)")
     agent = Agent(args.device_id, profile, broker_from_args(args), Topics(args.fleet, args.topic_prefix), data,
-                  args.num_classes, pool, seed=args.seed, hub_verifier=verifier, device_key=device_key)
+                  args.num_classes, pool, seed=args.seed, hub_verifier=verifier, device_key=device_key,
+                  guard=RunGuard(args.fleet, seen))
     agent.start()
     log.info("device %s online with %d samples (profile %s); waiting for round tasks", args.device_id, len(data), profile.name)
     try:

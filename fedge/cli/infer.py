@@ -110,6 +110,10 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=None, help="HTTP port (default 8765; 0 = any free port)")
     p.add_argument("--save", default=None,
                    help="write every swapped-in model to this .onnx path (atomically) and start from it next time")
+    p.add_argument("--seen-file", default=None,
+                   help="where the newest accepted (run epoch, run, version) is kept so a replayed older model "
+                        "is refused after a restart (default: fedge-serve-seen-FLEET.json next to --save, "
+                        "else next to --hub-key; neither: kept in memory only)")
     _add_common_infer(p)
     p.set_defaults(func=cmd_serve)
     return p
@@ -145,7 +149,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
             return 2
     follower = None
     if args.broker:
-        follower = ModelFollower(live, fleet=args.fleet, verifier=verifier, threads=args.threads, save_to=args.save)
+        from fedge.models.wire.freshness import default_guard_path  # noqa: PLC0415 - torch-free
+
+        beside = args.save or args.hub_key
+        seen = args.seen_file or (default_guard_path(beside, "serve", args.fleet) if beside else None)
+        try:
+            follower = ModelFollower(live, fleet=args.fleet, verifier=verifier, threads=args.threads,
+                                     save_to=args.save, guard_file=seen)
+        except ValueError as exc:
+            print(f"fedge agent serve: {exc}", file=sys.stderr)
+            return 2
         from fedge.models.wire.transport import BrokerConfig  # noqa: PLC0415 - torch-free
 
         try:

@@ -24,12 +24,16 @@ The hub uses the folder with `fedge hub --keys-dir DIR`; a device needs two file
 
 ACL_EPILOG = """\
 examples:
-  fedge acl --fleet home --out /etc/mosquitto/fedge-home.acl
-  fedge acl --fleet home --out /etc/mosquitto/fedge-home.acl \\
-            --password-file /etc/mosquitto/passwd --passwords hub=S3cret pi-kitchen=An0ther
+  fedge acl --fleet home --keys-dir /etc/fedge/keys --out /etc/mosquitto/fedge-home.acl
+  fedge acl --fleet home --devices pi-kitchen pi-garage --out /etc/mosquitto/fedge-home.acl \\
+            --password-file /etc/mosquitto/passwd --passwords hub@home=S3cret pi-kitchen@home=An0ther
+  cat /etc/mosquitto/fedge-*.acl > /etc/mosquitto/fedge.acl   # several fleets on one broker
 
-A device's MQTT username must be its device id. Passwords on the command line are visible
-in `ps`; on a shared machine add users interactively instead: mosquitto_passwd FILE USER.
+MQTT usernames are qualified by fleet: DEVICE@FLEET for a device, hub@FLEET for the hub
+(--hub-user overrides; give every fleet its own). The file has only `user` blocks, so the
+output for several fleets may be concatenated. Re-run it after enrolling a device and reload
+mosquitto. Passwords on the command line are visible in `ps`; on a shared machine add users
+interactively instead: mosquitto_passwd FILE USER.
 """
 
 
@@ -104,7 +108,7 @@ def run_keys_enroll(args: argparse.Namespace) -> int:
         path = enroll_device(folder, device, overwrite=True)
         action = "rotated" if device in existing else "enrolled"
         print(f"{action} {device}: copy {path} to device {device} only "
-              f"(fedge agent --device-id {device} --username {device} --device-key {path.name}"
+              f"(fedge agent --device-id {device} --username {device}@FLEET --device-key {path.name}"
               f" --hub-public-key {HUB_PUBLIC})  fingerprint {_fingerprint(path)}")
     if not pub.exists():
         print(f"note: no hub key in {folder} yet; run `fedge keys init --dir {folder}`", file=sys.stderr)
@@ -145,18 +149,21 @@ def _password_entry(text: str) -> tuple[str, str]:
 def add_acl_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "acl", help="write a Mosquitto ACL (and password file) for a fleet",
-        description="Write a Mosquitto acl_file for one fleet: the hub user may read and write everything "
-                    "under PREFIX/FLEET/#; each device (MQTT username = device id) may publish only its own "
-                    "status and update topics and read only the model, the round task and the hub status. "
-                    "Optionally create or update a password file with mosquitto_passwd.",
+        description="Write a Mosquitto acl_file for one fleet: the hub user (hub@FLEET) may read and write "
+                    "everything under PREFIX/FLEET/#; each device (MQTT username DEVICE@FLEET) may publish only "
+                    "its own status and update topics and read only the model, the round task and the hub "
+                    "status. Outputs for several fleets concatenate into one file without opening one fleet "
+                    "to another. Optionally create or update a password file with mosquitto_passwd.",
         epilog=ACL_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--fleet", required=True, help="fleet id")
     p.add_argument("--topic-prefix", default=ROOT, help="topic root (default: %(default)s)")
-    p.add_argument("--hub-user", default="hub", help="the hub's MQTT username (default: %(default)s)")
+    p.add_argument("--devices", nargs="+", metavar="DEVICE", default=[], help="the fleet's device ids")
+    p.add_argument("--keys-dir", help="also take the device ids enrolled in this keys folder (devices/*.key)")
+    p.add_argument("--hub-user", default=None, help="the hub's MQTT username (default: hub@FLEET)")
     p.add_argument("--out", help="write the ACL to this file (default: print it)")
     p.add_argument("--passwords", nargs="+", type=_password_entry, metavar="USER=PASSWORD", default=[],
-                   help="users to add or update in --password-file (devices: USER = device id)")
+                   help="users to add or update in --password-file (devices: USER = DEVICE@FLEET)")
     p.add_argument("--password-file", help="Mosquitto password file to create or update (needs mosquitto_passwd)")
     p.set_defaults(func=run_acl)
     return p
@@ -167,7 +174,15 @@ def run_acl(args: argparse.Namespace) -> int:
 
     if bool(args.passwords) != bool(args.password_file):
         raise ValueError("--passwords and --password-file go together")
-    text = mosquitto_acl(args.fleet, args.topic_prefix, args.hub_user)
+    devices = list(args.devices)
+    if args.keys_dir:
+        folder = Path(args.keys_dir) / "devices"
+        if not folder.is_dir():
+            raise FileNotFoundError(f"--keys-dir {args.keys_dir}: no devices/ folder (fedge keys enroll ...)")
+        devices += sorted(path.stem for path in folder.glob("*.key"))
+    if not devices:
+        raise ValueError("name the fleet's devices: --devices ID... or --keys-dir DIR (the enrolled ones)")
+    text = mosquitto_acl(args.fleet, devices, args.topic_prefix, args.hub_user)
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -30,6 +30,16 @@ def _field(header: Mapping[str, Any], name: str, types: type | tuple[type, ...])
     return value
 
 
+def _epoch(header: Mapping[str, Any]) -> int:
+    """The run epoch of a model or task; absent (a hub from before epochs) reads as 0."""
+    if "epoch" not in header:
+        return 0
+    epoch = _field(header, "epoch", int)
+    if epoch < 0:
+        raise EnvelopeError(f"header field 'epoch' must be >= 0, got {epoch}")
+    return int(epoch)
+
+
 # ----------------------------------------------------------------------------- model
 @dataclass
 class ModelMessage:
@@ -39,15 +49,16 @@ class ModelMessage:
     model: str
     tensors: OrderedDict[str, np.ndarray]
     meta: dict[str, Any] = field(default_factory=dict)
+    epoch: int = 0  # the run's epoch (models/wire/freshness.py); 0 = a hub from before epochs
 
 
 def build_model_message(
     fleet: str, run: str, version: int, model: str, tensors: Mapping[str, np.ndarray], codec: str = "fp32",
-    meta: Mapping[str, Any] | None = None, signer: Signer | None = None,
+    meta: Mapping[str, Any] | None = None, signer: Signer | None = None, epoch: int = 0,
 ) -> bytes:
     fields_, body = encode_tensors(tensors, codec)
-    header = {"kind": "model", "fleet": fleet, "run": run, "version": int(version), "model": model,
-              "meta": dict(meta or {}), "created": time.time(), **fields_}
+    header = {"kind": "model", "fleet": fleet, "run": run, "epoch": int(epoch), "version": int(version),
+              "model": model, "meta": dict(meta or {}), "created": time.time(), **fields_}
     return encode(header, body, signer=signer)
 
 
@@ -58,6 +69,7 @@ def parse_model(env: Envelope) -> ModelMessage:
     return ModelMessage(
         fleet=_field(h, "fleet", str), run=_field(h, "run", str), version=_field(h, "version", int),
         model=_field(h, "model", str), tensors=decode_tensors(h, env.body), meta=dict(h.get("meta") or {}),
+        epoch=_epoch(h),
     )
 
 
@@ -73,12 +85,14 @@ class TaskMessage:
     train: dict[str, Any]
     state: str  # "open" (train now) or "finished" (the run is over)
     codec: str | None = None  # update codec the hub asks for; None = the device's profile decides
+    epoch: int = 0  # the run's epoch (models/wire/freshness.py); 0 = a hub from before epochs
 
 
 def build_task_message(task: TaskMessage, signer: Signer | None = None) -> bytes:
     header = {"kind": "task", "fleet": task.fleet, "run": task.run, "round": task.round,
               "model_version": task.model_version, "selected": list(task.selected), "deadline": task.deadline,
-              "train": dict(task.train), "state": task.state, "update_codec": task.codec}
+              "train": dict(task.train), "state": task.state, "update_codec": task.codec,
+              "epoch": int(task.epoch)}
     return encode(header, b"", signer=signer)
 
 
@@ -96,7 +110,7 @@ def parse_task(env: Envelope) -> TaskMessage:
         fleet=_field(h, "fleet", str), run=_field(h, "run", str), round=_field(h, "round", int),
         model_version=_field(h, "model_version", int), selected=selected,
         deadline=float(_field(h, "deadline", (int, float))), train=_field(h, "train", dict), state=state,
-        codec=h.get("update_codec") if isinstance(h.get("update_codec"), str) else None,
+        codec=h.get("update_codec") if isinstance(h.get("update_codec"), str) else None, epoch=_epoch(h),
     )
 
 
