@@ -1,3 +1,4 @@
+# ruff: noqa: F811
 """Limits that hold even inside a locked-down fleet (passwords, the `fedge acl` ACL, signed
 models and tasks, per-device keys), over the private Mosquitto of tests/test_tls_acl.py:
 
@@ -34,7 +35,10 @@ from fedge.models.wire.messages import (
 )
 
 from .mosquitto_proc import mosquitto_binary
-from .test_tls_acl import DEVICES, FLEET, HUB_USER, Inbox, _cfg, _link, pki, secure_broker  # noqa: F401 - fixtures
+
+# the private Mosquitto with TLS, passwords and the `fedge acl` ACL: test_tls_acl's own fixtures
+# (imported here, so a test's parameters of the same names are redefinitions: F811 is expected)
+from .test_tls_acl import DEVICES, FLEET, HUB_USER, Inbox, _cfg, _link, pki, secure_broker  # noqa: F401
 
 pytest.importorskip("cryptography")
 pytestmark = pytest.mark.skipif(
