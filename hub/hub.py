@@ -237,7 +237,9 @@ class Hub:
 
     def _sample_bound(self, device: str, claimed: int) -> str | None:
         """Why an update's num_samples (its weight in FedAvg) is not believable, or None."""
-        announced = self._announced.get(device)
+        if device not in self._announced:  # e.g. queued while the hub was down; the agent re-sends
+            return "no status seen from this device yet, so its weight has no bound"
+        announced = self._announced[device]
         if announced is None:
             return "its device announced no num_samples in its status, so its weight has no bound"
         if claimed > announced:
