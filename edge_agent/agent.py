@@ -31,9 +31,11 @@ from fedge.models.wire.transport import BrokerConfig, MqttLink
 
 from .pool import TrainingPool
 from .profile import Profile, ProfileError
+from .task_checks import Refused, check_model, check_train_settings, time_budget
 from .trainer import LocalTrainer, TrainConfig, TrainResult, estimate_training_mb, job_seed, uplink_state
 
 log = logging.getLogger("fedge.agent")
+_UNVERIFIED_WARNED: set[str] = set()  # fleets (topic base) already warned about in this process
 
 
 class Agent:
@@ -79,6 +81,8 @@ class Agent:
         self._dead = False
         self._fits: set[str] = set()
         self._last_update: tuple[tuple[str, int], bytes] | None = None
+        self._refused: dict[str, Any] | None = None  # the latest round refused, reported in the status
+        self._seconds_per_sample: float | None = None  # measured: one sample, one epoch (time budget)
         self.finished = threading.Event()
         self.rounds_trained = 0
         self.bytes_up = 0
@@ -92,6 +96,7 @@ class Agent:
     # -- lifecycle -------------------------------------------------------------------
     def start(self, timeout: float = 20.0) -> Agent:
         self._check_memory_budget()
+        self._warn_if_unverified()
         # The model topic is subscribed only while this device is selected and lacks the
         # round's model: unselected devices never download it (fewer bytes on the air).
         self.link.subscribe(self.topics.round, self._on_task)
@@ -128,6 +133,15 @@ class Agent:
             )
         self._fits.add(name)
 
+    def _warn_if_unverified(self) -> None:
+        """Without the hub's public key, anyone who may write the model/round topics can make this
+        device train anything: say so once per fleet and process (the simulator runs many)."""
+        if self.hub_verifier is not None or self.topics.base in _UNVERIFIED_WARNED:
+            return
+        _UNVERIFIED_WARNED.add(self.topics.base)
+        log.warning("%s: no hub public key (--hub-public-key): this agent trains any model and task that anyone "
+                    "with write access to %s/model and /round publishes", self.device_id, self.topics.base)
+
     def _announce(self) -> None:
         info: dict[str, Any] = {
             "device": self.device_id,
@@ -135,8 +149,10 @@ class Agent:
             "class_counts": self.class_counts,
             "profile": self.profile.summary(),
         }
+        if self._refused is not None:
+            info["refused"] = self._refused
         if self.guard.last_refusal:
-            info["refused"] = {"count": self.guard.refused, "last": self.guard.last_refusal}
+            info["replays_refused"] = {"count": self.guard.refused, "last": self.guard.last_refusal}
         self.link.publish(self.topics.device_status(self.device_id), status_payload("online", **info), retain=True)
 
     # -- inbound ---------------------------------------------------------------------
@@ -221,8 +237,10 @@ class Agent:
             return
         try:
             self._check_memory_budget(model.model)
-        except (ProfileError, ValueError) as exc:
-            log.error("%s: cannot train round %d: %s", self.device_id, task.round, exc)
+            check_train_settings(task.train, self.profile, len(self.y), self._seconds_per_sample)
+            check_model(model.tensors, model.version)
+        except (ProfileError, ValueError) as exc:  # Refused is a ValueError too
+            self._refuse(task, str(exc))
             with self._lock:
                 self._busy.discard(key)
                 self._done.add(key)
@@ -230,9 +248,11 @@ class Agent:
         cfg = TrainConfig.resolve(self.profile, task.train)
         seed = job_seed(self.seed, task.round, self.device_id)
         tensors = model.tensors
+        budget = time_budget(self.profile)
 
         def job(trainer: LocalTrainer) -> TrainResult:
-            result = trainer.train(tensors, self.x, self.y, cfg, seed)
+            result = trainer.train(tensors, self.x, self.y, cfg, seed, after_step=budget)
+            self._seconds_per_sample = result.seconds / max(1, cfg.epochs * len(self.y))
             result.state = uplink_state(trainer, result, task.codec, tensors)
             return result
 
@@ -252,6 +272,9 @@ class Agent:
             self._busy.discard(key)
         if self._dead:
             return
+        if isinstance(result, Refused):
+            self._refuse(task, str(result))
+            return
         if isinstance(result, Exception):
             log.error("%s: training for round %d failed: %s", self.device_id, task.round, result)
             return
@@ -268,3 +291,11 @@ class Agent:
             self._last_update = (key, payload)
             self.rounds_trained += 1
         log.debug("%s: published update for round %d (%d bytes)", self.device_id, task.round, len(payload))
+
+    def _refuse(self, task: TaskMessage, reason: str) -> None:
+        """Log why this round is not trained and say it in the (retained) status message, which
+        the hub logs: a refusing device is otherwise indistinguishable from a slow one."""
+        log.error("%s: cannot train round %d: %s", self.device_id, task.round, reason)
+        self._refused = {"run": task.run, "round": task.round, "reason": reason, "ts": time.time()}
+        if not self._dead:
+            self._announce()

@@ -1,4 +1,5 @@
-"""Firmware profiles: what a class of device may do (model, mode, batch, threads, memory).
+"""Firmware profiles: what a class of device may do (model, mode, batch, threads, memory) and
+the most a round task may ask of it (epochs, training time).
 
 The schema lives here and nowhere else; the hub reads the same fields from a device's
 status message. Every error names the file, the key and what is allowed.
@@ -6,6 +7,7 @@ status message. Every error names the file, the key and what is allowed.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,9 @@ class Profile:
     lr: float = 0.05
     optimizer: str = "sgd"  # sgd | adam
     momentum: float = 0.9
+    # Limits on what the hub may ask (edge_agent/task_checks.py): a task above them is refused.
+    max_epochs: int = 20  # local epochs a round task may ask for
+    max_train_seconds: float = 3600.0  # wall-clock budget of one round's training; stopped beyond it
 
     def summary(self) -> dict[str, Any]:
         """What the device announces to the hub in its status message."""
@@ -57,7 +62,10 @@ _SCHEMA: dict[str, tuple[tuple[type, ...], tuple | None, str]] = {
     "lr": ((int, float), None, "positive number"),
     "optimizer": ((str,), ("sgd", "adam"), "local optimiser"),
     "momentum": ((int, float), None, "number in [0, 1)"),
+    "max_epochs": ((int,), None, "positive integer (most local epochs a round task may ask for)"),
+    "max_train_seconds": ((int, float), None, "positive number (seconds one round's training may take)"),
 }
+_POSITIVE = ("threads", "batch_size", "memory_budget_mb", "local_epochs", "lr", "max_epochs", "max_train_seconds")
 assert set(_SCHEMA) == {f.name for f in fields(Profile)}, "schema and Profile must list the same keys"
 
 
@@ -73,12 +81,17 @@ def validate(raw: Any, source: str) -> Profile:
             raise ProfileError(f"{source}: key {key!r} must be {what}, got {value!r} ({type(value).__name__})")
         if allowed is not None and value not in allowed:
             raise ProfileError(f"{source}: key {key!r} is {value!r}; allowed: {', '.join(allowed)}")
-        if key in ("threads", "batch_size", "memory_budget_mb", "local_epochs", "lr") and value <= 0:
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ProfileError(f"{source}: key {key!r} must be a finite number, got {value!r}")
+        if key in _POSITIVE and value <= 0:
             raise ProfileError(f"{source}: key {key!r} must be positive, got {value!r}")
         if key == "momentum" and not 0 <= value < 1:
             raise ProfileError(f"{source}: key 'momentum' must be in [0, 1), got {value!r}")
     if "name" not in raw:
         raise ProfileError(f"{source}: missing required key 'name'")
+    if raw.get("local_epochs", 1) > raw.get("max_epochs", Profile.max_epochs):
+        raise ProfileError(f"{source}: key 'local_epochs' ({raw['local_epochs']}) is above max_epochs "
+                           f"({raw.get('max_epochs', Profile.max_epochs)})")
     from fedge.models.registry import is_known_model, model_names  # noqa: PLC0415 - torch only when validating
 
     if not is_known_model(raw.get("model", "mlp")):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,8 +78,11 @@ class LocalTrainer:
         self.num_params = count_parameters(self.model)
 
     def train(
-        self, state: Mapping[str, np.ndarray], x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, seed: int
+        self, state: Mapping[str, np.ndarray], x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, seed: int,
+        after_step: Callable[[float], None] | None = None,
     ) -> TrainResult:
+        """`after_step(elapsed seconds)` runs after every step; it may raise to stop training
+        (the agent's time budget, task_checks.time_budget)."""
         start = time.perf_counter()
         set_state(self.model, state)
         model = self.model.train()
@@ -99,6 +102,12 @@ class LocalTrainer:
                 total_loss += loss * len(idx)
                 correct += hits
                 seen += len(idx)
+                if after_step is not None:
+                    try:
+                        after_step(time.perf_counter() - start)
+                    except BaseException:
+                        _release(opt)
+                        raise
         _release(opt)
         return TrainResult(
             state=get_state(model),

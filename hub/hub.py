@@ -74,6 +74,9 @@ class HubConfig:
     resume_grace_s: float = 30.0
     keys_dir: str | None = None  # sign models/tasks, require enrolled device tags (models/wire/keys.py)
     eval_device: str = "cpu"  # where the hub evaluates ("cuda" on a GPU server)
+    # most examples one update may claim (its FedAvg weight); also at most what its device
+    # announced when it joined (protocol.md, admission of updates)
+    max_samples: int = 1_000_000
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -163,6 +166,8 @@ class Hub:
         self.model = build_model(config.model, config.in_shape, config.num_classes, seed=config.seed)
         self.reference = get_state(self.model)
         check_strategy_fits(config.strategy, config.model, self.reference)
+        if isinstance(config.max_samples, bool) or not isinstance(config.max_samples, int) or config.max_samples < 1:
+            raise ConfigError(f"max_samples must be a positive integer, got {config.max_samples!r}")
         if config.model_codec not in MODEL_CODECS:
             raise ValueError(f"model codec {config.model_codec!r} cannot carry a model; use one of {', '.join(MODEL_CODECS)}")
         device = torch.device(config.eval_device)
@@ -174,6 +179,7 @@ class Hub:
         self.epoch = 0  # set by _restore_or_init: new run -> new_run_epoch, resumed run -> its own
         self._cond = threading.Condition()
         self._online: dict[str, dict] = {}
+        self._announced: dict[str, int | None] = {}  # device -> num_samples announced when it joined
         self._task: TaskMessage | None = None
         self._accepted: dict[str, Accepted] = {}
         self._closed_rounds: dict[int, set[str]] = {}  # round -> devices counted in it
@@ -232,10 +238,45 @@ class Hub:
             return
         with self._cond:
             if info["state"] == "online":
+                if device not in self._online:
+                    self._join(device, info)
+                self._log_refusal(device, info, self._online.get(device))
                 self._online[device] = info
             else:
                 self._online.pop(device, None)
             self._cond.notify_all()
+
+    def _join(self, device: str, info: dict) -> None:
+        """Remember the sample count a device announces when it comes online: its updates may
+        claim no more (a re-announcement while online cannot raise it)."""
+        count = info.get("num_samples")
+        valid = isinstance(count, int) and not isinstance(count, bool) and count > 0
+        self._announced[device] = count if valid else None
+        if not valid:
+            log.warning("device %s announced no valid num_samples (%r): its updates will be rejected", device, count)
+        elif count > self.config.max_samples:
+            log.warning("device %s announces %d samples, above max_samples=%d: its updates will be rejected",
+                        device, count, self.config.max_samples)
+
+    @staticmethod
+    def _log_refusal(device: str, info: dict, before: dict | None) -> None:
+        """A device that refused a round says why in its status (edge_agent/task_checks.py)."""
+        refused = info.get("refused")
+        if isinstance(refused, dict) and (before is None or before.get("refused") != refused):
+            log.warning("device %s refused round %s: %s", device, refused.get("round"), refused.get("reason"))
+
+    def _sample_bound(self, device: str, claimed: int) -> str | None:
+        """Why an update's num_samples (its weight in FedAvg) is not believable, or None."""
+        if device not in self._announced:  # e.g. queued while the hub was down; the agent re-sends
+            return "no status seen from this device yet, so its weight has no bound"
+        announced = self._announced[device]
+        if announced is None:
+            return "its device announced no num_samples in its status, so its weight has no bound"
+        if claimed > announced:
+            return f"claims num_samples={claimed}, above the {announced} its device announced when it joined"
+        if claimed > self.config.max_samples:
+            return f"claims num_samples={claimed}, above the hub's max_samples={self.config.max_samples}"
+        return None
 
     def _reject(self, device: str | None, round_id: int | None, reason: str) -> None:
         self.rejections += 1
@@ -302,6 +343,9 @@ class Hub:
                 return f"device was not selected for round {upd.round}"
             if upd.base_version != task.model_version:
                 return f"trained on model version {upd.base_version}, the round uses {task.model_version}"
+            bound = self._sample_bound(device, upd.num_samples)
+            if bound:
+                return bound
             if task.codec in ONE_BIT_CODECS and upd.codec != task.codec:
                 return f"update uses codec {upd.codec!r}; strategy {self.config.strategy} needs {task.codec!r}"
             if device in self._accepted:

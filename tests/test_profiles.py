@@ -31,6 +31,10 @@ def test_user_profile_file(tmp_path):
         ("name: x\nmodel: resnet1000\n", r"key 'model' is 'resnet1000'; allowed: .*mlp"),
         ("name: x\nbatch_size: 0\n", r"key 'batch_size' must be positive"),
         ("name: x\nlocal_epochs: true\n", r"key 'local_epochs' must be"),
+        ("name: x\nmax_epochs: 0\n", r"key 'max_epochs' must be positive"),
+        ("name: x\nlocal_epochs: 5\nmax_epochs: 3\n", r"key 'local_epochs' \(5\) is above max_epochs \(3\)"),
+        ("name: x\nmax_train_seconds: -1\n", r"key 'max_train_seconds' must be positive"),
+        ("name: x\nlr: .nan\n", r"key 'lr' must be a finite number"),
         ("model: mlp\n", r"missing required key 'name'"),
         ("- just\n- a list\n", r"must be a YAML mapping"),
         ("name: [unclosed\n", r"not valid YAML"),
@@ -49,3 +53,24 @@ def test_missing_profile_lists_the_builtin_ones(tmp_path):
         load_profile("rpi9")
     with pytest.raises(ProfileError, match="profile file not found"):
         load_profile(str(tmp_path / "absent.yaml"))
+
+
+def test_task_limits_come_from_the_profile():
+    """The round settings a device accepts are bounded by its profile (edge_agent/task_checks.py);
+    tests/test_limits.py sends each bad round over a real broker, this checks the rules alone."""
+    import dataclasses
+
+    from fedge.edge_agent.task_checks import Refused, check_train_settings
+
+    prof = dataclasses.replace(load_profile("rpi4"), max_epochs=3, max_train_seconds=60)
+    check_train_settings({"epochs": 3, "batch_size": 999, "lr": 0.1, "momentum": 0.5}, prof, 1000)  # batch is capped
+    for train, match in (({"epochs": 4}, "'epochs' is 4; this device allows 1..3"),
+                         ({"epochs": 2.0}, "'epochs' must be an integer"),
+                         ({"momentum": 1.0}, "'momentum' is 1.0"), ({"weight_decay": -1}, "'weight_decay'"),
+                         ({"optimizer": "lbfgs"}, "'optimizer' is 'lbfgs'"), ({"lr": float("inf")}, "finite")):
+        with pytest.raises(Refused, match=match):
+            check_train_settings(train, prof, 1000)
+    # measured 0.02 s per sample and epoch: 3 epochs x 1000 samples = 60 s fits, 2000 samples do not
+    check_train_settings({"epochs": 3}, prof, 1000, seconds_per_sample=0.02)
+    with pytest.raises(Refused, match=r"about 120 s at this device's measured speed, above max_train_seconds=60"):
+        check_train_settings({"epochs": 3}, prof, 2000, seconds_per_sample=0.02)

@@ -65,7 +65,9 @@ def add_agent_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     parser.add_argument("--seed", type=int, default=0, help="base seed for local shuffling")
     parser.add_argument("--once", action="store_true", help="exit when the hub announces the run finished")
     parser.add_argument("--hub-public-key", metavar="FILE",
-                        help="hub_ed25519.pub from `fedge keys init`: accept only models and tasks the hub signed")
+                        help="hub_ed25519.pub from `fedge keys init`: accept only models and tasks the hub signed. "
+                             "WITHOUT IT the agent trains any model and task that anyone with write access to "
+                             "the broker's model/round topics publishes (it logs a warning at start)")
     parser.add_argument("--device-key", metavar="FILE",
                         help="this device's key from `fedge keys enroll` (devices/<id>.key): tag every update")
     parser.add_argument("--seen-file", metavar="FILE",

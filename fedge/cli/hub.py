@@ -10,12 +10,21 @@ import sys
 from pathlib import Path
 
 from fedge.cli.common import add_broker_args, add_logging_args, broker_from_args, setup_logging, stop_event_on_signals
+from fedge.hub.hub import HubConfig
 from fedge.hub.strategies import STRATEGIES
 from fedge.models.data import DATASETS, DEFAULT_FASHION_ROOT
 from fedge.models.partition import PARTITIONERS, PartitionSpec
 from fedge.models.wire.codecs import ALL_CODECS, MODEL_CODECS
 
 log = logging.getLogger("fedge")
+HUB_DEFAULTS = HubConfig()
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
 
 
 def _add_round_args(parser: argparse.ArgumentParser) -> None:
@@ -37,6 +46,10 @@ def _add_round_args(parser: argparse.ArgumentParser) -> None:
                    help="codec of the model the hub sends each round: fp32 (default) or fp16 (half the downlink "
                         "bytes; the hub keeps and checkpoints the exact fp32 model)")
     g.add_argument("--eval-size", type=int, help="test images evaluated each round (0 = all)")
+    g.add_argument("--max-samples", type=_positive_int, metavar="N",
+                   help="most training examples one update may claim (its FedAvg weight); an update claiming "
+                        "more, or more than its device announced when it joined, is rejected and stored "
+                        f"(default {HUB_DEFAULTS.max_samples})")
     g.add_argument("--seed", type=int, help="seed of model init, selection and partitions")
 
 
@@ -45,7 +58,7 @@ def _apply_round_args(cfg, args: argparse.Namespace) -> None:  # noqa: ANN001 - 
                "deadline": "deadline_s", "quorum": "quorum", "min_updates": "min_updates",
                "target_accuracy": "target_accuracy", "min_weight_change": "min_weight_change",
                "strategy": "strategy", "update_codec": "update_codec", "model_codec": "model_codec",
-               "eval_size": "eval_size", "seed": "seed"}
+               "eval_size": "eval_size", "seed": "seed", "max_samples": "max_samples"}
     for arg, attr in mapping.items():
         value = getattr(args, arg, None)
         if value is not None:
