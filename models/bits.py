@@ -15,7 +15,7 @@ What lives here:
 * ``MaskFile``: a trained 1-bit model as a file (magic, JSON header, packed bits, optional
   float32 extras such as BatchNorm running statistics): an MPT model's masks (its weights
   regenerate from the seed), or a BNN model's weight signs (``bits == "sign"``).
-* helpers for mask-based aggregation ("mpt-mask"): top-k masks from a score state, the
+* helpers for mask-based aggregation ("mpt-mask"): the top-k mask of a score array, the
   weighted average of masks (keep probabilities) and scores derived from it.
 
 Importing this module imports no torch, so the hub and a torch-less device can use it.
@@ -176,15 +176,6 @@ def regenerate_normal(seed: int, index: int, shape: Sequence[int]) -> np.ndarray
     return rng.standard_normal(int(np.prod(shape, dtype=np.int64)), dtype=np.float32).reshape(shape)
 
 
-def regenerate_weight(seed: int, index: int, shape: Sequence[int], init: str = "signed_constant") -> np.ndarray:
-    """The float32 frozen weight of layer `index` (what a supermask layer multiplies by its mask)."""
-    scale = weight_scale(shape)
-    if init == "signed_constant":
-        return np.where(regenerate_signs(seed, index, shape), np.float32(scale), np.float32(-scale))
-    if init == "kaiming_normal":
-        return regenerate_normal(seed, index, shape) * np.float32(scale)
-    raise ValueError(f"unknown weight init {init!r}; known: {WEIGHT_INITS}")
-
 
 # ----------------------------------------------------------------------------- masks from scores
 
@@ -216,14 +207,6 @@ def _topk_flat(a: np.ndarray, kept: int) -> np.ndarray:
         raise ValueError("scores contain NaN; cannot rank them")
     return mask
 
-
-def masks_from_scores(state: Mapping[str, np.ndarray], prune_ratio: float) -> OrderedDict[str, np.ndarray]:
-    """Masks of every '*.scores' tensor of a model state (what an MPT model computes in forward)."""
-    out: OrderedDict[str, np.ndarray] = OrderedDict()
-    for name, arr in state.items():
-        if name.endswith(SCORES_SUFFIX):
-            out[name] = topk_mask(arr, keep_count(np.size(arr), prune_ratio))
-    return out
 
 
 def keep_probability(
@@ -454,26 +437,7 @@ class MaskFile:
         with open(path, "rb") as fh:
             return cls.from_bytes(fh.read())
 
-    # --------------------------------------------------------------- torch-free inference weights
-    def effective_weights(self) -> OrderedDict[str, np.ndarray]:
-        """alpha * sign(W) * mask per layer, float32, regenerating W's signs from the seed
-        (mask files), or alpha * (+-1) from the stored signs (sign files)."""
-        out: OrderedDict[str, np.ndarray] = OrderedDict()
-        for l in self.layers:
-            if self.bits == "sign":
-                out[l.name] = np.where(self.masks[l.name], np.float32(l.alpha), np.float32(-l.alpha))
-                continue
-            if self.weight_init == "signed_constant":
-                signs = regenerate_signs(self.seed, l.index, l.shape)
-            else:
-                signs = regenerate_normal(self.seed, l.index, l.shape) >= 0
-            w = np.where(signs, np.float32(l.alpha), np.float32(-l.alpha))
-            out[l.name] = np.where(self.masks[l.name], w, np.float32(0)).astype(np.float32)
-        return out
 
-
-def save_mask_file(mask_file: MaskFile, path: str | os.PathLike) -> int:
-    return mask_file.save(path)
 
 
 def load_mask_file(src: str | os.PathLike | bytes | bytearray | io.BufferedIOBase) -> MaskFile:
@@ -496,14 +460,11 @@ __all__ = [
     "keep_count",
     "keep_probability",
     "load_mask_file",
-    "masks_from_scores",
     "pack_bits",
     "packed_size",
     "regenerate_normal",
     "regenerate_sign_bits",
     "regenerate_signs",
-    "regenerate_weight",
-    "save_mask_file",
     "scores_from_keep_prob",
     "to_bitarray",
     "topk_mask",

@@ -285,10 +285,6 @@ def torch_logits(model: nn.Module, x: np.ndarray, batch_size: int = 500) -> np.n
     return np.concatenate(parts)
 
 
-def max_abs_diff(model: nn.Module, path: str | os.PathLike, x: np.ndarray) -> float:
-    return float(np.abs(torch_logits(model, x) - onnx_logits(path, x)).max())
-
-
 # ----------------------------------------------------------------------------- int8
 class _ArrayReader:
     """onnxruntime CalibrationDataReader over a numpy batch."""

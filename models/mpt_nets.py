@@ -55,15 +55,6 @@ REGISTRY_NAMES: dict[tuple[str, str], str] = {
     ("mlp", "bnn-1/32"): "mlp-bnn",
 }
 
-# optimiser settings of the MPT / biprop code and paper 003, for the trainer to pick up
-RECOMMENDED_OPTIM: dict[str, dict[str, Any]] = {
-    "mpt-1/32": {"optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4, "schedule": "cosine"},
-    "mpt-1/1": {"optimizer": "adam", "lr": 0.1, "momentum": 0.0, "weight_decay": 0.0, "schedule": "cosine"},
-    "bnn-1/32": {"optimizer": "adam", "lr": 1e-3, "momentum": 0.0, "weight_decay": 0.0, "schedule": "cosine"},
-    "bnn-1/1": {"optimizer": "adam", "lr": 1e-3, "momentum": 0.0, "weight_decay": 0.0, "schedule": "cosine"},
-}
-
-
 class _Layers:
     """Makes the layers of one variant, numbering supermask layers for their seeds."""
 
@@ -328,7 +319,6 @@ __all__ = [
     "MPTConv4",
     "MPTMLP",
     "MPTNet",
-    "RECOMMENDED_OPTIM",
     "REGISTRY_NAMES",
     "VARIANTS",
     "build_from_mask_file",

@@ -353,10 +353,6 @@ class _SignActSTE(torch.autograd.Function):
         return grad * (2.0 * (1.0 - x.abs())).clamp_(min=0.0)
 
 
-def sign_ste(x: torch.Tensor) -> torch.Tensor:
-    """Binary activation with the piecewise-quadratic straight-through gradient."""
-    return _SignActSTE.apply(x)
-
 
 class BinaryActivation(nn.Module):
     """sign(x) in {-1, +1} with the 2(1 - |x|) straight-through gradient (MPT 1/1)."""
@@ -634,24 +630,12 @@ def binary_weight_layers(model: nn.Module) -> list[tuple[str, BinaryWeightLayer]
     return [(f"{name}.weight", m) for name, m in model.named_modules() if isinstance(m, BinaryWeightLayer)]
 
 
-def frozen_weight_count(model: nn.Module) -> int:
-    """Number of frozen random weights (= number of scores) of a supermask model."""
-    return sum(layer.frozen.numel for _, layer in supermask_layers(model))
-
 
 def model_masks(model: nn.Module) -> OrderedDict[str, np.ndarray]:
     """Current masks, keyed like the scores in get_state ('net.0.scores'), as boolean numpy."""
     return OrderedDict((name, layer.mask().cpu().numpy().copy()) for name, layer in supermask_layers(model))
 
 
-def model_signs(model: nn.Module) -> OrderedDict[str, np.ndarray]:
-    """Signs of the frozen weights (True = +), keyed like model_masks."""
-    return OrderedDict((name, layer.frozen.sign_array()) for name, layer in supermask_layers(model))
-
-
-def mask_bitarrays(model: nn.Module) -> OrderedDict[str, bitarray]:
-    """Current masks as bitarrays (1 bit per weight), keyed like model_masks."""
-    return OrderedDict((name, to_bitarray(m)) for name, m in model_masks(model).items())
 
 
 def layer_alphas(model: nn.Module) -> OrderedDict[str, float]:
@@ -684,18 +668,6 @@ def set_scores_from_masks(
     probs = OrderedDict((n, np.asarray(m, dtype=np.float32)) for n, m in masks.items())
     set_scores(model, scores_from_keep_prob(probs, previous=current, scale=scale, tie_eps=tie_eps))
 
-
-def supermask_memory(model: nn.Module) -> dict[str, int]:
-    """Bytes held by the model: frozen weights as bits, trained tensors (scores / latent weights), buffers."""
-    frozen = sum(layer.frozen.nbytes for _, layer in supermask_layers(model))
-    params = sum(p.numel() * p.element_size() for p in model.parameters())
-    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
-    return {
-        "frozen_weight_bytes": frozen,
-        "frozen_weights_as_float32_bytes": 4 * frozen_weight_count(model),
-        "parameter_bytes": params,
-        "buffer_bytes": buffers,
-    }
 
 
 # ----------------------------------------------------------------------------- materialize
@@ -758,17 +730,12 @@ __all__ = [
     "SupermaskLinear",
     "SupermaskOp",
     "SupermaskWeight",
-    "frozen_weight_count",
     "layer_alphas",
-    "mask_bitarrays",
     "mask_from_scores",
     "materialize",
     "model_masks",
-    "model_signs",
     "set_scores",
     "set_scores_from_masks",
-    "sign_ste",
     "supermask_layers",
-    "supermask_memory",
     "topk_mask",
 ]
