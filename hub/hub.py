@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from fedge.models.errors import ConfigError
 from fedge.models.wire import EnvelopeError, Topics, check_against, decode
 from fedge.models.wire.codecs import MODEL_CODECS
 from fedge.models.wire.envelope import DEFAULT_MAX_BYTES
@@ -139,7 +140,7 @@ class Hub:
         self.reference = get_state(self.model)
         check_strategy_fits(config.strategy, config.model, self.reference)
         if config.model_codec not in MODEL_CODECS:
-            raise ValueError(f"model codec {config.model_codec!r} cannot carry a model; use one of {', '.join(MODEL_CODECS)}")
+            raise ConfigError(f"model codec {config.model_codec!r} cannot carry a model; use one of {', '.join(MODEL_CODECS)}")
         device = torch.device(config.eval_device)
         self.model.to(device)
         self.test_x = torch.from_numpy(test_x).to(device) if test_x is not None else None

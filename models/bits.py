@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from bitarray import bitarray
 
+from .errors import ConfigError, ModelFileError
+
 BIT_ORDER = "big"
 SCORES_SUFFIX = ".scores"
 
@@ -53,7 +55,7 @@ def keep_count(numel: int, prune_ratio: float) -> int:
     numel = int(numel)
     p = float(prune_ratio)
     if not 0.0 <= p < 1.0:
-        raise ValueError(f"prune_ratio must be in [0, 1) (fraction of weights removed), got {prune_ratio!r}")
+        raise ConfigError(f"prune_ratio must be in [0, 1) (fraction of weights removed), got {prune_ratio!r}")
     removed = int(math.floor(p * numel + 1e-7))
     return numel - min(removed, numel)
 
@@ -262,7 +264,7 @@ READABLE_VERSIONS = (1, 2)
 BIT_KINDS = ("mask", "sign")
 
 
-class MaskFileError(ValueError):
+class MaskFileError(ModelFileError):
     """A mask file that is truncated, corrupt or inconsistent; the message says what."""
 
 

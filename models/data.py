@@ -13,12 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import DataError  # its home is models.errors; imported from here too
+
 DEFAULT_FASHION_ROOT = "/usr/share/datasets/fashion-mnist"
 DATASETS = ("fashion-mnist", "mnist", "cifar10", "synthetic")
-
-
-class DataError(RuntimeError):
-    """A dataset that cannot be loaded; the message says which file and what to do."""
 
 
 @dataclass

@@ -56,6 +56,7 @@ from .bits import (
     to_bitarray,
     weight_scale,
 )
+from .errors import ConfigError
 
 # ----------------------------------------------------------------------------- frozen weights
 
@@ -74,7 +75,7 @@ class FrozenWeights:
 
     def __init__(self, shape: tuple[int, ...], seed: int, index: int, init: str = "signed_constant") -> None:
         if init not in WEIGHT_INITS:
-            raise ValueError(f"unknown weight init {init!r}; known: {WEIGHT_INITS}")
+            raise ConfigError(f"unknown weight init {init!r}; known: {WEIGHT_INITS}")
         self.shape = tuple(int(d) for d in shape)
         self.seed = int(seed)
         self.index = int(index)

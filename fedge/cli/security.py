@@ -8,6 +8,7 @@ import hashlib
 import sys
 from pathlib import Path
 
+from fedge.models.errors import ConfigError
 from fedge.models.wire.topics import ROOT, check_name
 
 KEYS_EPILOG = """\
@@ -75,7 +76,7 @@ def run_keys_init(args: argparse.Namespace) -> int:
 
     folder = Path(args.dir)
     if (folder / HUB_PRIVATE).exists() and not args.force:
-        raise ValueError(f"{folder / HUB_PRIVATE} exists; pass --force to rotate the hub key "
+        raise ConfigError(f"{folder / HUB_PRIVATE} exists; pass --force to rotate the hub key "
                          "(every device then needs the new public key)")
     rotated = (folder / HUB_PRIVATE).exists()
     folder.mkdir(parents=True, exist_ok=True)
@@ -97,7 +98,7 @@ def run_keys_enroll(args: argparse.Namespace) -> int:
     devices = list(dict.fromkeys(check_name(d, "device id") for d in args.devices))
     existing = [d for d in devices if (folder / "devices" / f"{d}.key").exists()]
     if existing and not args.force:
-        raise ValueError(f"already enrolled: {', '.join(existing)}; pass --force to rotate their keys "
+        raise ConfigError(f"already enrolled: {', '.join(existing)}; pass --force to rotate their keys "
                          "(nothing was written)")
     pub = folder / HUB_PUBLIC
     for device in devices:
@@ -166,7 +167,7 @@ def run_acl(args: argparse.Namespace) -> int:
     from fedge.hub.acl import mosquitto_acl, set_passwords  # noqa: PLC0415
 
     if bool(args.passwords) != bool(args.password_file):
-        raise ValueError("--passwords and --password-file go together")
+        raise ConfigError("--passwords and --password-file go together")
     text = mosquitto_acl(args.fleet, args.topic_prefix, args.hub_user)
     if args.out:
         out = Path(args.out)
