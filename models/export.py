@@ -174,7 +174,7 @@ def load_source(
 
     data = path.read_bytes()
     if data[:8] == b"FEDGEMPT":  # a 1-bit model file: MPT mask + seed, or BNN signs; per-layer scales
-        from .bits import MaskFile, MaskFileError  # noqa: PLC0415
+        from .maskfile import MaskFile, MaskFileError  # noqa: PLC0415
         from .mpt_nets import build_from_mask_file  # noqa: PLC0415
 
         try:

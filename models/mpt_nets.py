@@ -28,8 +28,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .bits import LayerInfo, MaskFile, MaskFileError, load_mask_file
 from .errors import ConfigError
+from .maskfile import LayerInfo, MaskFile, MaskFileError, load_mask_file
 from .supermask import (
     BinaryActivation,
     BinaryConv2d,

@@ -16,7 +16,8 @@ from bitarray import bitarray
 from torch import nn
 
 from fedge.models import bits
-from fedge.models.bits import MaskFile, MaskFileError, keep_count
+from fedge.models.bits import keep_count
+from fedge.models.maskfile import MaskFile, MaskFileError
 from fedge.models.mpt_nets import MPTMLP, MPTConv4, build_from_mask_file, build_mpt, to_mask_file
 from fedge.models.registry import build_model, count_parameters, get_state, set_state
 from fedge.models.supermask import (
@@ -176,7 +177,8 @@ def test_conv4_masks_and_signs_survive_bitarray_round_trip(conv4):
 
 
 def test_bits_module_is_torch_free():
-    code = "import sys, models.bits, models.wire; assert 'torch' not in sys.modules, 'torch imported'"
+    code = ("import sys, fedge.models.bits, fedge.models.maskfile, fedge.models.wire; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
