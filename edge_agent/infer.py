@@ -34,6 +34,8 @@ from urllib.parse import parse_qs, urlparse
 import numpy as np
 import onnxruntime as ort
 
+from fedge.models.errors import DataError, FedgeError
+
 if TYPE_CHECKING:  # pragma: no cover
     import onnx
 
@@ -48,7 +50,7 @@ DEFAULT_PORT = 8765
 MAX_REQUEST_BYTES = 64 * 1024 * 1024
 
 
-class InferenceError(ValueError):
+class InferenceError(DataError):
     """An input or model the predictor cannot use; the text says what is wrong."""
 
 
@@ -180,7 +182,7 @@ class Predictor:
 
 
 # ----------------------------------------------------------------------------- hot swap
-class NoModelYet(RuntimeError):
+class NoModelYet(FedgeError, RuntimeError):
     """Raised by LiveModel.get() before the first model arrived."""
 
 

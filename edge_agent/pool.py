@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from fedge.models.errors import ConfigError
+
 from .trainer import LocalTrainer
 
 log = logging.getLogger("fedge.pool")
@@ -25,7 +27,7 @@ Done = Callable[[Any], None]
 class TrainingPool:
     def __init__(self, workers: int = 1, threads_per_worker: int | None = None, device: str = "cpu") -> None:
         if workers < 1:
-            raise ValueError("a training pool needs at least one worker")
+            raise ConfigError("a training pool needs at least one worker")
         if threads_per_worker:
             torch.set_num_threads(threads_per_worker * workers)
         self.device = device

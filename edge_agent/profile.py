@@ -15,11 +15,12 @@ from typing import Any
 import yaml
 
 from fedge import firmware_profiles
+from fedge.models.errors import ConfigError
 
 PROFILE_DIR = Path(firmware_profiles.__file__).resolve().parent
 
 
-class ProfileError(ValueError):
+class ProfileError(ConfigError):
     """A profile file that is missing, unparsable or breaks the schema."""
 
 

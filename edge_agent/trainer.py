@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fedge.models.errors import ConfigError
 from fedge.models.registry import build_model, count_parameters, get_state, set_state
 
 from .profile import Profile
@@ -71,7 +72,7 @@ class LocalTrainer:
 
     def __init__(self, model_name: str, in_shape: tuple[int, ...], num_classes: int, device: str = "cpu") -> None:
         if device == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("profile asks for device 'cuda' but torch sees no CUDA GPU; use a cpu profile")
+            raise ConfigError("profile asks for device 'cuda' but torch sees no CUDA GPU; use a cpu profile")
         self.device = torch.device(device)
         self.model = build_model(model_name, in_shape, num_classes).to(self.device)
         self.model_name = model_name

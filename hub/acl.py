@@ -26,6 +26,7 @@ import subprocess
 from collections.abc import Iterable
 from pathlib import Path
 
+from fedge.models.errors import ConfigError
 from fedge.models.wire.topics import ROOT, Topics, check_name
 
 _USER = re.compile(r"^[^\s/+#%]{1,64}$")
@@ -34,15 +35,15 @@ _USER = re.compile(r"^[^\s/+#%]{1,64}$")
 def check_prefix(prefix: str) -> str:
     """A topic root usable in ACL lines: levels without wildcards, '%' (pattern escapes) or spaces."""
     if not prefix or prefix.startswith("/") or prefix.endswith("/") or "//" in prefix:
-        raise ValueError(f"topic prefix {prefix!r} must be non-empty levels separated by single '/'")
+        raise ConfigError(f"topic prefix {prefix!r} must be non-empty levels separated by single '/'")
     if re.search(r"[\s+#%]", prefix):
-        raise ValueError(f"topic prefix {prefix!r} may not contain spaces, '+', '#' or '%'")
+        raise ConfigError(f"topic prefix {prefix!r} may not contain spaces, '+', '#' or '%'")
     return prefix
 
 
 def check_user(user: str, what: str = "hub user") -> str:
     if not isinstance(user, str) or not _USER.match(user):
-        raise ValueError(f"{what} {user!r} must be 1-64 characters without spaces, '/', '+', '#' or '%'")
+        raise ConfigError(f"{what} {user!r} must be 1-64 characters without spaces, '/', '+', '#' or '%'")
     return user
 
 
@@ -102,7 +103,7 @@ def set_passwords(password_file: str | Path, entries: Iterable[tuple[str, str]],
     for user, password in entries:
         check_user(user, "MQTT username")
         if not password:
-            raise ValueError(f"empty password for {user!r}")
+            raise ConfigError(f"empty password for {user!r}")
         cmd = [binary, "-b", str(path), user, password]
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -112,5 +113,5 @@ def set_passwords(password_file: str | Path, entries: Iterable[tuple[str, str]],
         except FileNotFoundError:
             raise FileNotFoundError(f"{binary} not found (apt-get install mosquitto-clients or mosquitto)") from None
         if out.returncode != 0:
-            raise ValueError(f"{binary} failed for {user!r}: {(out.stderr or out.stdout).strip()}")
+            raise ConfigError(f"{binary} failed for {user!r}: {(out.stderr or out.stdout).strip()}")
     return path

@@ -169,7 +169,7 @@ class Hub:
         if isinstance(config.max_samples, bool) or not isinstance(config.max_samples, int) or config.max_samples < 1:
             raise ConfigError(f"max_samples must be a positive integer, got {config.max_samples!r}")
         if config.model_codec not in MODEL_CODECS:
-            raise ValueError(f"model codec {config.model_codec!r} cannot carry a model; use one of {', '.join(MODEL_CODECS)}")
+            raise ConfigError(f"model codec {config.model_codec!r} cannot carry a model; use one of {', '.join(MODEL_CODECS)}")
         device = torch.device(config.eval_device)
         self.model.to(device)
         self.test_x = torch.from_numpy(test_x).to(device) if test_x is not None else None

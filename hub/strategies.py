@@ -11,6 +11,8 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
+from fedge.models.errors import ConfigError
+
 State = Mapping[str, np.ndarray]
 Update = tuple[State, int]
 Rule = Callable[[State, Sequence[Update]], "OrderedDict[str, np.ndarray]"]
@@ -147,17 +149,17 @@ def check_strategy_fits(strategy: str, model: str, state: State) -> None:
 
     others = [k for k in state if not k.endswith(SCORES_SUFFIX)]
     if len(others) == len(state):
-        raise ValueError(f"strategy {strategy} needs a supermask model (conv4-mpt, mlp-mpt, ...); "
+        raise ConfigError(f"strategy {strategy} needs a supermask model (conv4-mpt, mlp-mpt, ...); "
                          f"model {model!r} has no pruning scores")
     if others:
-        raise ValueError(f"strategy {strategy} uploads only masks, but model {model!r} also has other state "
+        raise ConfigError(f"strategy {strategy} uploads only masks, but model {model!r} also has other state "
                          f"({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}); use sign-delta or "
                          f"mpt-score-avg for it")
 
 
 def get_strategy(name: str) -> Rule:
     if name not in STRATEGIES:
-        raise ValueError(f"unknown aggregation strategy {name!r}; known: {', '.join(sorted(STRATEGIES))}")
+        raise ConfigError(f"unknown aggregation strategy {name!r}; known: {', '.join(sorted(STRATEGIES))}")
     return STRATEGIES[name]
 
 

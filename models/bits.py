@@ -12,29 +12,23 @@ What lives here:
 * ``keep_count``: how many weights a layer keeps at a given prune ratio. fedge's
   ``prune_ratio`` is the fraction REMOVED (0.8 keeps 20 %); the MPT / edge-popup code's
   ``prune_rate`` / ``k`` is the fraction KEPT.
-* ``MaskFile``: a trained 1-bit model as a file (magic, JSON header, packed bits, optional
-  float32 extras such as BatchNorm running statistics): an MPT model's masks (its weights
-  regenerate from the seed), or a BNN model's weight signs (``bits == "sign"``).
-* helpers for mask-based aggregation ("mpt-mask"): top-k masks from a score state, the
+* helpers for mask-based aggregation ("mpt-mask"): the top-k mask of a score array, the
   weighted average of masks (keep probabilities) and scores derived from it.
 
-Importing this module imports no torch, so the hub and a torch-less device can use it.
+The 1-bit model file built from these bits is models.maskfile. Importing this module imports no
+torch, so the hub and a torch-less device can use it.
 """
 
 from __future__ import annotations
 
-import io
-import json
 import math
-import os
-import struct
-import zlib
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 
 import numpy as np
 from bitarray import bitarray
+
+from .errors import ConfigError
 
 BIT_ORDER = "big"
 SCORES_SUFFIX = ".scores"
@@ -53,7 +47,7 @@ def keep_count(numel: int, prune_ratio: float) -> int:
     numel = int(numel)
     p = float(prune_ratio)
     if not 0.0 <= p < 1.0:
-        raise ValueError(f"prune_ratio must be in [0, 1) (fraction of weights removed), got {prune_ratio!r}")
+        raise ConfigError(f"prune_ratio must be in [0, 1) (fraction of weights removed), got {prune_ratio!r}")
     removed = int(math.floor(p * numel + 1e-7))
     return numel - min(removed, numel)
 
@@ -176,15 +170,6 @@ def regenerate_normal(seed: int, index: int, shape: Sequence[int]) -> np.ndarray
     return rng.standard_normal(int(np.prod(shape, dtype=np.int64)), dtype=np.float32).reshape(shape)
 
 
-def regenerate_weight(seed: int, index: int, shape: Sequence[int], init: str = "signed_constant") -> np.ndarray:
-    """The float32 frozen weight of layer `index` (what a supermask layer multiplies by its mask)."""
-    scale = weight_scale(shape)
-    if init == "signed_constant":
-        return np.where(regenerate_signs(seed, index, shape), np.float32(scale), np.float32(-scale))
-    if init == "kaiming_normal":
-        return regenerate_normal(seed, index, shape) * np.float32(scale)
-    raise ValueError(f"unknown weight init {init!r}; known: {WEIGHT_INITS}")
-
 
 # ----------------------------------------------------------------------------- masks from scores
 
@@ -216,14 +201,6 @@ def _topk_flat(a: np.ndarray, kept: int) -> np.ndarray:
         raise ValueError("scores contain NaN; cannot rank them")
     return mask
 
-
-def masks_from_scores(state: Mapping[str, np.ndarray], prune_ratio: float) -> OrderedDict[str, np.ndarray]:
-    """Masks of every '*.scores' tensor of a model state (what an MPT model computes in forward)."""
-    out: OrderedDict[str, np.ndarray] = OrderedDict()
-    for name, arr in state.items():
-        if name.endswith(SCORES_SUFFIX):
-            out[name] = topk_mask(arr, keep_count(np.size(arr), prune_ratio))
-    return out
 
 
 def keep_probability(
@@ -271,239 +248,18 @@ def scores_from_keep_prob(
     return out
 
 
-# ----------------------------------------------------------------------------- mask file
-
-MAGIC = b"FEDGEMPT"
-FORMAT_VERSION = 2  # v2 added "bits" ("mask" or "sign"); v1 files (masks only) still load
-READABLE_VERSIONS = (1, 2)
-BIT_KINDS = ("mask", "sign")
-
-
-class MaskFileError(ValueError):
-    """A mask file that is truncated, corrupt or inconsistent; the message says what."""
-
-
-@dataclass
-class LayerInfo:
-    """One supermask layer in a mask file. `name` is its scores tensor's state name."""
-
-    name: str
-    shape: tuple[int, ...]
-    index: int  # layer index that seeds its frozen weights
-    kept: int  # weights the mask keeps; every weight for a sign file
-    alpha: float  # per-layer scale: effective weight alpha * sign(W) * mask, or alpha * (+-1) from the sign bits
-
-    @property
-    def numel(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
-
-
-@dataclass
-class MaskFile:
-    """A trained 1-bit model: one bit per weight plus what is needed to rebuild the rest.
-
-    ``bits == "mask"`` (MPT): the bits are the supermask; the frozen weights' signs
-    regenerate from ``seed``. ``bits == "sign"`` (BNN baseline): the bits are the signs of
-    the trained latent weights (1 = w >= 0) and there is no pruning (``kept`` = every weight).
-    Either way the effective weight of a layer is ``alpha * (+-1)``, zeroed where masked.
-
-    Layout: MAGIC (8 bytes) | header length (uint32 LE) | header (UTF-8 JSON) |
-    payload: all layers' bits packed back to back, MSB first, padded only at the very
-    end (``ceil(total weights / 8)`` bytes: 241,544 for Conv-4 on 28x28) |
-    extras: float32 little-endian tensors listed in the header (BatchNorm running
-    statistics of 1/1 models; empty for 1/32).
-    """
-
-    model: str
-    variant: str
-    prune_ratio: float
-    seed: int
-    in_shape: tuple[int, ...]
-    num_classes: int
-    weight_init: str
-    layers: list[LayerInfo]
-    masks: OrderedDict[str, np.ndarray]  # each layer's bits: its mask, or its weight signs (bits == "sign")
-    extras: OrderedDict[str, np.ndarray] = field(default_factory=OrderedDict)
-    meta: dict = field(default_factory=dict)
-    bits: str = "mask"
-
-    # --------------------------------------------------------------- sizes
-    @property
-    def total_weights(self) -> int:
-        return sum(layer.numel for layer in self.layers)
-
-    @property
-    def mask_payload_bytes(self) -> int:
-        return packed_size(self.total_weights)
-
-    # --------------------------------------------------------------- encode / decode
-    def mask_payload(self) -> bytes:
-        flat = [np.asarray(self.masks[layer.name], dtype=np.bool_).reshape(-1) for layer in self.layers]
-        for layer, m in zip(self.layers, flat):
-            if m.size != layer.numel:
-                raise MaskFileError(f"mask {layer.name!r} has {m.size} entries, the layer has {layer.numel}")
-        return pack_bits(np.concatenate(flat) if flat else np.zeros(0, np.bool_))
-
-    def header(self, payload: bytes) -> dict:
-        return {
-            "format": "fedge-mpt-mask",
-            "version": FORMAT_VERSION,
-            "bits": self.bits,
-            "model": self.model,
-            "variant": self.variant,
-            "prune_ratio": float(self.prune_ratio),
-            "prune_ratio_means": "fraction of weights removed per layer",
-            "seed": int(self.seed),
-            "in_shape": [int(d) for d in self.in_shape],
-            "num_classes": int(self.num_classes),
-            "weight_init": self.weight_init,
-            "bit_order": BIT_ORDER,
-            "layers": [
-                {"name": l.name, "shape": list(l.shape), "index": l.index, "kept": l.kept, "alpha": l.alpha}
-                for l in self.layers
-            ],
-            "mask_bytes": len(payload),
-            "mask_crc32": zlib.crc32(payload),
-            "extras": [[k, [int(d) for d in v.shape]] for k, v in self.extras.items()],
-            "meta": self.meta,
-        }
-
-    def to_bytes(self) -> bytes:
-        payload = self.mask_payload()
-        head = json.dumps(self.header(payload), separators=(",", ":"), sort_keys=True).encode()
-        extras = b"".join(np.ascontiguousarray(v, dtype="<f4").tobytes() for v in self.extras.values())
-        return MAGIC + struct.pack("<I", len(head)) + head + payload + extras
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> MaskFile:
-        data = bytes(data)
-        if len(data) < len(MAGIC) + 4 or data[: len(MAGIC)] != MAGIC:
-            raise MaskFileError("not a fedge mask file (bad magic)")
-        (hlen,) = struct.unpack_from("<I", data, len(MAGIC))
-        start = len(MAGIC) + 4
-        if start + hlen > len(data):
-            raise MaskFileError("truncated mask file header")
-        try:
-            h = json.loads(data[start : start + hlen].decode())
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise MaskFileError(f"mask file header is not JSON: {exc}") from None
-        if h.get("format") != "fedge-mpt-mask" or h.get("version") not in READABLE_VERSIONS:
-            raise MaskFileError(f"unsupported mask file format {h.get('format')!r} v{h.get('version')!r}")
-        bits = h.get("bits", "mask")
-        if bits not in BIT_KINDS:
-            raise MaskFileError(f"mask file bits {bits!r}: expected one of {', '.join(BIT_KINDS)}")
-        layers = [
-            LayerInfo(str(l["name"]), tuple(int(d) for d in l["shape"]), int(l["index"]), int(l["kept"]), float(l["alpha"]))
-            for l in h["layers"]
-        ]
-        pos = start + hlen
-        nbytes = int(h["mask_bytes"])
-        if nbytes != packed_size(sum(l.numel for l in layers)):
-            raise MaskFileError(f"header says {nbytes} mask bytes, the layers need {packed_size(sum(l.numel for l in layers))}")
-        payload = data[pos : pos + nbytes]
-        if len(payload) != nbytes:
-            raise MaskFileError(f"truncated mask payload: {len(payload)} of {nbytes} bytes")
-        if zlib.crc32(payload) != int(h["mask_crc32"]):
-            raise MaskFileError("mask payload CRC mismatch (corrupt file)")
-        pos += nbytes
-        masks: OrderedDict[str, np.ndarray] = OrderedDict()
-        offset = 0
-        for l in layers:
-            masks[l.name] = unpack_bits(payload, l.shape, offset_bits=offset)
-            offset += l.numel
-            if bits == "sign" and l.kept != l.numel:
-                raise MaskFileError(f"layer {l.name!r}: a sign file keeps every weight ({l.numel}), header says {l.kept}")
-            if bits == "mask" and int(masks[l.name].sum()) != l.kept:
-                raise MaskFileError(f"layer {l.name!r}: mask keeps {int(masks[l.name].sum())}, header says {l.kept}")
-        extras: OrderedDict[str, np.ndarray] = OrderedDict()
-        for name, shape in h.get("extras", []):
-            n = int(np.prod(shape, dtype=np.int64))
-            chunk = data[pos : pos + 4 * n]
-            if len(chunk) != 4 * n:
-                raise MaskFileError(f"truncated extra tensor {name!r}")
-            extras[name] = np.frombuffer(chunk, dtype="<f4").reshape(shape).astype(np.float32)
-            pos += 4 * n
-        if pos != len(data):
-            raise MaskFileError(f"{len(data) - pos} unexpected trailing bytes")
-        return cls(
-            model=str(h["model"]),
-            variant=str(h["variant"]),
-            prune_ratio=float(h["prune_ratio"]),
-            seed=int(h["seed"]),
-            in_shape=tuple(int(d) for d in h["in_shape"]),
-            num_classes=int(h["num_classes"]),
-            weight_init=str(h["weight_init"]),
-            layers=layers,
-            masks=masks,
-            extras=extras,
-            meta=dict(h.get("meta") or {}),
-            bits=bits,
-        )
-
-    def save(self, path: str | os.PathLike) -> int:
-        """Write the file (atomically, via a temporary name); returns its size in bytes."""
-        data = self.to_bytes()
-        tmp = f"{os.fspath(path)}.tmp"
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-        return len(data)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> MaskFile:
-        with open(path, "rb") as fh:
-            return cls.from_bytes(fh.read())
-
-    # --------------------------------------------------------------- torch-free inference weights
-    def effective_weights(self) -> OrderedDict[str, np.ndarray]:
-        """alpha * sign(W) * mask per layer, float32, regenerating W's signs from the seed
-        (mask files), or alpha * (+-1) from the stored signs (sign files)."""
-        out: OrderedDict[str, np.ndarray] = OrderedDict()
-        for l in self.layers:
-            if self.bits == "sign":
-                out[l.name] = np.where(self.masks[l.name], np.float32(l.alpha), np.float32(-l.alpha))
-                continue
-            if self.weight_init == "signed_constant":
-                signs = regenerate_signs(self.seed, l.index, l.shape)
-            else:
-                signs = regenerate_normal(self.seed, l.index, l.shape) >= 0
-            w = np.where(signs, np.float32(l.alpha), np.float32(-l.alpha))
-            out[l.name] = np.where(self.masks[l.name], w, np.float32(0)).astype(np.float32)
-        return out
-
-
-def save_mask_file(mask_file: MaskFile, path: str | os.PathLike) -> int:
-    return mask_file.save(path)
-
-
-def load_mask_file(src: str | os.PathLike | bytes | bytearray | io.BufferedIOBase) -> MaskFile:
-    """Load from a path, raw bytes or an open binary file."""
-    if isinstance(src, (bytes, bytearray, memoryview)):
-        return MaskFile.from_bytes(bytes(src))
-    if hasattr(src, "read"):
-        return MaskFile.from_bytes(src.read())  # type: ignore[union-attr]
-    return MaskFile.load(src)  # type: ignore[arg-type]
-
-
 __all__ = [
     "BIT_ORDER",
-    "LayerInfo",
-    "MaskFile",
-    "MaskFileError",
     "WEIGHT_INITS",
     "fan_in",
     "from_bitarray",
     "keep_count",
     "keep_probability",
-    "load_mask_file",
-    "masks_from_scores",
     "pack_bits",
     "packed_size",
     "regenerate_normal",
     "regenerate_sign_bits",
     "regenerate_signs",
-    "regenerate_weight",
-    "save_mask_file",
     "scores_from_keep_prob",
     "to_bitarray",
     "topk_mask",

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import DataError  # its home is models.errors; imported from here too
+
 DEFAULT_FASHION_ROOT = "/usr/share/datasets/fashion-mnist"
 DATASETS = ("fashion-mnist", "mnist", "cifar10", "synthetic")
 # dataset -> (mean, std) applied to pixel/255, one scalar for all channels (docs/protocol.md §6.1:
@@ -22,10 +24,6 @@ NORMALISATION: dict[str, tuple[float, float]] = {
     "mnist": (0.1307, 0.3081),
     "cifar10": (0.4734, 0.2516),
 }
-
-
-class DataError(RuntimeError):
-    """A dataset that cannot be loaded; the message says which file and what to do."""
 
 
 @dataclass

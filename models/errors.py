@@ -6,6 +6,12 @@ Each child names a kind of cause, which is what a caller acts on:
 - DataError: a data file that is missing, unreadable or of the wrong shape;
 - WireError: bytes from the network (or a key file) that are malformed, unauthenticated or refused;
 - ModelFileError: a model, mask or ONNX file that cannot be read, exported or served.
+
+Each module's named error (ProfileError, PartitionError, EnvelopeError, KeyFileError, MaskFileError,
+GraphError, ExportError, InferenceError) is a child of one of these, so old `except` clauses keep
+working. All four are also ValueErrors, as the errors they replaced were. A check that can only
+fail through a programming mistake (wrong argument type, an empty list where the caller guarantees
+one) stays a plain ValueError/TypeError: the CLI must show its traceback, not an "error:" line.
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ from torch import nn
 
 from fedge.models import onnx_graph
 
+from .errors import ConfigError, ModelFileError
 from .registry import build_model, get_state, set_state
 from .supermask import BinaryActivation, BinaryWeightLayer, SupermaskLayer, materialize
 
@@ -39,7 +40,7 @@ OUTPUT_NAME = onnx_graph.OUTPUT_NAME
 PARITY_ATOL = 1e-4
 
 
-class ExportError(RuntimeError):
+class ExportError(ModelFileError):
     """A source that cannot be exported; the text says what to pass instead."""
 
 
@@ -118,7 +119,7 @@ def export_state(
         onnx.checker.check_model(str(path), full_check=True)
         return path
     if builder != "torch":
-        raise ValueError(f"builder must be 'torch' or 'graph', not {builder!r}")
+        raise ConfigError(f"builder must be 'torch' or 'graph', not {builder!r}")
     model = build_model(model_name, tuple(in_shape), int(num_classes))
     set_state(model, tensors)
     return export_onnx(model, path, tuple(in_shape), meta=info)
@@ -173,7 +174,7 @@ def load_source(
 
     data = path.read_bytes()
     if data[:8] == b"FEDGEMPT":  # a 1-bit model file: MPT mask + seed, or BNN signs; per-layer scales
-        from .bits import MaskFile, MaskFileError  # noqa: PLC0415
+        from .maskfile import MaskFile, MaskFileError  # noqa: PLC0415
         from .mpt_nets import build_from_mask_file  # noqa: PLC0415
 
         try:
@@ -285,10 +286,6 @@ def torch_logits(model: nn.Module, x: np.ndarray, batch_size: int = 500) -> np.n
     return np.concatenate(parts)
 
 
-def max_abs_diff(model: nn.Module, path: str | os.PathLike, x: np.ndarray) -> float:
-    return float(np.abs(torch_logits(model, x) - onnx_logits(path, x)).max())
-
-
 # ----------------------------------------------------------------------------- int8
 class _ArrayReader:
     """onnxruntime CalibrationDataReader over a numpy batch."""
@@ -329,13 +326,13 @@ def quantize_int8(
             quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
         elif method == "static":
             if calibration is None or len(calibration) == 0:
-                raise ValueError("static int8 quantisation needs calibration inputs (a float32 batch)")
+                raise ConfigError("static int8 quantisation needs calibration inputs (a float32 batch)")
             quantize_static(
                 str(src), str(dst), _ArrayReader(calibration), quant_format=QuantFormat.QDQ,
                 activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True,
             )
         else:
-            raise ValueError(f"int8 method must be 'dynamic' or 'static', not {method!r}")
+            raise ConfigError(f"int8 method must be 'dynamic' or 'static', not {method!r}")
     finally:
         root.setLevel(level)
     proto = onnx.load(str(dst))

@@ -28,7 +28,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .bits import LayerInfo, MaskFile, MaskFileError, load_mask_file
+from .errors import ConfigError
+from .maskfile import LayerInfo, MaskFile, MaskFileError, load_mask_file
 from .supermask import (
     BinaryActivation,
     BinaryConv2d,
@@ -55,21 +56,12 @@ REGISTRY_NAMES: dict[tuple[str, str], str] = {
     ("mlp", "bnn-1/32"): "mlp-bnn",
 }
 
-# optimiser settings of the MPT / biprop code and paper 003, for the trainer to pick up
-RECOMMENDED_OPTIM: dict[str, dict[str, Any]] = {
-    "mpt-1/32": {"optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4, "schedule": "cosine"},
-    "mpt-1/1": {"optimizer": "adam", "lr": 0.1, "momentum": 0.0, "weight_decay": 0.0, "schedule": "cosine"},
-    "bnn-1/32": {"optimizer": "adam", "lr": 1e-3, "momentum": 0.0, "weight_decay": 0.0, "schedule": "cosine"},
-    "bnn-1/1": {"optimizer": "adam", "lr": 1e-3, "momentum": 0.0, "weight_decay": 0.0, "schedule": "cosine"},
-}
-
-
 class _Layers:
     """Makes the layers of one variant, numbering supermask layers for their seeds."""
 
     def __init__(self, variant: str, prune_ratio: float, seed: int, weight_init: str) -> None:
         if variant not in VARIANTS:
-            raise ValueError(f"unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
+            raise ConfigError(f"unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
         self.variant = variant
         self.mpt = variant.startswith("mpt")
         self.binary_act = variant.endswith("1/1")
@@ -211,7 +203,7 @@ ARCHS: dict[str, type[MPTNet]] = {"conv4": MPTConv4, "mlp": MPTMLP}
 def build_mpt(arch: str, in_shape: tuple[int, ...] = (1, 28, 28), num_classes: int = 10, **kwargs: Any) -> MPTNet:
     """MPTConv4 / MPTMLP by architecture name; kwargs: variant, prune_ratio, seed, weight_init (, hidden)."""
     if arch not in ARCHS:
-        raise ValueError(f"unknown MPT architecture {arch!r}; known: {', '.join(ARCHS)}")
+        raise ConfigError(f"unknown MPT architecture {arch!r}; known: {', '.join(ARCHS)}")
     return ARCHS[arch](tuple(in_shape), int(num_classes), **kwargs)
 
 
@@ -223,7 +215,7 @@ def to_mask_file(model: MPTNet, model_name: str | None = None, meta: dict | None
     the BNN baseline the signs of the latent weights and alpha = mean|w| per layer (what its
     forward uses); for 1/1 variants also the BatchNorm statistics."""
     if not isinstance(model, MPTNet):
-        raise ValueError("only MPT supermask and BNN models (models.mpt_nets) have a 1-bit file")
+        raise ConfigError("only MPT supermask and BNN models (models.mpt_nets) have a 1-bit file")
     if model.variant.startswith("mpt"):
         bits = "mask"
         masks = model_masks(model)
@@ -328,7 +320,6 @@ __all__ = [
     "MPTConv4",
     "MPTMLP",
     "MPTNet",
-    "RECOMMENDED_OPTIM",
     "REGISTRY_NAMES",
     "VARIANTS",
     "build_from_mask_file",

@@ -25,6 +25,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from .errors import ModelFileError
+
 # opset 17 / IR 8: understood by every onnxruntime since 1.13 (late 2022), so an older
 # runtime on a device can still load what a newer hub or exporter produces.
 OPSET = 17
@@ -34,7 +36,7 @@ OUTPUT_NAME = "logits"
 META_PREFIX = "fedge."
 
 
-class GraphError(ValueError):
+class GraphError(ModelFileError):
     """Tensors that do not describe a model this module can rebuild; the text says why."""
 
 

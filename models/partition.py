@@ -9,10 +9,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .errors import ConfigError
+
 PARTITIONERS = ("iid", "dominant", "shards", "dirichlet", "sizes")
 
 
-class PartitionError(ValueError):
+class PartitionError(ConfigError):
     """The requested split does not fit the data (too few images of some class, ...)."""
 
 

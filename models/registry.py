@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .errors import ConfigError, ModelFileError
 from .mpt_nets import build_mpt
 from .nets import MLP, Conv4
 
@@ -64,7 +65,7 @@ def _builder(name: str) -> Builder:
 
             return lambda in_shape, num_classes: build_mpt(arch, in_shape, num_classes, variant=variant,
                                                            prune_ratio=prune, seed=0)
-    raise ValueError(f"unknown model {name!r}; known models: {', '.join(model_names())} "
+    raise ConfigError(f"unknown model {name!r}; known models: {', '.join(model_names())} "
                      f"(MPT models take a prune ratio: conv4-mpt@0.9)")
 
 
@@ -112,9 +113,9 @@ def set_state(model: nn.Module, state: Mapping[str, np.ndarray]) -> None:
     tensors = {}
     for name, arr in state.items():
         if name not in current:
-            raise KeyError(f"tensor {name!r} is not part of the model")
+            raise ModelFileError(f"tensor {name!r} is not part of the model")
         tensors[name] = torch.from_numpy(np.asarray(arr, dtype=np.float32)).to(current[name].dtype)
     missing = [k for k, v in current.items() if v.is_floating_point() and k not in tensors]
     if missing:
-        raise KeyError(f"state misses tensors {missing[:5]}")
+        raise ModelFileError(f"state misses tensors {missing[:5]}")
     model.load_state_dict(tensors, strict=False)

@@ -12,6 +12,7 @@ import time
 import paho.mqtt.client as mqtt
 import pytest
 
+from fedge.models.errors import ConfigError, DataError
 from fedge.models.wire.transport import BrokerConfig
 
 FEDGE = [sys.executable, "-m", "fedge.cli"]
@@ -126,3 +127,47 @@ def test_agent_shuts_down_cleanly_on_sigterm(tmp_path, mosquitto_url, topic_pref
 def test_bad_broker_url_is_rejected(url):
     with pytest.raises(ValueError, match="broker URL"):
         BrokerConfig.from_url(url)
+
+
+def test_bad_number_list_and_corrupt_data_file_are_clear_errors(tmp_path):
+    out = _run(["partition", "--dataset", "synthetic", "--devices", "2", "--sizes", "100,lots", "--out", str(tmp_path)])
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "fedge partition: error: --sizes '100,lots'" in out.stderr and "Traceback" not in out.stderr
+    bad = tmp_path / "dev000.npz"
+    bad.write_bytes(b"PK\x03\x04 not really a zip file")
+    out = _run(["agent", "--broker", "mqtt://127.0.0.1:1", "--data", str(bad), "--profile", "sim"])
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert f"fedge agent: error: --data {bad}: not a readable .npz" in out.stderr and "Traceback" not in out.stderr
+
+
+def _patched_profiles(monkeypatch, exc: BaseException) -> None:
+    """Make `fedge profiles` raise `exc` from inside the subcommand."""
+    import fedge.cli
+
+    def broken(args):
+        raise exc
+
+    monkeypatch.setattr(fedge.cli, "_run_profiles", broken)
+
+
+@pytest.mark.parametrize("exc", [ConfigError("--flag 3: must be even"), DataError("x.npz: truncated"),
+                                 ConnectionError("no broker at mqtt://127.0.0.1:1")])
+def test_fedge_and_connection_errors_are_one_line_and_exit_2(monkeypatch, capsys, exc):
+    from fedge.cli import main
+
+    _patched_profiles(monkeypatch, exc)
+    assert main(["profiles"]) == 2
+    assert capsys.readouterr().err == f"fedge profiles: error: {exc}\n"
+
+
+@pytest.mark.parametrize("exc", [TypeError("unsupported operand"), KeyError("net.1.scores"),
+                                 ValueError("a library's internal check")])
+def test_programming_errors_keep_their_traceback(monkeypatch, capsys, exc):
+    """A bug inside a subcommand must not be dressed up as bad input (exit 2, "error: ...")."""
+    from fedge.cli import main
+
+    _patched_profiles(monkeypatch, exc)
+    with pytest.raises(type(exc)) as raised:
+        main(["profiles"])
+    assert raised.value is exc
+    assert "error:" not in capsys.readouterr().err

@@ -89,13 +89,14 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    from fedge.edge_agent.profile import ProfileError  # noqa: PLC0415
-    from fedge.models.data import DataError  # noqa: PLC0415
-    from fedge.models.partition import PartitionError  # noqa: PLC0415
+    from fedge.models.errors import FedgeError  # noqa: PLC0415
 
+    # fedge's own errors and an unreachable broker or missing file are the user's to fix: one
+    # line and exit 2. Anything else (TypeError, KeyError, a ValueError from deep inside a
+    # library...) is a bug and keeps its traceback.
     try:
         return int(args.func(args) or 0)
-    except (ProfileError, DataError, PartitionError, ValueError, ConnectionError, TimeoutError, FileNotFoundError) as exc:
+    except (FedgeError, ConnectionError, TimeoutError, FileNotFoundError) as exc:
         print(f"fedge {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -7,6 +7,7 @@ import logging
 import os
 import re
 import socket
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -29,11 +30,16 @@ def load_local_data(spec: str, num_classes: int = 10):  # noqa: ANN201 - returns
         raise DataError(f"--data {spec}: no such file or folder")
     if path.suffix != ".npz":
         raise DataError(f"--data {spec}: expected a .npz file from `fedge partition`, an idx folder or 'synthetic'")
-    with np.load(path) as npz:
-        missing = {"x", "y"} - set(npz.files)
-        if missing:
-            raise DataError(f"--data {spec}: missing arrays {sorted(missing)} (found {npz.files})")
-        x, y = npz["x"].astype(np.float32), npz["y"].astype(np.int64)
+    try:
+        with np.load(path) as npz:
+            found = list(npz.files)
+            arrays = {k: npz[k] for k in ("x", "y") if k in found}
+    except (ValueError, OSError, zipfile.BadZipFile) as exc:  # a truncated or foreign file
+        raise DataError(f"--data {spec}: not a readable .npz from `fedge partition` ({exc})") from None
+    missing = {"x", "y"} - set(arrays)
+    if missing:
+        raise DataError(f"--data {spec}: missing arrays {sorted(missing)} (found {found})")
+    x, y = arrays["x"].astype(np.float32), arrays["y"].astype(np.int64)
     if x.ndim == 3:
         x = x[:, None]
     if x.ndim != 4 or len(x) != len(y) or len(y) == 0:

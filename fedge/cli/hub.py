@@ -13,6 +13,7 @@ from fedge.cli.common import add_broker_args, add_logging_args, broker_from_args
 from fedge.hub.hub import HubConfig
 from fedge.hub.strategies import STRATEGIES
 from fedge.models.data import DATASETS, DEFAULT_FASHION_ROOT
+from fedge.models.errors import ConfigError
 from fedge.models.partition import PARTITIONERS, PartitionSpec
 from fedge.models.wire.codecs import ALL_CODECS, MODEL_CODECS
 
@@ -69,6 +70,14 @@ def _apply_round_args(cfg, args: argparse.Namespace) -> None:  # noqa: ANN001 - 
             cfg.train = {**cfg.train, key: value}
 
 
+def _ints(flag: str, text: str) -> tuple[int, ...]:
+    """A comma-separated list of whole numbers from the command line."""
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise ConfigError(f"{flag} {text!r}: expected whole numbers separated by commas, e.g. 100,200") from None
+
+
 def _apply_partition_args(spec: PartitionSpec, args: argparse.Namespace) -> PartitionSpec:
     """Partition flags given on the command line override `spec` (`--sizes` implies kind sizes);
     shared by `fedge fleet` and `fedge partition` so both read the flags the same way."""
@@ -80,7 +89,7 @@ def _apply_partition_args(spec: PartitionSpec, args: argparse.Namespace) -> Part
             setattr(spec, attr, value)
     if getattr(args, "sizes", None):
         spec.kind = "sizes"
-        spec.sizes = [int(s) for s in args.sizes.split(",")]
+        spec.sizes = list(_ints("--sizes", args.sizes))
     return spec
 
 
@@ -147,7 +156,7 @@ def run_hub(args: argparse.Namespace) -> int:
         test_x, test_y = ds.test.x, ds.test.y
         cfg.in_shape, cfg.num_classes = ds.in_shape, ds.num_classes
     else:
-        cfg.in_shape = tuple(int(v) for v in args.in_shape.split(","))
+        cfg.in_shape = _ints("--in-shape", args.in_shape)
     store = store or RunStore(run_dir)
     hub = Hub(cfg, broker_from_args(args), store, test_x, test_y)
     stop = stop_event_on_signals()

@@ -22,6 +22,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from fedge.models.errors import FedgeError
+
 
 def _labels(value: str | None) -> list[str] | None:
     if not value or value == "none":
@@ -72,7 +74,7 @@ def add_predict_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from fedge.edge_agent.infer import FASHION_MEAN, FASHION_STD, InferenceError, Predictor, load_inputs  # noqa: PLC0415
+    from fedge.edge_agent.infer import FASHION_MEAN, FASHION_STD, Predictor, load_inputs  # noqa: PLC0415
 
     labels = _labels(args.labels)
     try:
@@ -80,7 +82,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         x, names = load_inputs(args.inputs, predictor.in_shape,
                                FASHION_MEAN if args.mean is None else args.mean, FASHION_STD if args.std is None else args.std)
         pred = predictor.predict(x)
-    except (InferenceError, ValueError, OSError) as exc:
+    except (FedgeError, OSError) as exc:
         print(f"fedge agent predict: {exc}", file=sys.stderr)
         return 2
     for name, cls, conf in zip(names, pred.classes.tolist(), pred.confidence.tolist()):
@@ -123,7 +125,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import signal  # noqa: PLC0415
     import threading  # noqa: PLC0415
 
-    from fedge.edge_agent.infer import DEFAULT_PORT, InferenceError, LiveModel, ModelFollower, Predictor, make_server  # noqa: PLC0415
+    from fedge.edge_agent.infer import DEFAULT_PORT, LiveModel, ModelFollower, Predictor, make_server  # noqa: PLC0415
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from fedge.models.wire.keys import KeyFileError  # noqa: PLC0415 - torch-free
@@ -144,7 +146,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if initial:
         try:
             live.swap(Predictor.load(initial, threads=args.threads, verifier=verifier))
-        except (InferenceError, ValueError, OSError) as exc:
+        except (FedgeError, OSError) as exc:
             print(f"fedge agent serve: {exc}", file=sys.stderr)
             return 2
     follower = None
@@ -163,7 +165,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         try:
             follower.connect(BrokerConfig.from_url(args.broker, ca_file=args.ca_file), prefix=args.prefix)
-        except (ConnectionError, ValueError, OSError) as exc:
+        except (FedgeError, OSError) as exc:  # OSError includes ConnectionError
             print(f"fedge agent serve: {exc}", file=sys.stderr)
             return 2
     port = DEFAULT_PORT if args.port is None else args.port
@@ -227,23 +229,26 @@ def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
 def _calibration(args: argparse.Namespace, n: int):  # noqa: ANN202
     import numpy as np  # noqa: PLC0415
 
+    from fedge.models.data import DataError, load_dataset  # noqa: PLC0415
+
     if args.calib.endswith(".npy"):
-        return np.load(args.calib, allow_pickle=False).astype(np.float32)[:n]
-    from fedge.models.data import load_dataset  # noqa: PLC0415
+        try:
+            return np.load(args.calib, allow_pickle=False).astype(np.float32)[:n]
+        except ValueError as exc:
+            raise DataError(f"--calib {args.calib}: not a numeric .npy array ({exc})") from None
 
     ds = load_dataset(args.calib, args.data_root, download=False)
     return ds.train.x[:n]
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from fedge.models.data import DataError  # noqa: PLC0415
-    from fedge.models.export import ExportError, export, summary_json  # noqa: PLC0415
+    from fedge.models.export import export, summary_json  # noqa: PLC0415
 
     try:
         calib = _calibration(args, args.calib_size) if args.int8 == "static" else None
         summary = export(args.source, out=args.out, runs_dir=args.runs_dir, int8=args.int8, calibration=calib,
                          builder=args.builder, in_shape=tuple(args.in_shape), num_classes=args.num_classes, seed=args.seed)
-    except (ExportError, DataError, ValueError, KeyError, OSError) as exc:
+    except (FedgeError, OSError) as exc:
         print(f"fedge export: {exc}", file=sys.stderr)
         return 2
     if args.json:

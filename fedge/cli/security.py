@@ -8,6 +8,7 @@ import hashlib
 import sys
 from pathlib import Path
 
+from fedge.models.errors import ConfigError
 from fedge.models.wire.topics import ROOT, check_name
 
 KEYS_EPILOG = """\
@@ -79,7 +80,7 @@ def run_keys_init(args: argparse.Namespace) -> int:
 
     folder = Path(args.dir)
     if (folder / HUB_PRIVATE).exists() and not args.force:
-        raise ValueError(f"{folder / HUB_PRIVATE} exists; pass --force to rotate the hub key "
+        raise ConfigError(f"{folder / HUB_PRIVATE} exists; pass --force to rotate the hub key "
                          "(every device then needs the new public key)")
     rotated = (folder / HUB_PRIVATE).exists()
     folder.mkdir(parents=True, exist_ok=True)
@@ -101,7 +102,7 @@ def run_keys_enroll(args: argparse.Namespace) -> int:
     devices = list(dict.fromkeys(check_name(d, "device id") for d in args.devices))
     existing = [d for d in devices if (folder / "devices" / f"{d}.key").exists()]
     if existing and not args.force:
-        raise ValueError(f"already enrolled: {', '.join(existing)}; pass --force to rotate their keys "
+        raise ConfigError(f"already enrolled: {', '.join(existing)}; pass --force to rotate their keys "
                          "(nothing was written)")
     pub = folder / HUB_PUBLIC
     for device in devices:
@@ -173,7 +174,7 @@ def run_acl(args: argparse.Namespace) -> int:
     from fedge.hub.acl import mosquitto_acl, set_passwords  # noqa: PLC0415
 
     if bool(args.passwords) != bool(args.password_file):
-        raise ValueError("--passwords and --password-file go together")
+        raise ConfigError("--passwords and --password-file go together")
     devices = list(args.devices)
     if args.keys_dir:
         folder = Path(args.keys_dir) / "devices"
@@ -181,7 +182,7 @@ def run_acl(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"--keys-dir {args.keys_dir}: no devices/ folder (fedge keys enroll ...)")
         devices += sorted(path.stem for path in folder.glob("*.key"))
     if not devices:
-        raise ValueError("name the fleet's devices: --devices ID... or --keys-dir DIR (the enrolled ones)")
+        raise ConfigError("name the fleet's devices: --devices ID... or --keys-dir DIR (the enrolled ones)")
     text = mosquitto_acl(args.fleet, devices, args.topic_prefix, args.hub_user)
     if args.out:
         out = Path(args.out)

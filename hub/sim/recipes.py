@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from fedge.hub.hub import HubConfig
+from fedge.models.errors import ConfigError
 from fedge.models.partition import PartitionSpec
 
 from .fleet import FleetConfig
@@ -57,7 +58,7 @@ def paper003(method: str = "mpt-fl-1/32", prune_ratio: float = 0.8) -> FleetConf
     Conv-4; the method picks dense FedAvg, BNN-FL, MPT-FL (score averaging) or MPT-FL with a
     1-bit mask uplink. Local training: 5 epochs, batch 10 (the paper does not state its own)."""
     if method not in PAPER003_METHODS:
-        raise ValueError(f"unknown paper003 method {method!r}; choose one of {', '.join(PAPER003_METHODS)}")
+        raise ConfigError(f"unknown paper003 method {method!r}; choose one of {', '.join(PAPER003_METHODS)}")
     spec = PAPER003_METHODS[method]
     model = spec["model"]
     if prune_ratio != 0.8 and model in ("conv4-mpt", "conv4-mpt11"):
@@ -82,8 +83,8 @@ RECIPES: dict[str, Callable[..., FleetConfig]] = {"paper001": paper001, "paper00
 def get_recipe(name: str, **options: object) -> FleetConfig:
     """A recipe's FleetConfig; options (e.g. method, prune_ratio for paper003) go to the recipe."""
     if name not in RECIPES:
-        raise ValueError(f"unknown recipe {name!r}; known recipes: {', '.join(sorted(RECIPES))}")
+        raise ConfigError(f"unknown recipe {name!r}; known recipes: {', '.join(sorted(RECIPES))}")
     options = {k: v for k, v in options.items() if v is not None}
     if name == "paper001" and options:
-        raise ValueError(f"recipe paper001 takes no options (got {', '.join(options)})")
+        raise ConfigError(f"recipe paper001 takes no options (got {', '.join(options)})")
     return RECIPES[name](**options)

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import ConfigError
 from .envelope import EnvelopeError
 
 Tensors = "OrderedDict[str, np.ndarray]"
@@ -51,7 +52,7 @@ def encode_tensors(tensors: Mapping[str, np.ndarray], codec: str = "fp32") -> tu
     if codec == SIGN_CODEC:
         return {"codec": codec, "tensors": manifest_of(tensors)}, b"".join(_sign_part(arr) for arr in tensors.values())
     if codec not in CODECS:
-        raise ValueError(f"unknown codec {codec!r}; known: {sorted(ALL_CODECS)}")
+        raise ConfigError(f"unknown codec {codec!r}; known: {sorted(ALL_CODECS)}")
     dtype = CODECS[codec]
     parts = [np.ascontiguousarray(np.asarray(arr), dtype=dtype).tobytes() for arr in tensors.values()]
     return {"codec": codec, "tensors": manifest_of(tensors)}, b"".join(parts)

@@ -27,6 +27,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..errors import WireError
+
 Signer = Callable[[bytes], bytes]  # digest -> 64-byte signature
 Verifier = Callable[[bytes, bytes], bool]  # (digest, signature) -> valid?
 
@@ -45,7 +47,7 @@ MAX_HEADER_BYTES = 1024 * 1024
 KINDS = ("model", "task", "update")
 
 
-class EnvelopeError(ValueError):
+class EnvelopeError(WireError):
     """A message that is not a valid fedge envelope; the text says exactly why."""
 
 

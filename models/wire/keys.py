@@ -14,6 +14,7 @@ import os
 import secrets
 from pathlib import Path
 
+from ..errors import WireError
 from .envelope import Signer, Verifier
 from .topics import check_name
 
@@ -21,7 +22,7 @@ HUB_PRIVATE = "hub_ed25519.pem"
 HUB_PUBLIC = "hub_ed25519.pub"
 
 
-class KeyFileError(ValueError):
+class KeyFileError(WireError):
     """A key file that is missing or malformed."""
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from ..errors import ConfigError
+
 ROOT = "fedge/v1"
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
@@ -12,7 +14,7 @@ _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 def check_name(value: str, what: str) -> str:
     """Fleet and device ids become topic levels, so they may not contain / + # or spaces."""
     if not isinstance(value, str) or not _NAME.match(value):
-        raise ValueError(f"{what} {value!r} must be 1-64 characters of letters, digits, '_', '.' or '-'")
+        raise ConfigError(f"{what} {value!r} must be 1-64 characters of letters, digits, '_', '.' or '-'")
     return value
 
 

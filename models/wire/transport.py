@@ -17,6 +17,8 @@ from urllib.parse import unquote, urlparse
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from ..errors import ConfigError
+
 log = logging.getLogger("fedge.mqtt")
 
 Handler = Callable[[str, bytes], None]
@@ -40,14 +42,14 @@ class BrokerConfig:
     def from_url(cls, url: str, **overrides: object) -> BrokerConfig:
         parsed = urlparse(url if "://" in url else f"mqtt://{url}")
         if parsed.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
-            raise ValueError(f"broker URL {url!r}: scheme must be mqtt:// or mqtts://")
+            raise ConfigError(f"broker URL {url!r}: scheme must be mqtt:// or mqtts://")
         if not parsed.hostname:
-            raise ValueError(f"broker URL {url!r} has no host")
+            raise ConfigError(f"broker URL {url!r} has no host")
         tls = parsed.scheme in ("mqtts", "ssl")
         try:
             port = parsed.port or (8883 if tls else 1883)
         except ValueError as exc:
-            raise ValueError(f"broker URL {url!r}: {exc}") from None
+            raise ConfigError(f"broker URL {url!r}: {exc}") from None
         cfg = cls(
             host=parsed.hostname,
             port=port,
