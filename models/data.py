@@ -14,18 +14,10 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DataError  # its home is models.errors; imported from here too
+from .normalisation import NORMALISATION
 
 DEFAULT_FASHION_ROOT = "/usr/share/datasets/fashion-mnist"
 DATASETS = ("fashion-mnist", "mnist", "cifar10", "synthetic")
-# dataset -> (mean, std) applied to pixel/255, one scalar for all channels (docs/protocol.md §6.1:
-# a device written from the docs must preprocess exactly like this, the wire does not carry it)
-NORMALISATION: dict[str, tuple[float, float]] = {
-    "fashion-mnist": (0.2860, 0.3530),
-    "mnist": (0.1307, 0.3081),
-    "cifar10": (0.4734, 0.2516),
-}
-
-
 @dataclass
 class Split:
     """One labelled split: x is float32 [N, C, H, W] (normalised), y is int64 [N]."""

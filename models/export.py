@@ -1,7 +1,7 @@
 """torch -> ONNX export of the models fedge trains, the checker, parity and int8 quantisation.
 
 This side needs torch (it runs where training runs: the hub, a workstation). The device
-side, edge_agent/infer.py and models/onnx_graph.py, is torch-free.
+side, edge_agent/infer/ and models/onnx_graph.py, is torch-free.
 
 Why `torch.onnx.export(..., dynamo=False)`: since torch 2.9 the default is the
 torch.export/dynamo exporter, which requires the extra `onnxscript` package (not a fedge

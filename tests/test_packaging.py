@@ -31,6 +31,13 @@ def test_wheel_holds_only_the_fedge_namespace(wheel: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
     tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert tops == {"fedge"}, tops
+    # every package folder of the checkout is in the wheel (the package list in pyproject.toml is explicit)
+    folders = {"fedge": "fedge", "models": "fedge/models", "hub": "fedge/hub", "edge_agent": "fedge/edge_agent",
+               "firmware_profiles": "fedge/firmware_profiles"}
+    for folder, installed in folders.items():
+        for init in (REPO / folder).rglob("__init__.py"):
+            module = f"{installed}/{init.relative_to(REPO / folder).as_posix()}"
+            assert module in names, f"{module} is missing from the wheel: add its package to pyproject.toml"
     for module in ("fedge/models/wire/envelope.py", "fedge/hub/hub.py", "fedge/hub/sim/fleet.py",
                    "fedge/edge_agent/agent.py", "fedge/cli/__init__.py", "fedge/firmware_profiles/rpi4.yaml"):
         assert module in names, module

@@ -1,0 +1,149 @@
+"""One ONNX Runtime session with predict/logits helpers: what a device runs, without torch."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import onnxruntime as ort
+
+from fedge.models.errors import DataError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import onnx
+
+
+class InferenceError(DataError):
+    """An input or model the predictor cannot use; the text says what is wrong."""
+
+
+def _fedge_metadata(props: dict[str, str]) -> dict[str, Any]:
+    """fedge.* metadata of a session (same as onnx_graph.get_metadata, without importing onnx)."""
+    out: dict[str, Any] = {}
+    for key, value in props.items():
+        if key.startswith("fedge."):
+            try:
+                out[key[6:]] = json.loads(value)
+            except json.JSONDecodeError:
+                out[key[6:]] = value
+    return out
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+@dataclass
+class Prediction:
+    classes: np.ndarray  # int64 [N]
+    probabilities: np.ndarray  # float32 [N, classes]
+    logits: np.ndarray  # float32 [N, classes]
+
+    @property
+    def confidence(self) -> np.ndarray:
+        return self.probabilities[np.arange(len(self.classes)), self.classes]
+
+
+def session_options(threads: int = 1) -> ort.SessionOptions:
+    """Sequential execution on `threads` intra-op threads (1 = what a small device should use)."""
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = max(1, int(threads))
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    return opts
+
+
+class Predictor:
+    """An ONNX Runtime session for a fedge classifier: input [batch, *in_shape] -> logits."""
+
+    def __init__(self, session: ort.InferenceSession, info: dict[str, Any] | None = None) -> None:
+        self.session = session
+        inputs, outputs = session.get_inputs(), session.get_outputs()
+        if len(inputs) != 1:
+            raise InferenceError(f"model has {len(inputs)} inputs; a fedge classifier has exactly one")
+        self.input_name = inputs[0].name
+        self.output_name = outputs[0].name
+        meta = _fedge_metadata(session.get_modelmeta().custom_metadata_map)
+        self.info: dict[str, Any] = {**meta, **(info or {})}
+        dims = list(inputs[0].shape)[1:]
+        if dims and all(isinstance(d, int) for d in dims):
+            self.in_shape: tuple[int, ...] = tuple(int(d) for d in dims)
+        elif isinstance(self.info.get("in_shape"), list):
+            self.in_shape = tuple(int(d) for d in self.info["in_shape"])
+        else:
+            raise InferenceError(f"cannot tell the model's input shape from {inputs[0].shape}")
+        out_dims = list(outputs[0].shape)
+        self.num_classes = int(out_dims[-1]) if out_dims and isinstance(out_dims[-1], int) else self.info.get("num_classes")
+        self.info.setdefault("in_shape", list(self.in_shape))
+        if self.num_classes is not None:
+            self.info.setdefault("num_classes", int(self.num_classes))
+
+    # -- construction ------------------------------------------------------------------
+    @classmethod
+    def from_bytes(cls, model_bytes: bytes, threads: int = 1, info: dict[str, Any] | None = None) -> Predictor:
+        sess = ort.InferenceSession(model_bytes, session_options(threads), providers=["CPUExecutionProvider"])
+        return cls(sess, info)
+
+    @classmethod
+    def from_proto(cls, proto: onnx.ModelProto, threads: int = 1, info: dict[str, Any] | None = None) -> Predictor:
+        return cls.from_bytes(proto.SerializeToString(), threads, info)
+
+    @classmethod
+    def from_envelope(cls, payload: bytes, threads: int = 1, verifier: Any = None) -> Predictor:
+        """A fedge model envelope: the graph is rebuilt from its tensors (torch-free). With
+        `verifier` (models.wire.keys.hub_verifier) the hub's signature is required."""
+        from fedge.models import onnx_graph  # noqa: PLC0415 - onnx is only needed for envelopes
+
+        proto, _msg = onnx_graph.from_envelope(payload, verifier=verifier)
+        return cls.from_proto(proto, threads)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, threads: int = 1, verifier: Any = None) -> Predictor:
+        """An .onnx file, or a .fedge model envelope (e.g. runs/<id>/final_model.fedge)."""
+        path = Path(path)
+        if not path.is_file():
+            raise InferenceError(f"model file not found: {path}")
+        head = path.open("rb").read(4)
+        if head == b"FEDG":
+            return cls.from_envelope(path.read_bytes(), threads, verifier=verifier)
+        sess = ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
+        return cls(sess, {"file": str(path)})
+
+    # -- inference ---------------------------------------------------------------------
+    def as_batch(self, x: Any) -> np.ndarray:
+        """One sample shaped like in_shape, or a batch [N, *in_shape], as contiguous float32."""
+        arr = np.asarray(x, dtype=np.float32)
+        if arr.shape == self.in_shape:
+            arr = arr[None]
+        elif arr.shape[1:] != self.in_shape:
+            if self.in_shape[0] == 1 and arr.shape[-2:] == self.in_shape[1:] and arr.ndim in (2, 3):
+                arr = arr.reshape(-1, *self.in_shape)  # [H, W] or [N, H, W] for a 1-channel model
+            else:
+                raise InferenceError(f"input shape {arr.shape} fits neither {self.in_shape} nor [N, *{self.in_shape}]")
+        return np.ascontiguousarray(arr)
+
+    def logits(self, x: Any, batch_size: int = 256) -> np.ndarray:
+        batch = self.as_batch(x)
+        if len(batch) <= batch_size:
+            return self.session.run([self.output_name], {self.input_name: batch})[0]
+        parts = [self.session.run([self.output_name], {self.input_name: batch[i : i + batch_size]})[0]
+                 for i in range(0, len(batch), batch_size)]
+        return np.concatenate(parts)
+
+    def predict(self, x: Any, batch_size: int = 256) -> Prediction:
+        logits = self.logits(x, batch_size).astype(np.float32, copy=False)
+        return Prediction(classes=logits.argmax(axis=1), probabilities=softmax(logits), logits=logits)
+
+    def describe(self) -> dict[str, Any]:
+        keys = ("model", "run", "version", "fleet", "in_shape", "num_classes", "builder", "quantized", "file")
+        return {k: self.info[k] for k in keys if k in self.info}
+
+
