@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from fedge.models.errors import ConfigError
 from fedge.models.registry import build_model, count_parameters, get_state, set_state
+from fedge.models.supermask import model_masks
 
 from .profile import Profile
 
@@ -144,8 +145,6 @@ def uplink_state(trainer: LocalTrainer, result: TrainResult, codec: str | None,
     (strategy sign-delta) the change from `received` (the global the job started from), which
     the codec cuts to 1 bit."""
     if codec == "mask1":
-        from fedge.models.supermask import model_masks  # noqa: PLC0415
-
         return model_masks(trainer.model)
     if codec == "sign1":
         return {k: v - np.asarray(received[k], dtype=np.float32) for k, v in result.state.items()}

@@ -10,6 +10,10 @@ import statistics
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fedge.models.export import export_run
+from fedge.models.mpt_nets import save_mask_file
+from fedge.models.registry import set_state
+
 if TYPE_CHECKING:  # pragma: no cover
     from .hub import Hub
 
@@ -76,12 +80,10 @@ def plot_accuracy(path: Path, history: list[dict], central: dict | None, title: 
 def _write_one_bit_file(run_dir: Path, hub: Hub) -> Path | None:
     """MPT and BNN runs also leave the compact 1-bit model: final_model.mask (MPT: the mask,
     seed and per-layer scales) or final_model.bnn (BNN: the weight signs and per-layer scales)."""
-    from fedge.models.registry import set_state  # noqa: PLC0415
 
     variant = str(getattr(hub.model, "variant", ""))
     if not variant.startswith(("mpt", "bnn")):
         return None
-    from fedge.models.mpt_nets import save_mask_file  # noqa: PLC0415
 
     set_state(hub.model, hub.global_state)
     path = run_dir / ("final_model.mask" if variant.startswith("mpt") else "final_model.bnn")
@@ -101,8 +103,6 @@ def write_final_model(run_dir: Path, hub: Hub) -> tuple[dict[str, Any], dict[str
         files.update({key: one_bit.name, f"{key}_bytes": one_bit.stat().st_size})
     onnx = None
     if not os.environ.get("FEDGE_NO_ONNX"):
-        from fedge.models.export import export_run  # noqa: PLC0415
-
         onnx = export_run(run_dir)
         files["onnx"] = onnx.get("onnx")
     return files, onnx

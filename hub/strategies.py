@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
+from fedge.models.bits import SCORES_SUFFIX, keep_count, keep_probability, topk_mask
 from fedge.models.errors import ConfigError
 
 State = Mapping[str, np.ndarray]
@@ -94,7 +95,6 @@ def mpt_mask(global_state: State, updates: Sequence[Update], step: float = 0.5) 
     magnitude moves by step * std(|scores|) * (p - g): weights the devices added rise, weights
     they dropped sink, and a layer's score scale is preserved. (Turning p directly into scores
     discarded the scores' accumulated information and did not learn on non-IID shards.)"""
-    from fedge.models.bits import keep_count, keep_probability, topk_mask  # noqa: PLC0415
 
     if not updates:
         raise ValueError("mpt-mask needs at least one update")
@@ -145,7 +145,6 @@ def check_strategy_fits(strategy: str, model: str, state: State) -> None:
     carries BatchNorm running statistics that a mask cannot carry; a dense model has no scores."""
     if UPDATE_CODEC.get(strategy) != "mask1":
         return
-    from fedge.models.bits import SCORES_SUFFIX  # noqa: PLC0415
 
     others = [k for k in state if not k.endswith(SCORES_SUFFIX)]
     if len(others) == len(state):

@@ -15,6 +15,7 @@ graph builder in models.onnx_graph) exports the registered models without it.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import warnings
 from collections.abc import Mapping
@@ -27,9 +28,13 @@ import torch
 from torch import nn
 
 from fedge.models import onnx_graph
+from fedge.models.wire.envelope import EnvelopeError, decode
+from fedge.models.wire.messages import parse_model
 
 from .errors import ConfigError, ModelFileError
-from .registry import build_model, get_state, set_state
+from .maskfile import MaskFile, MaskFileError
+from .mpt_nets import build_from_mask_file
+from .registry import build_model, get_state, model_names, set_state
 from .supermask import BinaryActivation, BinaryWeightLayer, SupermaskLayer, materialize
 
 OPSET = onnx_graph.OPSET
@@ -146,7 +151,6 @@ def resolve_source(source: str | os.PathLike, runs_dir: str | os.PathLike = "run
         raise ExportError(f"{path} holds neither final_model.fedge nor checkpoints/model_v*.fedge")
     if path.is_file():
         return path
-    from .registry import model_names  # noqa: PLC0415
 
     if text in model_names():
         return None
@@ -169,13 +173,9 @@ def load_source(
     if path is None:
         model = build_model(str(source), tuple(in_shape), int(num_classes), seed=seed)
         return str(source), get_state(model), tuple(in_shape), int(num_classes), {"source": f"init seed {seed}"}
-    from fedge.models.wire.envelope import EnvelopeError, decode  # noqa: PLC0415
-    from fedge.models.wire.messages import parse_model  # noqa: PLC0415
 
     data = path.read_bytes()
     if data[:8] == b"FEDGEMPT":  # a 1-bit model file: MPT mask + seed, or BNN signs; per-layer scales
-        from .maskfile import MaskFile, MaskFileError  # noqa: PLC0415
-        from .mpt_nets import build_from_mask_file  # noqa: PLC0415
 
         try:
             mask_file = MaskFile.from_bytes(data)
@@ -312,7 +312,6 @@ def quantize_int8(
     activations with ranges calibrated on `calibration` (a float32 batch of model inputs,
     a few hundred real samples); ONNX Runtime fuses it into QLinearConv/QLinearMatMul.
     """
-    import logging  # noqa: PLC0415
 
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static  # noqa: PLC0415
 

@@ -25,6 +25,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from fedge.models.wire.envelope import DEFAULT_MAX_BYTES, decode
+from fedge.models.wire.messages import parse_model
+
 from .errors import ModelFileError
 
 # opset 17 / IR 8: understood by every onnxruntime since 1.13 (late 2022), so an older
@@ -229,8 +232,6 @@ def from_envelope(payload: bytes, verifier: Any = None, max_bytes: int | None = 
 
     Returns (onnx model, ModelMessage). Raises models.wire.EnvelopeError or GraphError.
     """
-    from fedge.models.wire.envelope import DEFAULT_MAX_BYTES, decode  # noqa: PLC0415 - torch-free
-    from fedge.models.wire.messages import parse_model  # noqa: PLC0415
 
     msg = parse_model(decode(payload, max_bytes=max_bytes or DEFAULT_MAX_BYTES, verifier=verifier))
     return from_model_message(msg), msg

@@ -61,7 +61,6 @@ def _builder(name: str) -> Builder:
             prune = -1.0
         if 0.0 <= prune < 1.0:
             arch, variant = _MPT_VARIANTS[base]
-            from .mpt_nets import build_mpt  # noqa: PLC0415
 
             return lambda in_shape, num_classes: build_mpt(arch, in_shape, num_classes, variant=variant,
                                                            prune_ratio=prune, seed=0)

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from fedge.edge_agent.profile import load_profile
 from fedge.edge_agent.trainer import LocalTrainer, TrainConfig
@@ -31,7 +32,6 @@ def train_central(dataset: Dataset, parts: list[np.ndarray], model: str, train: 
     trainer = LocalTrainer(model, dataset.in_shape, dataset.num_classes, device=prof.device)
     state = get_state(build_model(model, dataset.in_shape, dataset.num_classes, seed=seed))
     curve = [] if curve is None else curve
-    from tqdm import tqdm  # noqa: PLC0415
 
     for epoch in tqdm(range(1, epochs + 1), desc="central baseline", unit="epoch", disable=not progress):
         cfg = TrainConfig.resolve(prof, {**round_train_settings(train, epoch, epochs), "epochs": 1})

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from fedge.edge_agent.agent import Agent
 from fedge.edge_agent.pool import TrainingPool
@@ -26,9 +27,11 @@ from fedge.hub.store import RunStore
 from fedge.models.data import Dataset, load_dataset
 from fedge.models.partition import PartitionSpec, class_counts, partition
 from fedge.models.wire import Topics
+from fedge.models.wire.keys import HUB_PRIVATE, device_key, enroll_device, hub_verifier, init_hub_keys
 from fedge.models.wire.transport import BrokerConfig
 
 from .attacks import ATTACKS
+from .central import train_central
 
 log = logging.getLogger("fedge.fleet")
 
@@ -108,7 +111,6 @@ class Fleet:
         keys_dir = self.cfg.hub.keys_dir
         if not keys_dir:
             return {}
-        from fedge.models.wire.keys import HUB_PRIVATE, device_key, enroll_device, hub_verifier, init_hub_keys  # noqa: PLC0415
 
         if not (Path(keys_dir) / HUB_PRIVATE).exists():
             init_hub_keys(keys_dir)
@@ -149,8 +151,6 @@ class Fleet:
         hub = hub or self.make_hub()
         bar = None
         if self.cfg.progress:
-            from tqdm import tqdm  # noqa: PLC0415
-
             bar = tqdm(total=hub.config.rounds, desc=f"fleet {self.run_id}", unit="round", initial=hub.version)
 
         def on_round(record: dict) -> None:
@@ -175,7 +175,5 @@ class Fleet:
         )
 
     def train_central(self, hub_cfg: HubConfig, epochs: int) -> dict[str, Any]:
-        from .central import train_central  # noqa: PLC0415
-
         return train_central(self.dataset, self.parts, hub_cfg.model, hub_cfg.train, epochs, seed=hub_cfg.seed,
                              profile=self.cfg.profile, progress=self.cfg.progress)
