@@ -10,6 +10,8 @@ import statistics
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from fedge.models.export import export_run
 from fedge.models.mpt_nets import save_mask_file
 from fedge.models.registry import set_state
@@ -22,13 +24,8 @@ def machine_info() -> dict[str, Any]:
     """Recorded with every result so numbers are never quoted without their machine."""
     info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(),
                             "cpus": os.cpu_count()}
-    try:
-        import torch  # noqa: PLC0415
-
-        info["torch"] = torch.__version__
-        info["torch_threads"] = torch.get_num_threads()
-    except ImportError:
-        pass
+    info["torch"] = torch.__version__
+    info["torch_threads"] = torch.get_num_threads()
     return info
 
 
@@ -55,9 +52,9 @@ def summarise(history: list[dict]) -> dict[str, Any]:
 
 
 def plot_accuracy(path: Path, history: list[dict], central: dict | None, title: str) -> None:
-    import matplotlib  # noqa: PLC0415
+    import matplotlib  # noqa: PLC0415 - slow to import; only the end-of-run plot needs it
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # before pyplot: a hub on a server has no display
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
     fig, ax = plt.subplots(figsize=(7, 4.2))

@@ -313,7 +313,7 @@ def quantize_int8(
     a few hundred real samples); ONNX Runtime fuses it into QLinearConv/QLinearMatMul.
     """
 
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static  # noqa: PLC0415
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static  # noqa: PLC0415 - int8 only
 
     src, dst = Path(src), Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".pgm", ".gif", ".webp")
 
 def _image(path: Path, in_shape: tuple[int, ...], mean: float, std: float) -> np.ndarray:
     try:
-        from PIL import Image  # noqa: PLC0415
+        from PIL import Image  # noqa: PLC0415 - Pillow is optional: only image inputs need it
     except ImportError:
         raise InferenceError(f"{path}: reading images needs Pillow (pip install pillow); or pass .npy arrays") from None
     if len(in_shape) != 3 or in_shape[0] not in (1, 3):

@@ -7,10 +7,15 @@ import logging
 import os
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedge.models.errors import FedgeError
+from fedge.models.wire.envelope import EnvelopeError
+from fedge.models.wire.freshness import Position, RunGuard, StaleMessage
+from fedge.models.wire.topics import ROOT, Topics
+from fedge.models.wire.transport import BrokerConfig, MqttLink
 
 from .predictor import InferenceError, Predictor
 
@@ -88,7 +93,6 @@ class ModelFollower:
         max_bytes: int | None = None, save_to: str | os.PathLike | None = None,
         guard_file: str | os.PathLike | None = None,
     ) -> None:
-        from fedge.models.wire.freshness import RunGuard  # noqa: PLC0415 - torch-free
 
         self.live = live
         self.fleet = fleet
@@ -108,11 +112,9 @@ class ModelFollower:
 
     def handle(self, payload: bytes) -> bool:
         """Process one model-topic payload; True if it was swapped in."""
-        import onnx  # noqa: PLC0415
+        import onnx  # noqa: PLC0415 - only a device that follows the hub needs onnx (graph rebuild)
 
         from fedge.models import onnx_graph  # noqa: PLC0415 - onnx is only needed for envelopes
-        from fedge.models.wire.envelope import EnvelopeError  # noqa: PLC0415 - torch-free
-        from fedge.models.wire.freshness import Position, StaleMessage  # noqa: PLC0415 - torch-free
 
         if not payload:
             return False  # a cleared retained message
@@ -167,11 +169,6 @@ class ModelFollower:
 
     def connect(self, broker: Any, prefix: str | None = None, client_id: str | None = None, timeout: float = 20.0):  # noqa: ANN201
         """Subscribe to the fleet's model topic; `broker` is a BrokerConfig or URL. Returns the link."""
-        import uuid  # noqa: PLC0415
-
-        from fedge.models.wire.topics import ROOT, Topics  # noqa: PLC0415 - torch-free
-        from fedge.models.wire.transport import BrokerConfig, MqttLink  # noqa: PLC0415 - paho only
-
         if self.fleet is None:
             raise InferenceError("following a hub needs the fleet id")
         config = broker if isinstance(broker, BrokerConfig) else BrokerConfig.from_url(str(broker))

@@ -34,8 +34,8 @@ def _write_secret(path: Path, data: bytes) -> None:
 
 
 def init_hub_keys(folder: str | os.PathLike[str], overwrite: bool = False) -> tuple[Path, Path]:
-    from cryptography.hazmat.primitives import serialization  # noqa: PLC0415
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: PLC0415
+    from cryptography.hazmat.primitives import serialization  # noqa: PLC0415 - only key users pay its import
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: PLC0415 - only key users pay its import
 
     folder = Path(folder)
     priv_path, pub_path = folder / HUB_PRIVATE, folder / HUB_PUBLIC
@@ -76,8 +76,8 @@ def device_key(folder: str | os.PathLike[str], device: str) -> bytes | None:
 
 
 def hub_signer(folder_or_file: str | os.PathLike[str]) -> Signer:
-    from cryptography.hazmat.primitives import serialization  # noqa: PLC0415
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: PLC0415
+    from cryptography.hazmat.primitives import serialization  # noqa: PLC0415 - only key users pay its import
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: PLC0415 - only key users pay its import
 
     path = Path(folder_or_file)
     path = path / HUB_PRIVATE if path.is_dir() else path
@@ -93,9 +93,9 @@ def hub_signer(folder_or_file: str | os.PathLike[str]) -> Signer:
 
 
 def hub_verifier(folder_or_file: str | os.PathLike[str]) -> Verifier:
-    from cryptography.exceptions import InvalidSignature  # noqa: PLC0415
-    from cryptography.hazmat.primitives import serialization  # noqa: PLC0415
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey  # noqa: PLC0415
+    from cryptography.exceptions import InvalidSignature  # noqa: PLC0415 - only key users pay its import
+    from cryptography.hazmat.primitives import serialization  # noqa: PLC0415 - only key users pay its import
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey  # noqa: PLC0415 - only key users pay its import
 
     path = Path(folder_or_file)
     path = path / HUB_PUBLIC if path.is_dir() else path
