@@ -93,7 +93,6 @@ class ModelFollower:
         max_bytes: int | None = None, save_to: str | os.PathLike | None = None,
         guard_file: str | os.PathLike | None = None,
     ) -> None:
-
         self.live = live
         self.fleet = fleet
         if guard_file is not None and fleet is None:
