@@ -77,6 +77,7 @@ class Agent:
         self._fits: set[str] = set()
         self._last_update: tuple[tuple[str, int], bytes] | None = None
         self.finished = threading.Event()
+        self.training = threading.Event()  # set from job submit until the update is sent (monitors, tests)
         self.rounds_trained = 0
         self.bytes_up = 0
         self.bytes_down = 0
@@ -232,12 +233,15 @@ class Agent:
             else:
                 self._finish(task, result)
 
+        self.training.set()
         self.pool.submit((model.model, self.in_shape, self.num_classes), job, done)
 
     def _finish(self, task: TaskMessage, result: TrainResult | Exception) -> None:
         key = (task.run, task.round)
         with self._lock:
             self._busy.discard(key)
+            if not self._busy:
+                self.training.clear()
         if self._dead:
             return
         if isinstance(result, Exception):

@@ -11,8 +11,6 @@ import sys
 import threading
 import time
 
-import pytest
-
 from fedge.edge_agent.agent import Agent
 from fedge.hub.hub import HubConfig
 from fedge.hub.sim.fleet import Fleet, FleetConfig
@@ -20,9 +18,7 @@ from fedge.hub.store import RunStore
 from fedge.models.partition import PartitionSpec
 
 from .fault_tally import TALLY
-from .mosquitto_proc import MosquittoProcess, mosquitto_binary
-
-needs_mosquitto = pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto binary not installed")
+from .mosquitto_proc import MosquittoProcess
 
 
 def _fleet(url: str, prefix: str, tmp_path, data, devices: int = 3, rounds: int = 3, **hub_kw) -> Fleet:
@@ -43,8 +39,7 @@ def _lost(history: list[dict], agents: list[Agent], run_id: str) -> int:
     return lost
 
 
-@needs_mosquitto
-def test_broker_restart_mid_round_loses_nothing(tmp_path, topic_prefix, small_data):
+def test_broker_restart_mid_round_loses_nothing(tmp_path, topic_prefix, small_data, mosquitto_bin):
     broker = MosquittoProcess(tmp_path / "broker").start()
     try:
         fleet = _fleet(broker.url, topic_prefix, tmp_path, small_data, devices=3, rounds=3)
@@ -71,8 +66,7 @@ def test_broker_restart_mid_round_loses_nothing(tmp_path, topic_prefix, small_da
     assert report["final_accuracy"] > 0.4
 
 
-@needs_mosquitto
-def test_hub_sigkill_mid_round_then_resume(tmp_path, topic_prefix, small_data):
+def test_hub_sigkill_mid_round_then_resume(tmp_path, topic_prefix, small_data, mosquitto_bin):
     broker = MosquittoProcess(tmp_path / "broker").start()
     runs = tmp_path / "runs"
     hub_cmd = [sys.executable, "-m", "fedge.cli", "hub", "--broker", broker.url, "--topic-prefix", topic_prefix,

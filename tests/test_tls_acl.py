@@ -20,13 +20,12 @@ from fedge.hub.acl import mosquitto_acl, set_passwords
 from fedge.models.wire.topics import Topics
 from fedge.models.wire.transport import BrokerConfig, MqttLink
 
-from .mosquitto_proc import MosquittoProcess, mosquitto_binary
+from .mosquitto_proc import MosquittoProcess
 
-pytest.importorskip("cryptography")
-pytestmark = pytest.mark.skipif(
-    mosquitto_binary() is None or shutil.which("mosquitto_passwd") is None,
-    reason="mosquitto and mosquitto_passwd are needed (apt-get install mosquitto mosquitto-clients)",
-)
+
+@pytest.fixture(autouse=True)
+def _needs_mosquitto_and_passwd(mosquitto_bin: str, mosquitto_passwd_bin: str) -> None:
+    """mosquitto and mosquitto_passwd: skipped without them, a failure under FEDGE_REQUIRE_ALL."""
 
 FLEET = "secure"
 HUB_USER = "hub"
