@@ -5,7 +5,6 @@ wrong codec are refused."""
 from __future__ import annotations
 
 import threading
-import time
 
 import numpy as np
 import paho.mqtt.client as mqtt
@@ -45,9 +44,8 @@ def _run_under_attack(url: str, prefix: str, tmp_path, data, strategy: str, forg
         hub = fleet.make_hub()
 
         def attack() -> None:
-            while hub._task is None:
-                time.sleep(0.02)
-            for device, payload in forge(hub, hub._task):
+            task = hub.wait_for_round(1, timeout=120)
+            for device, payload in forge(hub, task):
                 attacker.publish(hub.topics.device_update(device), payload, qos=1)
 
         threading.Thread(target=attack, daemon=True).start()
