@@ -78,12 +78,16 @@ def test_seeded_selection_is_reproducible_and_depends_on_seed_round_and_attempt(
 
 
 # ----------------------------------------------------------------------------- memory budget
-def test_profile_whose_memory_budget_is_too_small_is_refused(tmp_path, embedded_broker, capsys):
+def test_profile_whose_memory_budget_is_too_small_is_refused(tmp_path, capsys):
+    """Refused before connecting: the broker URL points at a closed port, so a missed check
+    ends in a connection error after the agent's timeout, not in an agent that runs forever."""
+    from fedge.hub.broker import free_port
+
     need = estimate_training_mb(parameter_count("mlp", (1, 28, 28), 10), 32, 28 * 28, "sgd")
     assert 3 < need < 100  # the MLP: a few MiB
     tiny = tmp_path / "tiny.yaml"
     tiny.write_text("name: tiny\nmodel: mlp\nbatch_size: 32\nmemory_budget_mb: 1\n")
-    code = main(["agent", "--broker", embedded_broker, "--profile", str(tiny), "--data", "synthetic",
+    code = main(["agent", "--broker", f"mqtt://127.0.0.1:{free_port()}", "--profile", str(tiny), "--data", "synthetic",
                  "--device-id", "small", "--once"])
     err = capsys.readouterr().err
     assert code == 2, err
