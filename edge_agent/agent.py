@@ -84,6 +84,7 @@ class Agent:
         self._refused: dict[str, Any] | None = None  # the latest round refused, reported in the status
         self._seconds_per_sample: float | None = None  # measured: one sample, one epoch (time budget)
         self.finished = threading.Event()
+        self.training = threading.Event()  # set from job submit until the update is sent (monitors, tests)
         self.rounds_trained = 0
         self.bytes_up = 0
         self.bytes_down = 0
@@ -264,12 +265,15 @@ class Agent:
             else:
                 self._finish(task, result)
 
+        self.training.set()
         self.pool.submit((model.model, self.in_shape, self.num_classes), job, done)
 
     def _finish(self, task: TaskMessage, result: TrainResult | Exception) -> None:
         key = (task.run, task.round)
         with self._lock:
             self._busy.discard(key)
+            if not self._busy:
+                self.training.clear()
         if self._dead:
             return
         if isinstance(result, Refused):

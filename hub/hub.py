@@ -363,6 +363,21 @@ class Hub:
         with self._cond:
             self._cond.notify_all()
 
+    def wait_for_round(self, round_id: int, timeout: float, min_updates: int = 0) -> TaskMessage:
+        """Block until round `round_id` is open and holds at least `min_updates` accepted updates;
+        return its task. Lets monitors (and tests) act on a live round without polling the hub's
+        state. TimeoutError if that does not happen within `timeout` seconds."""
+        end = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                task = self._task
+                if task is not None and task.round == round_id and len(self._accepted) >= min_updates:
+                    return task
+                remaining = end - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(f"round {round_id} with {min_updates} update(s) not open within {timeout}s")
+                self._cond.wait(remaining)
+
     def _wait_for_devices(self, needed: int) -> list[str]:
         end = time.time() + self.config.wait_devices_s
         with self._cond:
@@ -402,6 +417,7 @@ class Hub:
             for device, payload in self.store.pending(round_id).items():
                 upd = parse_update(decode(payload))
                 self._accepted[device] = Accepted(upd.tensors, upd.num_samples, upd.metrics, len(payload))
+            self._cond.notify_all()  # wake wait_for_round
         return task
 
     def _collect(self, task: TaskMessage) -> dict[str, Accepted]:

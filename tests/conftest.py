@@ -4,6 +4,7 @@ prefixes so concurrent runs never see each other's messages, and small generated
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import uuid
 from urllib.parse import urlparse
@@ -11,6 +12,16 @@ from urllib.parse import urlparse
 import pytest
 
 MOSQUITTO_URL = os.environ.get("FEDGE_TEST_BROKER", "mqtt://127.0.0.1:1883")
+# CI (.ci/run) sets FEDGE_REQUIRE_ALL=1 (FEDGE_REQUIRE_MOSQUITTO=1 still works): then nothing that
+# should run may skip; a missing broker, binary or data set fails the test with its reason.
+REQUIRE_ALL = bool(os.environ.get("FEDGE_REQUIRE_ALL") or os.environ.get("FEDGE_REQUIRE_MOSQUITTO"))
+
+
+def skip_or_fail(reason: str) -> None:
+    """Skip on a developer machine; fail under CI, where a missing requirement is a broken set-up."""
+    if REQUIRE_ALL:
+        pytest.fail(f"required but missing (FEDGE_REQUIRE_ALL): {reason}", pytrace=False)
+    pytest.skip(reason)
 
 
 def _reachable(url: str) -> bool:
@@ -34,10 +45,27 @@ def embedded_broker():
 @pytest.fixture(scope="session")
 def mosquitto_url() -> str:
     if not _reachable(MOSQUITTO_URL):
-        if os.environ.get("FEDGE_REQUIRE_MOSQUITTO"):
-            pytest.fail(f"Mosquitto is required but not reachable at {MOSQUITTO_URL}")
-        pytest.skip(f"no Mosquitto at {MOSQUITTO_URL} (set FEDGE_TEST_BROKER)")
+        skip_or_fail(f"no Mosquitto at {MOSQUITTO_URL} (start it, or set FEDGE_TEST_BROKER)")
     return MOSQUITTO_URL
+
+
+@pytest.fixture
+def mosquitto_bin() -> str:
+    """The mosquitto binary, for tests that start a private broker."""
+    from .mosquitto_proc import mosquitto_binary
+
+    binary = mosquitto_binary()
+    if binary is None:
+        skip_or_fail("mosquitto binary not installed (apt-get install mosquitto)")
+    return binary
+
+
+@pytest.fixture
+def mosquitto_passwd_bin() -> str:
+    binary = shutil.which("mosquitto_passwd")
+    if binary is None:
+        skip_or_fail("mosquitto_passwd not installed (apt-get install mosquitto)")
+    return binary
 
 
 @pytest.fixture(params=["embedded", "mosquitto"])

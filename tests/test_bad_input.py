@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import struct
 import threading
-import time
 
 import numpy as np
 import paho.mqtt.client as mqtt
@@ -51,9 +50,7 @@ def test_bad_inputs_are_each_rejected_with_a_reason(embedded_broker, topic_prefi
         attacker = _client(embedded_broker)
 
         def attack() -> None:
-            while hub.version < 1 or hub._task is None:  # wait until round 2 is open
-                time.sleep(0.02)
-            task = hub._task
+            task = hub.wait_for_round(2, timeout=120)
             outsider = next(d for d in ("dev000", "dev001", "dev002") if d not in task.selected)
             insider = task.selected[0]
             ref = hub.reference

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import paho.mqtt.client as mqtt
@@ -61,14 +62,13 @@ def test_fleet_command_writes_a_complete_run(tmp_path, mosquitto_url, topic_pref
 def _retained(url: str, topic: str, timeout: float = 5.0) -> dict | None:
     cfg = BrokerConfig.from_url(url)
     got: list[bytes] = []
+    arrived = threading.Event()
     client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2)
-    client.on_message = lambda c, u, m: got.append(m.payload)
+    client.on_message = lambda c, u, m: (got.append(m.payload), arrived.set())
     client.connect(cfg.host, cfg.port)
     client.subscribe(topic, 1)
     client.loop_start()
-    end = time.time() + timeout
-    while not got and time.time() < end:
-        time.sleep(0.05)
+    arrived.wait(timeout)
     client.loop_stop()
     client.disconnect()
     return json.loads(got[-1]) if got else None

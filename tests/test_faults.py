@@ -11,8 +11,6 @@ import sys
 import threading
 import time
 
-import pytest
-
 from fedge.edge_agent.agent import Agent
 from fedge.hub.hub import HubConfig
 from fedge.hub.sim.fleet import Fleet, FleetConfig
@@ -20,9 +18,7 @@ from fedge.hub.store import RunStore
 from fedge.models.partition import PartitionSpec
 
 from .fault_tally import TALLY
-from .mosquitto_proc import MosquittoProcess, mosquitto_binary
-
-needs_mosquitto = pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto binary not installed")
+from .mosquitto_proc import MosquittoProcess
 
 
 def _fleet(url: str, prefix: str, tmp_path, data, devices: int = 3, rounds: int = 3, **hub_kw) -> Fleet:
@@ -43,8 +39,7 @@ def _lost(history: list[dict], agents: list[Agent], run_id: str) -> int:
     return lost
 
 
-@needs_mosquitto
-def test_broker_restart_mid_round_loses_nothing(tmp_path, topic_prefix, small_data):
+def test_broker_restart_mid_round_loses_nothing(tmp_path, topic_prefix, small_data, mosquitto_bin):
     broker = MosquittoProcess(tmp_path / "broker").start()
     try:
         fleet = _fleet(broker.url, topic_prefix, tmp_path, small_data, devices=3, rounds=3)
@@ -53,10 +48,10 @@ def test_broker_restart_mid_round_loses_nothing(tmp_path, topic_prefix, small_da
             for agent in fleet.agents:
                 agent.publish_delay_s = 1.5  # updates are in flight while the broker is down
 
-            def bounce() -> None:
-                while not (hub._task is not None and hub._task.round == 2):
-                    time.sleep(0.02)
-                time.sleep(0.5)
+            def bounce() -> None:  # round 2 open and every device training: its update will be in flight
+                hub.wait_for_round(2, timeout=120)
+                for agent in fleet.agents:
+                    agent.training.wait(30)
                 broker.restart(down_seconds=2.0)
 
             threading.Thread(target=bounce, daemon=True).start()
@@ -71,8 +66,7 @@ def test_broker_restart_mid_round_loses_nothing(tmp_path, topic_prefix, small_da
     assert report["final_accuracy"] > 0.4
 
 
-@needs_mosquitto
-def test_hub_sigkill_mid_round_then_resume(tmp_path, topic_prefix, small_data):
+def test_hub_sigkill_mid_round_then_resume(tmp_path, topic_prefix, small_data, mosquitto_bin):
     broker = MosquittoProcess(tmp_path / "broker").start()
     runs = tmp_path / "runs"
     hub_cmd = [sys.executable, "-m", "fedge.cli", "hub", "--broker", broker.url, "--topic-prefix", topic_prefix,
@@ -100,7 +94,7 @@ def test_hub_sigkill_mid_round_then_resume(tmp_path, topic_prefix, small_data):
                         store.close()
                         break
                     store.close()
-                time.sleep(0.02)
+                time.sleep(0.02)  # another process's store: nothing to wait on but the file itself
             first.wait(10)
             assert killed_in == 2, first.stdout.read().decode()[-3000:]
             second = subprocess.run(hub_cmd + ["--resume", "killed"], env=env, capture_output=True, text=True,
@@ -127,10 +121,9 @@ def test_agent_killed_mid_training_rejoins(embedded_broker, topic_prefix, tmp_pa
         replacement: list[Agent] = []
 
         def kill_and_restart() -> None:
-            while not victim._busy:  # selected and training (round 1: all devices are selected)
-                time.sleep(0.01)
+            assert victim.training.wait(60)  # selected and training (round 1: all devices are selected)
             victim.crash()  # mid-training: its result is never published
-            time.sleep(1.0)
+            time.sleep(1.0)  # the device stays dead for a second (simulated downtime, not a wait)
             again = Agent(victim.device_id, victim.profile, fleet.broker_config, victim.topics,
                           fleet.dataset.train.subset(fleet.parts[2]), fleet.dataset.num_classes, fleet.pool)
             replacement.append(again.start())
@@ -156,7 +149,6 @@ def test_slow_device_is_dropped_for_its_round_and_never_mixed_into_the_next(
         slow.publish_delay_s = 4.5  # always past the 3 s deadline
         with caplog.at_level("INFO", logger="fedge.hub"):
             report = fleet.run(hub)
-        time.sleep(0.5)
     TALLY.record(faults=1, rounds=report["rounds_completed"], lost=0)
     assert all("dev000" not in r["participants"] for r in report["rounds"])
     assert all(len(r["participants"]) == 2 for r in report["rounds"])

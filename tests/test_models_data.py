@@ -13,6 +13,8 @@ import torch
 from fedge.models.data import DataError, load_dataset, load_idx_dataset, read_idx
 from fedge.models.registry import build_model, count_parameters, get_state, set_state
 
+from .conftest import skip_or_fail
+
 
 def test_conv4_has_exactly_1932352_parameters_on_28x28():
     model = build_model("conv4", (1, 28, 28), 10)
@@ -94,7 +96,7 @@ def test_torchvision_without_files_or_internet_gives_a_clear_error(tmp_path):
 def test_real_fashion_mnist_if_installed():
     root = Path("/usr/share/datasets/fashion-mnist")
     if not root.is_dir():
-        pytest.skip("dataset-fashion-mnist not installed")
+        skip_or_fail("dataset-fashion-mnist not installed (apt-get install dataset-fashion-mnist)")
     ds = load_dataset("fashion-mnist")
     assert ds.train.x.shape == (60000, 1, 28, 28) and len(ds.test) == 10000
     assert np.bincount(ds.train.y).tolist() == [6000] * 10

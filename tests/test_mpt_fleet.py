@@ -4,8 +4,8 @@ wrong codec are refused."""
 
 from __future__ import annotations
 
+import json
 import threading
-import time
 
 import numpy as np
 import paho.mqtt.client as mqtt
@@ -19,7 +19,7 @@ from fedge.models.partition import PartitionSpec
 from fedge.models.registry import build_model, get_state
 from fedge.models.wire import decode, decode_tensors
 from fedge.models.wire.codecs import encode_tensors
-from fedge.models.wire.envelope import EnvelopeError
+from fedge.models.wire.envelope import DIGEST_SIZE, PREFIX_SIZE, EnvelopeError
 from fedge.models.wire.messages import build_update_message
 from fedge.models.wire.transport import BrokerConfig
 
@@ -45,9 +45,8 @@ def _run_under_attack(url: str, prefix: str, tmp_path, data, strategy: str, forg
         hub = fleet.make_hub()
 
         def attack() -> None:
-            while hub._task is None:
-                time.sleep(0.02)
-            for device, payload in forge(hub, hub._task):
+            task = hub.wait_for_round(1, timeout=120)
+            for device, payload in forge(hub, task):
                 attacker.publish(hub.topics.device_update(device), payload, qos=1)
 
         threading.Thread(target=attack, daemon=True).start()
@@ -62,15 +61,29 @@ def test_conv4_mask_upload_is_one_bit_per_weight():
 
     masks = model_masks(model)
     fields, body = encode_tensors(masks, "mask1")
-    assert len(body) == 1_932_352 // 8 == 241_544
-    env = decode(build_update_message("f", "r", "d", 1, 0, masks, 40, codec="mask1"))
-    assert len(body) < len(env.body) + 1
-    assert len(build_update_message("f", "r", "d", 1, 0, masks, 40, codec="mask1")) < 241_544 + 2048
+    # independent expectation: each tensor's bits rounded up to whole bytes (Conv-4: 1,932,352 weights)
+    assert sum(m.size for m in masks.values()) == 1_932_352
+    assert len(body) == sum((m.size + 7) // 8 for m in masks.values()) == 241_544
+    message = build_update_message("f", "r", "d", 1, 0, masks, 40, codec="mask1")
+    env = decode(message)
+    head = json.dumps(env.header, separators=(",", ":"), sort_keys=True).encode()
+    assert len(message) == PREFIX_SIZE + len(head) + 241_544 + DIGEST_SIZE  # frame + header + bits, nothing else
+    assert len(head) < 2048
     back = decode_tensors(fields, body)
     assert all(np.array_equal(back[k] != 0, masks[k]) for k in masks)
     for name, mask in masks.items():  # prune ratio 0.8 keeps 20 % (ceil) of every layer
         assert int(mask.sum()) == -(-mask.size // 5), name
     assert set(get_state(model)) == set(masks)  # only scores travel; frozen weights never do
+
+
+def test_mask_codec_packs_each_tensor_msb_first_padded_to_a_byte():
+    """Bit layout by hand: 9 elements -> 2 bytes (MSB first, zero padding), then the next tensor
+    starts on a fresh byte."""
+    masks = {"a": np.array([1, 0, 0, 0, 0, 0, 0, 1, 1], np.float32), "b": np.array([[0, 1], [1, 0]], np.float32)}
+    fields, body = encode_tensors(masks, "mask1")
+    assert body == bytes([0b10000001, 0b10000000, 0b01100000])
+    back = decode_tensors(fields, body)
+    assert all(np.array_equal(back[k], masks[k]) for k in masks)
 
 
 def test_mpt_score_averaging_learns(embedded_broker, topic_prefix, tmp_path, small_data):

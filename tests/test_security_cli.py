@@ -4,8 +4,6 @@ in a real one)."""
 
 from __future__ import annotations
 
-import shutil
-
 import paho.mqtt.client as mqtt
 import pytest
 
@@ -13,8 +11,6 @@ from fedge.cli import main
 from fedge.hub.acl import device_rules, device_user, mosquitto_acl
 from fedge.models.wire.keys import HUB_PRIVATE, HUB_PUBLIC, hub_signer, hub_verifier, read_device_key
 from fedge.models.wire.topics import Topics
-
-pytest.importorskip("cryptography")
 
 
 # ----------------------------------------------------------------------------- ACL
@@ -116,8 +112,7 @@ def test_acl_command_writes_the_file_or_prints_it(tmp_path, capsys):
         main(["acl", "--fleet", "home", "--password-file", "pw", "--passwords", "no-equals-sign"])
 
 
-@pytest.mark.skipif(shutil.which("mosquitto_passwd") is None, reason="mosquitto_passwd not installed")
-def test_acl_command_creates_and_updates_the_password_file(tmp_path):
+def test_acl_command_creates_and_updates_the_password_file(tmp_path, mosquitto_passwd_bin):
     pw = tmp_path / "passwd"
     assert main(["acl", "--fleet", "home", "--devices", "pi-1", "--out", str(tmp_path / "a.acl"),
                  "--password-file", str(pw), "--passwords", "hub=one", "pi-1=two"]) == 0

@@ -4,7 +4,6 @@ enrolled key). Forged models are ignored by agents; forged updates are rejected 
 from __future__ import annotations
 
 import threading
-import time
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -54,9 +53,7 @@ def test_signed_fleet_learns_and_forgeries_are_refused(embedded_broker, topic_pr
         zeros = {k: v * 0 for k, v in hub.reference.items()}
 
         def forge() -> None:
-            while hub._task is None or hub._task.round != 2:
-                time.sleep(0.02)
-            task = hub._task
+            task = hub.wait_for_round(2, timeout=120)
             # an unsigned model for the round's version: agents must refuse it
             forger.publish(hub.topics.model, build_model_message("signed", hub.run_id, task.model_version, "mlp", zeros),
                            qos=1, retain=True)

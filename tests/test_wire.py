@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import struct
 from collections import OrderedDict
 
@@ -12,7 +13,15 @@ from hypothesis import strategies as st
 
 from fedge.models.wire import EnvelopeError, check_against, decode, decode_tensors, encode, encode_tensors
 from fedge.models.wire.envelope import MAGIC, PREFIX_SIZE
-from fedge.models.wire.messages import build_update_message, parse_update
+from fedge.models.wire.messages import (
+    TaskMessage,
+    build_model_message,
+    build_task_message,
+    build_update_message,
+    parse_model,
+    parse_task,
+    parse_update,
+)
 
 
 def _tensors(seed: int = 0) -> OrderedDict[str, np.ndarray]:
@@ -153,3 +162,96 @@ def test_decoder_survives_mutations_of_a_valid_message(data):
         parse_update(decode(bytes(raw[:cut])))
     except EnvelopeError:
         pass
+
+
+# ----------------------------------------------------------------------------- header fuzzing
+# Byte mutations almost always die at the magic or digest check. These re-encode validly (a fresh
+# digest), so the header and manifest validation behind it is what gets fuzzed.
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=6,
+)
+# archetypal wrong values (each JSON type, empty and odd containers), then anything JSON
+_bad_values = st.sampled_from([None, True, 0, -1, 2**40, 1.5, "", "x", [], [1], [["a"]], ["a", 1], {}, {"a": 1}]) | _json_values
+_MESSAGES = {
+    "update": (lambda: build_update_message("f", "r", "dev1", 1, 0, _tensors(), num_samples=10), parse_update),
+    "model": (lambda: build_model_message("f", "r", 3, "mlp", _tensors(), meta={"in_shape": [1, 28, 28]}), parse_model),
+    "task": (lambda: build_task_message(TaskMessage("f", "r", 2, 1, ["dev1"], 1e9, {"lr": 0.1}, "open", "fp16")),
+             parse_task),
+}
+
+
+def test_model_meta_that_is_not_an_object_is_rejected():
+    """Found by the fuzz test below: a list `meta` used to escape as TypeError/ValueError."""
+    env = decode(_MESSAGES["model"][0]())
+    for bad in ([1], [["a"]], True, "x"):
+        with pytest.raises(EnvelopeError, match="'meta' must be an object"):
+            parse_model(decode(encode({**env.header, "meta": bad}, env.body)))
+
+
+def _mutated_header(data: st.DataObject, header: dict) -> dict:
+    header = dict(header)
+    for _ in range(data.draw(st.integers(1, 3), label="mutations")):
+        action = data.draw(st.sampled_from(["replace", "replace", "replace", "delete", "add", "manifest"]),
+                           label="action")
+        keys = sorted(header)
+        if action == "replace" and keys:
+            header[data.draw(st.sampled_from(keys))] = data.draw(_bad_values)
+        elif action == "delete" and keys:
+            header.pop(data.draw(st.sampled_from(keys)))
+        elif action == "add":
+            header[data.draw(st.text(max_size=8))] = data.draw(_json_values)
+        elif action == "manifest":  # a plausible manifest with wrong names, shapes or dims
+            header["tensors"] = data.draw(st.lists(st.tuples(
+                st.sampled_from(["a.weight", "a.bias", "scalarish", "x"]),
+                st.lists(st.integers(-3, 30), max_size=3)).map(list), max_size=4))
+            header["codec"] = data.draw(st.sampled_from(["fp32", "fp16", "mask1", "sign1", "int3"]))
+    return header
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.data())
+def test_header_validation_survives_re_encoded_mutations(data):
+    kind = data.draw(st.sampled_from(sorted(_MESSAGES)), label="kind")
+    build, parse = _MESSAGES[kind]
+    env = decode(build())
+    header = _mutated_header(data, env.header)
+    body = env.body if data.draw(st.integers(0, 4), label="keep body") else data.draw(st.binary(max_size=200))
+    raw = encode(header, body)  # valid frame and digest: only the content is wrong
+    try:
+        msg = parse(decode(raw))
+    except EnvelopeError:
+        return  # the project's own error, naming the bad field
+    # anything accepted is a well-formed message of its kind
+    assert msg.fleet == header["fleet"] and isinstance(msg.fleet, str) and isinstance(msg.run, str)
+    if kind == "update":
+        assert isinstance(msg.round, int) and isinstance(msg.num_samples, int) and msg.num_samples >= 1
+        assert isinstance(msg.metrics, dict) and isinstance(msg.base_version, int)
+    if kind == "model":
+        assert isinstance(msg.version, int) and isinstance(msg.model, str) and isinstance(msg.meta, dict)
+    if kind == "task":
+        assert msg.state in ("open", "finished") and all(isinstance(d, str) for d in msg.selected)
+        assert isinstance(msg.train, dict) and isinstance(msg.round, int)
+    if kind != "task":
+        for name, arr in msg.tensors.items():
+            assert isinstance(name, str) and arr.dtype == np.float32
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.data())
+def test_header_bytes_mutated_with_a_fresh_digest(data):
+    """Raw header bytes changed (and lengths and digest recomputed): JSON and UTF-8 errors too."""
+    import hashlib
+
+    env = decode(_valid())
+    head = bytearray(json.dumps(env.header, separators=(",", ":"), sort_keys=True).encode())
+    for _ in range(data.draw(st.integers(1, 4))):
+        pos = data.draw(st.integers(0, len(head) - 1))
+        head[pos] = data.draw(st.integers(0, 255))
+    framed = struct.pack(">4sBBII", MAGIC, 1, 0, len(head), len(env.body)) + bytes(head) + env.body
+    try:
+        upd = parse_update(decode(framed + hashlib.sha256(framed).digest()))
+    except EnvelopeError:
+        return
+    assert isinstance(upd.round, int) and upd.num_samples >= 1

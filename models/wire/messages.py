@@ -66,10 +66,12 @@ def parse_model(env: Envelope) -> ModelMessage:
     h = env.header
     if env.kind != "model":
         raise EnvelopeError(f"expected a model message, got kind {env.kind!r}")
+    meta = h.get("meta") or {}
+    if not isinstance(meta, dict):
+        raise EnvelopeError("header field 'meta' must be an object")
     return ModelMessage(
         fleet=_field(h, "fleet", str), run=_field(h, "run", str), version=_field(h, "version", int),
-        model=_field(h, "model", str), tensors=decode_tensors(h, env.body), meta=dict(h.get("meta") or {}),
-        epoch=_epoch(h),
+        model=_field(h, "model", str), tensors=decode_tensors(h, env.body), meta=dict(meta), epoch=_epoch(h),
     )
 
 
