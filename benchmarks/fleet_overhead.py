@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from fedge.hub.hub import HubConfig  # noqa: E402
+from fedge.hub.config import HubConfig  # noqa: E402
 from fedge.hub.report import machine_info  # noqa: E402
 from fedge.hub.sim.baseline import plain_fedavg  # noqa: E402
 from fedge.hub.sim.fleet import Fleet, FleetConfig  # noqa: E402

@@ -17,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from fedge.hub.hub import HubConfig  # noqa: E402
+from fedge.hub.config import HubConfig  # noqa: E402
 from fedge.hub.report import machine_info  # noqa: E402
 from fedge.hub.sim.fleet import Fleet, FleetConfig  # noqa: E402
 from fedge.models.data import load_dataset, synthetic  # noqa: E402

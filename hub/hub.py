@@ -1,5 +1,7 @@
 """The hub: select devices, publish model + task, collect updates until quorum or deadline,
-aggregate, evaluate, persist, repeat until a stop rule fires.
+aggregate, evaluate, persist, repeat until a stop rule fires. The settings (config.py), the
+round policies (rounds.py), the admission checks (admission.py) and the device roster
+(roster.py) live beside it.
 
 Update handling runs on paho's thread and never raises: every defect becomes a logged,
 stored rejection. The round loop runs on the caller's thread.
@@ -10,24 +12,22 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import os
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any
+from dataclasses import asdict, dataclass
 
 import numpy as np
+import torch
 
-from fedge.models.errors import ConfigError
+from fedge.models.evaluate import evaluate
+from fedge.models.registry import build_model, get_state, set_state
 from fedge.models.wire import EnvelopeError, Topics, check_against, decode
-from fedge.models.wire.codecs import MODEL_CODECS
-from fedge.models.wire.envelope import DEFAULT_MAX_BYTES
 from fedge.models.wire.keys import device_key, hub_signer
 from fedge.models.wire.messages import (
     TaskMessage,
+    UpdateMessage,
     build_model_message,
     build_task_message,
     parse_model,
@@ -35,60 +35,17 @@ from fedge.models.wire.messages import (
     parse_update,
     status_payload,
 )
-from fedge.models.wire.topics import ROOT
 from fedge.models.wire.transport import BrokerConfig, MqttLink
 
+from .admission import DUPLICATE, admission_reason
+from .config import HubConfig
+from .roster import Roster
+from .rounds import round_train_settings, select_devices, should_stop
+from .run_epoch import new_run_epoch
 from .store import RunStore
-from .strategies import ONE_BIT_CODECS, UPDATE_CODEC, check_strategy_fits, get_strategy, weight_change
+from .strategies import UPDATE_CODEC, check_strategy_fits, get_strategy, weight_change
 
 log = logging.getLogger("fedge.hub")
-
-
-@dataclass
-class HubConfig:
-    """Everything that defines a run; persisted so `--resume` needs nothing else."""
-
-    fleet: str = "default"
-    prefix: str = ROOT
-    model: str = "mlp"
-    in_shape: tuple[int, ...] = (1, 28, 28)
-    num_classes: int = 10
-    rounds: int = 10
-    clients_per_round: int = 0  # 0 = every online device
-    min_devices: int = 0  # online devices needed before a round starts (0: 1, or the whole simulated fleet)
-    wait_devices_s: float = 120.0
-    deadline_s: float = 120.0  # stragglers past this are ignored for the round (paper 004)
-    quorum: float = 1.0  # fraction of the selected whose updates close the round early
-    min_updates: int = 1  # fewer at the deadline: the round is re-run with a new selection
-    max_round_retries: int = 3
-    target_accuracy: float | None = None
-    min_weight_change: float | None = None
-    strategy: str = "fedavg"
-    train: dict = field(default_factory=dict)  # lr, epochs, batch_size, optimizer, momentum
-    update_codec: str | None = None
-    model_codec: str = "fp32"  # the published model only (fp16 halves the downlink); checkpoints stay fp32
-    seed: int = 0
-    max_payload: int = DEFAULT_MAX_BYTES
-    keep_checkpoints: int = 2
-    eval_size: int = 0  # test images evaluated each round (0 = all); the final model sees all
-    resume_grace_s: float = 30.0
-    keys_dir: str | None = None  # sign models/tasks, require enrolled device tags (models/wire/keys.py)
-    eval_device: str = "cpu"  # where the hub evaluates ("cuda" on a GPU server)
-    # most examples one update may claim (its FedAvg weight); also at most what its device
-    # announced when it joined (protocol.md, admission of updates)
-    max_samples: int = 1_000_000
-
-    def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["in_shape"] = list(self.in_shape)
-        return data
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> HubConfig:
-        data = dict(data)
-        data["in_shape"] = tuple(data.get("in_shape", (1, 28, 28)))
-        known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 @dataclass
@@ -100,46 +57,6 @@ class Accepted:
 
 
 RoundCallback = Callable[[dict], None]
-DUPLICATE = "duplicate"  # a re-sent update already counted: benign under QoS 1, not a rejection
-
-
-def round_train_settings(train: dict, round_id: int, rounds: int) -> dict:
-    """The task's training settings for this round; `lr_schedule: cosine` decays lr over rounds
-    (the MPT code's cosine schedule, applied across federated rounds)."""
-    out = dict(train)
-    if out.pop("lr_schedule", None) == "cosine" and "lr" in out:
-        out["lr"] = 0.5 * float(out["lr"]) * (1 + math.cos(math.pi * (round_id - 1) / max(1, rounds)))
-    return out
-
-
-def select_devices(online: list[str], k: int, seed: int, round_id: int, attempt: int = 0) -> list[str]:
-    """Seeded choice of k devices (0 = all): the same fleet state always gives the same round."""
-    pool = sorted(online)
-    k = min(k or len(pool), len(pool))
-    rng = np.random.default_rng([seed, round_id, attempt])
-    return sorted(rng.choice(pool, size=k, replace=False).tolist())
-
-
-EPOCH_FILE = "run_epoch"  # in the keys folder: the last epoch handed out by any run signed with this key
-
-
-def new_run_epoch(keys_dir: str | None) -> int:
-    """A run epoch larger than every earlier one: the clock in ns, and (with a keys folder) at
-    least one more than the last epoch recorded there, so a clock set back cannot reuse one.
-    Devices order runs by it (models/wire/freshness.py)."""
-    epoch = time.time_ns()
-    if not keys_dir:
-        return epoch
-    path = Path(keys_dir) / EPOCH_FILE
-    try:
-        last = int(path.read_text().strip()) if path.exists() else 0
-    except ValueError:
-        raise ConfigError(f"{path} must hold one integer (the last run epoch); fix or restore it") from None
-    epoch = max(epoch, last + 1)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(f"{epoch}\n")
-    os.replace(tmp, path)
-    return epoch
 
 
 class Hub:
@@ -152,24 +69,16 @@ class Hub:
         test_y: np.ndarray | None = None,
         on_round: RoundCallback | None = None,
     ) -> None:
-        import torch  # noqa: PLC0415 - the hub evaluates with torch; the wire stays torch-free
-
-        from fedge.models.registry import build_model, get_state  # noqa: PLC0415
-
+        config.check()
         self.config = config
         self.store = store
         self.run_id = store.dir.name
         self.topics = Topics(config.fleet, config.prefix)
         self.strategy = get_strategy(config.strategy)
         self.on_round = on_round
-        self._torch = torch
         self.model = build_model(config.model, config.in_shape, config.num_classes, seed=config.seed)
         self.reference = get_state(self.model)
         check_strategy_fits(config.strategy, config.model, self.reference)
-        if isinstance(config.max_samples, bool) or not isinstance(config.max_samples, int) or config.max_samples < 1:
-            raise ConfigError(f"max_samples must be a positive integer, got {config.max_samples!r}")
-        if config.model_codec not in MODEL_CODECS:
-            raise ConfigError(f"model codec {config.model_codec!r} cannot carry a model; use one of {', '.join(MODEL_CODECS)}")
         device = torch.device(config.eval_device)
         self.model.to(device)
         self.test_x = torch.from_numpy(test_x).to(device) if test_x is not None else None
@@ -178,8 +87,7 @@ class Hub:
         self.version = 0
         self.epoch = 0  # set by _restore_or_init: new run -> new_run_epoch, resumed run -> its own
         self._cond = threading.Condition()
-        self._online: dict[str, dict] = {}
-        self._announced: dict[str, int | None] = {}  # device -> num_samples announced when it joined
+        self._roster = Roster(config.max_samples)
         self._task: TaskMessage | None = None
         self._accepted: dict[str, Accepted] = {}
         self._closed_rounds: dict[int, set[str]] = {}  # round -> devices counted in it
@@ -237,46 +145,8 @@ class Hub:
             log.warning("ignored status of %s: %s", device, exc)
             return
         with self._cond:
-            if info["state"] == "online":
-                if device not in self._online:
-                    self._join(device, info)
-                self._log_refusal(device, info, self._online.get(device))
-                self._online[device] = info
-            else:
-                self._online.pop(device, None)
+            self._roster.update(device, info)
             self._cond.notify_all()
-
-    def _join(self, device: str, info: dict) -> None:
-        """Remember the sample count a device announces when it comes online: its updates may
-        claim no more (a re-announcement while online cannot raise it)."""
-        count = info.get("num_samples")
-        valid = isinstance(count, int) and not isinstance(count, bool) and count > 0
-        self._announced[device] = count if valid else None
-        if not valid:
-            log.warning("device %s announced no valid num_samples (%r): its updates will be rejected", device, count)
-        elif count > self.config.max_samples:
-            log.warning("device %s announces %d samples, above max_samples=%d: its updates will be rejected",
-                        device, count, self.config.max_samples)
-
-    @staticmethod
-    def _log_refusal(device: str, info: dict, before: dict | None) -> None:
-        """A device that refused a round says why in its status (edge_agent/task_checks.py)."""
-        refused = info.get("refused")
-        if isinstance(refused, dict) and (before is None or before.get("refused") != refused):
-            log.warning("device %s refused round %s: %s", device, refused.get("round"), refused.get("reason"))
-
-    def _sample_bound(self, device: str, claimed: int) -> str | None:
-        """Why an update's num_samples (its weight in FedAvg) is not believable, or None."""
-        if device not in self._announced:  # e.g. queued while the hub was down; the agent re-sends
-            return "no status seen from this device yet, so its weight has no bound"
-        announced = self._announced[device]
-        if announced is None:
-            return "its device announced no num_samples in its status, so its weight has no bound"
-        if claimed > announced:
-            return f"claims num_samples={claimed}, above the {announced} its device announced when it joined"
-        if claimed > self.config.max_samples:
-            return f"claims num_samples={claimed}, above the hub's max_samples={self.config.max_samples}"
-        return None
 
     def _reject(self, device: str | None, round_id: int | None, reason: str) -> None:
         self.rejections += 1
@@ -323,40 +193,14 @@ class Hub:
             self._accepted[upd.device] = Accepted(upd.tensors, upd.num_samples, upd.metrics, len(payload))
             self._cond.notify_all()
 
-    def _admit(self, device: str | None, upd) -> str | None:  # noqa: ANN001
-        """Why this update may not enter the open round, or None if it may."""
-        if device is None:
-            return "not sent on a device update topic"
-        if upd.device != device:
-            return f"header says device {upd.device!r} but it was published on {device!r}'s topic"
-        if upd.fleet != self.config.fleet or upd.run != self.run_id:
-            return f"belongs to fleet {upd.fleet!r} run {upd.run!r}, not this run"
+    def _admit(self, device: str | None, upd: UpdateMessage) -> str | None:
         with self._cond:
-            task = self._task
-            if upd.round in self._closed_rounds:
-                if device in self._closed_rounds[upd.round]:
-                    return DUPLICATE
-                return f"late or replayed: round {upd.round} is already closed"
-            if task is None or upd.round != task.round:
-                return f"round {upd.round} is not open (open round: {task.round if task else 'none'})"
-            if device not in task.selected:
-                return f"device was not selected for round {upd.round}"
-            if upd.base_version != task.model_version:
-                return f"trained on model version {upd.base_version}, the round uses {task.model_version}"
-            bound = self._sample_bound(device, upd.num_samples)
-            if bound:
-                return bound
-            if task.codec in ONE_BIT_CODECS and upd.codec != task.codec:
-                return f"update uses codec {upd.codec!r}; strategy {self.config.strategy} needs {task.codec!r}"
-            if device in self._accepted:
-                return DUPLICATE
-        return None
+            return admission_reason(
+                upd, device, fleet=self.config.fleet, run_id=self.run_id, strategy=self.config.strategy, task=self._task,
+                closed_rounds=self._closed_rounds, accepted=self._accepted, roster=self._roster,
+            )
 
     # -- the round loop --------------------------------------------------------------
-    def online_devices(self) -> list[str]:
-        with self._cond:
-            return sorted(self._online)
-
     def stop(self) -> None:
         """Ask the round loop to stop after the current wait (SIGTERM handler)."""
         self._stop.set()
@@ -381,15 +225,15 @@ class Hub:
     def _wait_for_devices(self, needed: int) -> list[str]:
         end = time.time() + self.config.wait_devices_s
         with self._cond:
-            while len(self._online) < needed and not self._stop.is_set():
+            while len(self._roster) < needed and not self._stop.is_set():
                 remaining = end - time.time()
                 if remaining <= 0:
                     raise TimeoutError(
-                        f"only {len(self._online)} device(s) online after {self.config.wait_devices_s:.0f}s; "
+                        f"only {len(self._roster)} device(s) online after {self.config.wait_devices_s:.0f}s; "
                         f"need {needed} (--min-devices)"
                     )
                 self._cond.wait(min(remaining, 1.0))
-            return sorted(self._online)
+            return self._roster.online()
 
     def _select(self, online: list[str], round_id: int, attempt: int) -> list[str]:
         return select_devices(online, self.config.clients_per_round, self.config.seed, round_id, attempt)
@@ -440,9 +284,6 @@ class Hub:
     def evaluate(self, state: OrderedDict[str, np.ndarray], full: bool = False) -> tuple[float | None, float | None]:
         if self.test_x is None:
             return None, None
-        from fedge.models.evaluate import evaluate  # noqa: PLC0415
-        from fedge.models.registry import set_state  # noqa: PLC0415
-
         set_state(self.model, state)
         n = len(self.test_y) if (full or not self.config.eval_size) else min(self.config.eval_size, len(self.test_y))
         loss, acc = evaluate(self.model, self.test_x[:n], self.test_y[:n])
@@ -471,7 +312,7 @@ class Hub:
 
     def _loop(self) -> None:
         history = self.store.rounds()
-        if history and self._should_stop(history[-1], len(history)):
+        if history and should_stop(self.config, history[-1], len(history)):
             self._finish()
             return
         round_id = self.version + 1
@@ -502,7 +343,7 @@ class Hub:
             attempt = 0
             if self.on_round:
                 self.on_round(record)
-            if self._should_stop(record, round_id):
+            if should_stop(self.config, record, round_id):
                 break
             round_id += 1
         if not self._stop.is_set():
@@ -537,19 +378,6 @@ class Hub:
         log.info("round %d: %d updates, accuracy %s, change %.4f", task.round, len(accepted),
                  f"{acc:.4f}" if acc is not None else "n/a", change)
         return record
-
-    def _should_stop(self, record: dict, round_id: int) -> bool:
-        cfg = self.config
-        if round_id >= cfg.rounds:
-            return True
-        if cfg.target_accuracy is not None and record.get("accuracy") is not None and record["accuracy"] >= cfg.target_accuracy:
-            log.info("target accuracy %.4f reached at round %d", cfg.target_accuracy, round_id)
-            return True
-        change = record.get("weight_change")
-        if cfg.min_weight_change is not None and change is not None and change < cfg.min_weight_change:
-            log.info("weight change %.5f below %.5f at round %d", record["weight_change"], cfg.min_weight_change, round_id)
-            return True
-        return False
 
     def _finish(self) -> None:
         """Publish the final model and a 'finished' task so agents know the run is over."""

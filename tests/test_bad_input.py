@@ -9,7 +9,7 @@ import threading
 import numpy as np
 import paho.mqtt.client as mqtt
 
-from fedge.hub.hub import HubConfig
+from fedge.hub.config import HubConfig
 from fedge.hub.sim.fleet import Fleet, FleetConfig
 from fedge.models.partition import PartitionSpec
 from fedge.models.wire.envelope import MAGIC

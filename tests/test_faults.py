@@ -12,7 +12,7 @@ import threading
 import time
 
 from fedge.edge_agent.agent import Agent
-from fedge.hub.hub import HubConfig
+from fedge.hub.config import HubConfig
 from fedge.hub.sim.fleet import Fleet, FleetConfig
 from fedge.hub.store import RunStore
 from fedge.models.partition import PartitionSpec

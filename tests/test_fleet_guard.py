@@ -156,7 +156,8 @@ class Run:
     """A hub run (a real Hub, constructed but not run) and its genuine signed messages."""
 
     def __init__(self, env, keys: Path, store_dir: Path, data) -> None:  # noqa: ANN001
-        from fedge.hub.hub import Hub, HubConfig
+        from fedge.hub.config import HubConfig
+        from fedge.hub.hub import Hub
         from fedge.hub.store import RunStore
 
         cfg = HubConfig(fleet=FLEETS[0], prefix=env["prefix"], model="mlp", keys_dir=str(keys),

@@ -12,7 +12,7 @@ import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
 
-from fedge.hub.hub import HubConfig
+from fedge.hub.config import HubConfig
 from fedge.hub.sim.fleet import Fleet, FleetConfig
 from fedge.models.partition import PartitionSpec
 from fedge.models.wire.messages import build_update_message

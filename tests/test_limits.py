@@ -72,7 +72,8 @@ def _agent(pki, broker, topics, data, num_classes, pool, keys, device="dev-a", v
 def test_an_inflated_sample_count_is_rejected_and_the_run_still_learns(pki, secure_broker, topic_prefix, small_data,
                                                                       keys, tmp_path, caplog, announced):
     from fedge.edge_agent.pool import TrainingPool
-    from fedge.hub.hub import Hub, HubConfig
+    from fedge.hub.config import HubConfig
+    from fedge.hub.hub import Hub
     from fedge.hub.store import RunStore
 
     hub_cfg = HubConfig(fleet=FLEET, prefix=topic_prefix, model="mlp", rounds=2, min_devices=2, deadline_s=4,
@@ -245,7 +246,8 @@ def test_the_same_harness_trains_a_sane_round(pki, secure_broker, topic_prefix, 
 def test_the_hub_logs_a_devices_refusal(pki, secure_broker, topic_prefix, small_data, keys, tmp_path, caplog):
     """A hub configured with epochs 10^6 (a typo) gets no update, and its log says why."""
     from fedge.edge_agent.pool import TrainingPool
-    from fedge.hub.hub import Hub, HubConfig
+    from fedge.hub.config import HubConfig
+    from fedge.hub.hub import Hub
     from fedge.hub.store import RunStore
 
     hub_cfg = HubConfig(fleet=FLEET, prefix=topic_prefix, model="mlp", rounds=1, min_devices=1, deadline_s=3,

@@ -12,7 +12,7 @@ import paho.mqtt.client as mqtt
 import pytest
 import torch
 
-from fedge.hub.hub import HubConfig
+from fedge.hub.config import HubConfig
 from fedge.hub.sim.fleet import Fleet, FleetConfig
 from fedge.hub.strategies import check_strategy_fits, sign_delta
 from fedge.models.partition import PartitionSpec

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedge.hub.hub import HubConfig
+from fedge.hub.config import HubConfig
 from fedge.hub.sim.baseline import plain_fedavg
 from fedge.models.data import synthetic
 from fedge.models.partition import PartitionSpec, partition

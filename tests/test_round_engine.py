@@ -12,7 +12,8 @@ import pytest
 
 from fedge.cli import main
 from fedge.edge_agent.trainer import estimate_training_mb
-from fedge.hub.hub import HubConfig, round_train_settings, select_devices
+from fedge.hub.config import HubConfig
+from fedge.hub.rounds import round_train_settings, select_devices
 from fedge.hub.sim.fleet import Fleet, FleetConfig
 from fedge.hub.store import RunStore
 from fedge.models.partition import PartitionSpec

@@ -8,7 +8,7 @@ import threading
 import paho.mqtt.client as mqtt
 import pytest
 
-from fedge.hub.hub import HubConfig
+from fedge.hub.config import HubConfig
 from fedge.hub.sim.fleet import Fleet, FleetConfig
 from fedge.models.partition import PartitionSpec
 from fedge.models.registry import build_model, get_state

@@ -198,7 +198,8 @@ def test_hub_and_two_devices_learn_over_mqtts_with_acl_and_keys(pki, secure_brok
     from fedge.edge_agent.agent import Agent
     from fedge.edge_agent.pool import TrainingPool
     from fedge.edge_agent.profile import load_profile
-    from fedge.hub.hub import Hub, HubConfig
+    from fedge.hub.config import HubConfig
+    from fedge.hub.hub import Hub
     from fedge.hub.store import RunStore
     from fedge.models.wire.keys import HUB_PUBLIC, hub_verifier, read_device_key
 

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from fedge.cli.common import add_broker_args, add_logging_args, broker_from_args, setup_logging, stop_event_on_signals
-from fedge.hub.hub import HubConfig
+from fedge.hub.config import HubConfig
 from fedge.hub.strategies import STRATEGIES
 from fedge.models.data import DATASETS, DEFAULT_FASHION_ROOT
 from fedge.models.errors import ConfigError
@@ -120,7 +120,8 @@ def add_hub_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_hub(args: argparse.Namespace) -> int:
-    from fedge.hub.hub import Hub, HubConfig  # noqa: PLC0415
+    from fedge.hub.config import HubConfig  # noqa: PLC0415
+    from fedge.hub.hub import Hub  # noqa: PLC0415
     from fedge.hub.report import summarise, write_final_model  # noqa: PLC0415
     from fedge.hub.sim.fleet import new_run_id  # noqa: PLC0415
     from fedge.hub.store import RunStore  # noqa: PLC0415
@@ -216,7 +217,7 @@ def add_fleet_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def fleet_config_from_args(args: argparse.Namespace):  # noqa: ANN201 - FleetConfig
-    from fedge.hub.hub import HubConfig  # noqa: PLC0415
+    from fedge.hub.config import HubConfig  # noqa: PLC0415
     from fedge.hub.sim.fleet import FleetConfig  # noqa: PLC0415
     from fedge.hub.sim.recipes import get_recipe  # noqa: PLC0415
 

@@ -14,7 +14,8 @@ import torch
 
 from fedge.edge_agent.profile import load_profile
 from fedge.edge_agent.trainer import LocalTrainer, TrainConfig, job_seed, uplink_state
-from fedge.hub.hub import HubConfig, round_train_settings, select_devices
+from fedge.hub.config import HubConfig
+from fedge.hub.rounds import round_train_settings, select_devices
 from fedge.hub.strategies import UPDATE_CODEC, check_strategy_fits, get_strategy
 from fedge.models.data import Dataset
 from fedge.models.evaluate import evaluate

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from fedge.edge_agent.profile import load_profile
 from fedge.edge_agent.trainer import LocalTrainer, TrainConfig
-from fedge.hub.hub import round_train_settings
+from fedge.hub.rounds import round_train_settings
 from fedge.models.data import Dataset
 from fedge.models.evaluate import evaluate
 from fedge.models.registry import build_model, get_state

@@ -21,7 +21,8 @@ from fedge.edge_agent.agent import Agent
 from fedge.edge_agent.pool import TrainingPool
 from fedge.edge_agent.profile import load_profile
 from fedge.hub.broker import EmbeddedBroker
-from fedge.hub.hub import Hub, HubConfig
+from fedge.hub.config import HubConfig
+from fedge.hub.hub import Hub
 from fedge.hub.report import write_run_report
 from fedge.hub.store import RunStore
 from fedge.models.data import Dataset, load_dataset

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from fedge.hub.hub import HubConfig
+from fedge.hub.config import HubConfig
 from fedge.models.errors import ConfigError
 from fedge.models.partition import PartitionSpec
 

@@ -1,0 +1,65 @@
+"""What defines a run: one dataclass, persisted with the run so that `--resume` needs nothing else."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from fedge.models.errors import ConfigError
+from fedge.models.wire.codecs import MODEL_CODECS
+from fedge.models.wire.envelope import DEFAULT_MAX_BYTES
+from fedge.models.wire.topics import ROOT
+
+
+@dataclass
+class HubConfig:
+    """Everything that defines a run; persisted so `--resume` needs nothing else."""
+
+    fleet: str = "default"
+    prefix: str = ROOT
+    model: str = "mlp"
+    in_shape: tuple[int, ...] = (1, 28, 28)
+    num_classes: int = 10
+    rounds: int = 10
+    clients_per_round: int = 0  # 0 = every online device
+    min_devices: int = 0  # online devices needed before a round starts (0: 1, or the whole simulated fleet)
+    wait_devices_s: float = 120.0
+    deadline_s: float = 120.0  # stragglers past this are ignored for the round (paper 004)
+    quorum: float = 1.0  # fraction of the selected whose updates close the round early
+    min_updates: int = 1  # fewer at the deadline: the round is re-run with a new selection
+    max_round_retries: int = 3
+    target_accuracy: float | None = None
+    min_weight_change: float | None = None
+    strategy: str = "fedavg"
+    train: dict[str, Any] = field(default_factory=dict)  # lr, epochs, batch_size, optimizer, momentum
+    update_codec: str | None = None
+    model_codec: str = "fp32"  # the published model only (fp16 halves the downlink); checkpoints stay fp32
+    seed: int = 0
+    max_payload: int = DEFAULT_MAX_BYTES
+    keep_checkpoints: int = 2
+    eval_size: int = 0  # test images evaluated each round (0 = all); the final model sees all
+    resume_grace_s: float = 30.0
+    keys_dir: str | None = None  # sign models/tasks, require enrolled device tags (models/wire/keys.py)
+    eval_device: str = "cpu"  # where the hub evaluates ("cuda" on a GPU server)
+    # most examples one update may claim (its FedAvg weight); also at most what its device
+    # announced when it joined (protocol.md, admission of updates)
+    max_samples: int = 1_000_000
+
+    def check(self) -> None:
+        """Refuse settings no run can work with, before anything is published or stored."""
+        if isinstance(self.max_samples, bool) or not isinstance(self.max_samples, int) or self.max_samples < 1:
+            raise ConfigError(f"max_samples must be a positive integer, got {self.max_samples!r}")
+        if self.model_codec not in MODEL_CODECS:
+            raise ConfigError(f"model codec {self.model_codec!r} cannot carry a model; use one of {', '.join(MODEL_CODECS)}")
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["in_shape"] = list(self.in_shape)
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> HubConfig:
+        data = dict(data)
+        data["in_shape"] = tuple(data.get("in_shape", (1, 28, 28)))
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in data.items() if k in known})

@@ -1,0 +1,66 @@
+"""The devices a hub has heard from: who is online now, and the sample count each announced when
+it joined, which bounds the weight its updates may claim (protocol.md, admission of updates)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+log = logging.getLogger("fedge.hub")
+
+
+class Roster:
+    """Not locked on its own: the hub calls it under its round lock, with the rest of its state."""
+
+    def __init__(self, max_samples: int) -> None:
+        self.max_samples = max_samples
+        self._online: dict[str, dict[str, Any]] = {}
+        self._announced: dict[str, int | None] = {}  # device -> num_samples announced when it joined
+
+    def __len__(self) -> int:
+        return len(self._online)
+
+    def online(self) -> list[str]:
+        return sorted(self._online)
+
+    def update(self, device: str, info: dict[str, Any]) -> None:
+        """Apply a parsed status message (an `online` one may join the device, `offline` drops it)."""
+        if info["state"] != "online":
+            self._online.pop(device, None)
+            return
+        if device not in self._online:
+            self._join(device, info)
+        self._log_refusal(device, info, self._online.get(device))
+        self._online[device] = info
+
+    def _join(self, device: str, info: dict[str, Any]) -> None:
+        """Remember the sample count a device announces when it comes online: its updates may
+        claim no more (a re-announcement while online cannot raise it)."""
+        count = info.get("num_samples")
+        valid = isinstance(count, int) and not isinstance(count, bool) and count > 0
+        self._announced[device] = count if valid else None
+        if not valid:
+            log.warning("device %s announced no valid num_samples (%r): its updates will be rejected", device, count)
+        elif count > self.max_samples:
+            log.warning("device %s announces %d samples, above max_samples=%d: its updates will be rejected",
+                        device, count, self.max_samples)
+
+    @staticmethod
+    def _log_refusal(device: str, info: dict[str, Any], before: dict[str, Any] | None) -> None:
+        """A device that refused a round says why in its status (edge_agent/task_checks.py)."""
+        refused = info.get("refused")
+        if isinstance(refused, dict) and (before is None or before.get("refused") != refused):
+            log.warning("device %s refused round %s: %s", device, refused.get("round"), refused.get("reason"))
+
+    def sample_bound(self, device: str, claimed: int) -> str | None:
+        """Why an update's num_samples (its weight in FedAvg) is not believable, or None."""
+        if device not in self._announced:  # e.g. queued while the hub was down; the agent re-sends
+            return "no status seen from this device yet, so its weight has no bound"
+        announced = self._announced[device]
+        if announced is None:
+            return "its device announced no num_samples in its status, so its weight has no bound"
+        if claimed > announced:
+            return f"claims num_samples={claimed}, above the {announced} its device announced when it joined"
+        if claimed > self.max_samples:
+            return f"claims num_samples={claimed}, above the hub's max_samples={self.max_samples}"
+        return None
