@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from fedge.models.data import Split
+from fedge.models.registry import parameter_count
 from fedge.models.wire import EnvelopeError, Topics, decode
 from fedge.models.wire.envelope import DEFAULT_MAX_BYTES, Verifier
 from fedge.models.wire.freshness import Position, RunGuard, StaleMessage
@@ -120,8 +121,6 @@ class Agent:
 
     def _check_memory_budget(self, model_name: str | None = None) -> None:
         """Refuse a model whose training would not fit the profile's memory budget."""
-        from fedge.models.registry import parameter_count  # noqa: PLC0415
-
         name = model_name or self.profile.model
         if name in self._fits:
             return
