@@ -49,7 +49,7 @@ def mosquitto_url() -> str:
     return MOSQUITTO_URL
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def mosquitto_bin() -> str:
     """The mosquitto binary, for tests that start a private broker."""
     from .mosquitto_proc import mosquitto_binary
@@ -60,12 +60,18 @@ def mosquitto_bin() -> str:
     return binary
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def mosquitto_passwd_bin() -> str:
     binary = shutil.which("mosquitto_passwd")
     if binary is None:
         skip_or_fail("mosquitto_passwd not installed (apt-get install mosquitto)")
     return binary
+
+
+@pytest.fixture(scope="session")
+def private_mosquitto_tools(mosquitto_bin: str, mosquitto_passwd_bin: str) -> None:
+    """For modules that start their own Mosquitto with passwords and an ACL
+    (`pytestmark = pytest.mark.usefixtures("private_mosquitto_tools")`)."""
 
 
 @pytest.fixture(params=["embedded", "mosquitto"])

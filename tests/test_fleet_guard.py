@@ -16,7 +16,6 @@ import dataclasses
 import secrets
 import shutil
 import tempfile
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -30,13 +29,10 @@ from fedge.models.wire.messages import TaskMessage, build_model_message, build_t
 from fedge.models.wire.topics import Topics
 from fedge.models.wire.transport import BrokerConfig, MqttLink
 
-from .mosquitto_proc import MosquittoProcess, mosquitto_binary
+from .inbox import Inbox
+from .mosquitto_proc import MosquittoProcess
 
-pytest.importorskip("cryptography")
-pytestmark = pytest.mark.skipif(
-    mosquitto_binary() is None or shutil.which("mosquitto_passwd") is None,
-    reason="mosquitto and mosquitto_passwd are needed (apt-get install mosquitto mosquitto-clients)",
-)
+pytestmark = pytest.mark.usefixtures("private_mosquitto_tools")
 
 FLEETS = ("fleet-a", "fleet-b")
 DEVICE = "pi"  # the same device name in both fleets
@@ -64,26 +60,6 @@ def locked_broker():
 
 def _cfg(env, user: str) -> BrokerConfig:
     return BrokerConfig(host="127.0.0.1", port=env["broker"].port, username=user, password=env["passwords"][user])
-
-
-class Inbox:
-    def __init__(self) -> None:
-        self.items: list[tuple[str, bytes]] = []
-        self._cond = threading.Condition()
-
-    def __call__(self, topic: str, payload: bytes) -> None:
-        with self._cond:
-            self.items.append((topic, payload))
-            self._cond.notify_all()
-
-    def wait(self, predicate, timeout: float = 10.0) -> bool:  # noqa: ANN001
-        end = time.time() + timeout
-        with self._cond:
-            while not any(predicate(t, p) for t, p in self.items):
-                if time.time() >= end:
-                    return False
-                self._cond.wait(0.1)
-        return True
 
 
 def _link(cfg: BrokerConfig, subs: dict[str, Inbox] | None = None) -> MqttLink:
@@ -293,7 +269,6 @@ def test_messages_signed_for_another_fleet_are_refused(fleet_a, keys, tmp_path, 
     from fedge.edge_agent.infer import LiveModel, ModelFollower
     from fedge.models.wire.keys import HUB_PUBLIC, hub_signer, hub_verifier
 
-    pytest.importorskip("onnx")
     t, hub = fleet_a["topics"], fleet_a["hub"]
     current = fleet_a["run"]()
     signer = hub_signer(keys)
@@ -327,7 +302,6 @@ def test_serve_does_not_roll_back_to_a_replayed_model(fleet_a, keys, tmp_path):
     from fedge.edge_agent.infer import LiveModel, ModelFollower
     from fedge.models.wire.keys import HUB_PUBLIC, hub_verifier
 
-    pytest.importorskip("onnx")
     t, hub = fleet_a["topics"], fleet_a["hub"]
     earlier, current = fleet_a["run"](), fleet_a["run"]()
     guard_file = tmp_path / "serve" / "seen.json"

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import shutil
 import time
 
 import numpy as np
@@ -34,17 +33,12 @@ from fedge.models.wire.messages import (
     status_payload,
 )
 
-from .mosquitto_proc import mosquitto_binary
-
 # the private Mosquitto with TLS, passwords and the `fedge acl` ACL: test_tls_acl's own fixtures
 # (imported here, so a test's parameters of the same names are redefinitions: F811 is expected)
-from .test_tls_acl import DEVICES, FLEET, HUB_USER, Inbox, _cfg, _link, pki, secure_broker  # noqa: F401
+from .inbox import Inbox
+from .test_tls_acl import DEVICES, FLEET, HUB_USER, _cfg, _link, pki, secure_broker  # noqa: F401
 
-pytest.importorskip("cryptography")
-pytestmark = pytest.mark.skipif(
-    mosquitto_binary() is None or shutil.which("mosquitto_passwd") is None,
-    reason="mosquitto and mosquitto_passwd are needed (apt-get install mosquitto mosquitto-clients)",
-)
+pytestmark = pytest.mark.usefixtures("private_mosquitto_tools")
 
 INFLATED = 10**9
 

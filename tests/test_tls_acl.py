@@ -11,7 +11,6 @@ import secrets
 import shutil
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -20,12 +19,10 @@ from fedge.hub.acl import device_user, mosquitto_acl, set_passwords
 from fedge.models.wire.topics import Topics
 from fedge.models.wire.transport import BrokerConfig, MqttLink
 
+from .inbox import Inbox
 from .mosquitto_proc import MosquittoProcess
 
-
-@pytest.fixture(autouse=True)
-def _needs_mosquitto_and_passwd(mosquitto_bin: str, mosquitto_passwd_bin: str) -> None:
-    """mosquitto and mosquitto_passwd: skipped without them, a failure under FEDGE_REQUIRE_ALL."""
+pytestmark = pytest.mark.usefixtures("private_mosquitto_tools")
 
 FLEET = "secure"
 HUB_USER = "hub"
@@ -136,32 +133,6 @@ def _cfg(pki, broker: MosquittoProcess, user: str | None, password: str | None =
     base = {"host": "127.0.0.1", "port": broker.port, "tls": True, "ca_file": str(pki["files"]["ca"]),
             "username": user, "password": password if password is not None else pki["passwords"].get(user)}
     return BrokerConfig(**{**base, **kw})
-
-
-class Inbox:
-    """Messages a link received, and a way to wait for one."""
-
-    def __init__(self) -> None:
-        self.items: list[tuple[str, bytes]] = []
-        self._cond = threading.Condition()
-
-    def __call__(self, topic: str, payload: bytes) -> None:
-        with self._cond:
-            self.items.append((topic, payload))
-            self._cond.notify_all()
-
-    def wait_for(self, payload: bytes, timeout: float = 5.0) -> bool:
-        end = time.time() + timeout
-        with self._cond:
-            while not any(p == payload for _, p in self.items):
-                if time.time() >= end:
-                    return False
-                self._cond.wait(0.1)
-        return True
-
-    def payloads(self) -> list[bytes]:
-        with self._cond:
-            return [p for _, p in self.items]
 
 
 def _link(cfg: BrokerConfig, name: str, subs: dict[str, Inbox] | None = None) -> MqttLink:
