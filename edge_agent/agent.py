@@ -57,6 +57,7 @@ class Agent:
         hub_verifier: Verifier | None = None,
         device_key: bytes | None = None,
         guard: RunGuard | None = None,
+        warn_unverified: bool = True,
     ) -> None:
         self.device_id = device_id
         self.profile = profile
@@ -73,6 +74,7 @@ class Agent:
         self.publish_delay_s = 0.0  # simulation of a slow device; 0 on real devices
         self.hub_verifier = hub_verifier  # set: models and tasks must carry the hub's signature
         self.device_key = device_key  # set: updates carry an HMAC tag the hub checks
+        self.warn_unverified = warn_unverified  # False: a simulator on its own in-process broker
         self.guard = guard or RunGuard(topics.fleet)  # refuses replays of earlier runs/versions
         self._lock = threading.Lock()
         self._model: ModelMessage | None = None
@@ -136,7 +138,7 @@ class Agent:
     def _warn_if_unverified(self) -> None:
         """Without the hub's public key, anyone who may write the model/round topics can make this
         device train anything: say so once per fleet and process (the simulator runs many)."""
-        if self.hub_verifier is not None or self.topics.base in _UNVERIFIED_WARNED:
+        if self.hub_verifier is not None or not self.warn_unverified or self.topics.base in _UNVERIFIED_WARNED:
             return
         _UNVERIFIED_WARNED.add(self.topics.base)
         log.warning("%s: no hub public key (--hub-public-key): this agent trains any model and task that anyone "

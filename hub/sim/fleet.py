@@ -101,6 +101,7 @@ class Fleet:
                 device_id=f"dev{i:03d}", profile=profile, broker=self.broker_config, topics=topics,
                 data=ds.train.subset(idx), num_classes=ds.num_classes, pool=self.pool, seed=cfg.seed,
                 tamper=ATTACKS[cfg.attackers[i]]() if i in cfg.attackers else None,
+                warn_unverified=self.broker is None,  # the embedded broker is this process's own
                 **self._device_keys(f"dev{i:03d}"),
             )
             self.agents.append(agent.start())
