@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from fedge.models.data import Split
+from fedge.models.errors import ConfigError
 from fedge.models.registry import parameter_count
 from fedge.models.wire import EnvelopeError, Topics, decode
 from fedge.models.wire.envelope import DEFAULT_MAX_BYTES, Verifier
@@ -241,7 +242,7 @@ class Agent:
             self._check_memory_budget(model.model)
             check_train_settings(task.train, self.profile, len(self.y), self._seconds_per_sample)
             check_model(model.tensors, model.version)
-        except (ProfileError, ValueError) as exc:  # Refused is a ValueError too
+        except ConfigError as exc:  # ProfileError (memory budget) and Refused (task checks)
             self._refuse(task, str(exc))
             with self._lock:
                 self._busy.discard(key)
