@@ -29,7 +29,7 @@ from fedge.models.wire.messages import (
     parse_task,
     status_payload,
 )
-from fedge.models.wire.transport import BrokerConfig, MqttLink
+from fedge.models.wire.transport import BrokerConfig, LinkFactory, make_link
 
 from .pool import TrainingPool
 from .profile import Profile, ProfileError
@@ -47,7 +47,7 @@ class Agent:
         self,
         device_id: str,
         profile: Profile,
-        broker: BrokerConfig,
+        broker: BrokerConfig | LinkFactory,
         topics: Topics,
         data: Split,
         num_classes: int,
@@ -92,7 +92,8 @@ class Agent:
         self.rounds_trained = 0
         self.bytes_up = 0
         self.bytes_down = 0
-        self.link = MqttLink(
+        # a BrokerConfig connects over MQTT; a LinkFactory (e.g. InprocBroker.link) is another transport
+        self.link = make_link(
             broker,
             client_id=f"fedge-dev-{topics.fleet}-{device_id}",
             will=(topics.device_status(device_id), status_payload("offline", device=device_id)),
@@ -117,10 +118,7 @@ class Agent:
     def crash(self) -> None:
         """Simulate a device dying: no goodbye, results in flight are dropped, the will fires."""
         self._dead = True
-        sock = self.link.client.socket()
-        self.link.client.loop_stop()
-        if sock is not None:
-            sock.close()
+        self.link.kill()
 
     def _check_memory_budget(self, model_name: str | None = None) -> None:
         """Refuse a model whose training would not fit the profile's memory budget."""

@@ -35,7 +35,7 @@ from fedge.models.wire.messages import (
     parse_update,
     status_payload,
 )
-from fedge.models.wire.transport import BrokerConfig, MqttLink
+from fedge.models.wire.transport import BrokerConfig, LinkFactory, make_link
 
 from .admission import DUPLICATE, admission_reason
 from .config import HubConfig
@@ -63,7 +63,7 @@ class Hub:
     def __init__(
         self,
         config: HubConfig,
-        broker: BrokerConfig,
+        broker: BrokerConfig | LinkFactory,
         store: RunStore,
         test_x: np.ndarray | None = None,
         test_y: np.ndarray | None = None,
@@ -96,7 +96,8 @@ class Hub:
         self._signer = hub_signer(config.keys_dir) if config.keys_dir else None
         self._stop = threading.Event()
         client_tag = hashlib.sha1(f"{config.prefix}/{config.fleet}".encode()).hexdigest()[:8]
-        self.link = MqttLink(
+        # a BrokerConfig connects over MQTT; a LinkFactory (e.g. InprocBroker.link) is another transport
+        self.link = make_link(
             broker,
             client_id=f"fedge-hub-{config.fleet}-{client_tag}",
             will=(self.topics.hub_status, status_payload("offline", role="hub")),

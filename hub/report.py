@@ -122,6 +122,7 @@ def write_run_report(
         **summarise(history),
         "wall_time_s": wall_time,
         "rejected_updates": len(hub.store.rejections()),
+        "transport": getattr(fleet_config, "transport", "mqtt"),  # inproc: the simulator's in-memory broker
         "config": _jsonable(fleet_config),
         "rounds": history,
         "central": central,

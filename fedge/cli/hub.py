@@ -176,10 +176,11 @@ def run_hub(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- fleet
 def add_fleet_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "fleet", help="simulate a whole fleet on this machine (each device a real MQTT client)",
-        description="Run N virtual devices (each with its own MQTT connection and data partition) and a hub "
-                    "in one process. Without --broker an MQTT broker is started in-process. Writes "
-                    "runs/<id>/run.json, final_model.fedge, partition.json and accuracy.png.",
+        "fleet", help="simulate a whole fleet on this machine (each device a real agent, over MQTT or in memory)",
+        description="Run N virtual devices (each with its own connection and data partition) and a hub "
+                    "in one process. With --transport mqtt (default) and no --broker an MQTT broker is started "
+                    "in-process; --transport inproc runs the same hub and agents over an in-memory broker. Writes "
+                    "runs/<id>/run.json (with the transport), final_model.fedge, partition.json and accuracy.png.",
         epilog="examples:\n  fedge fleet                          # 10 devices, Fashion-MNIST, 10 rounds\n"
                "  fedge fleet --recipe paper001        # paper 001 (30 rounds + centralised baseline)\n"
                "  fedge fleet --broker mqtt://127.0.0.1:1883 --devices 20 --partition dirichlet --alpha 0.3",
@@ -191,7 +192,11 @@ def add_fleet_parser(subparsers: argparse._SubParsersAction) -> None:
                                     "mpt-fl-1bit-sign (sign-delta uplink)")
     p.add_argument("--prune-ratio", type=float, help="paper003: fraction of weights REMOVED (0.8 keeps 20 %%)")
     p.add_argument("--profile", help="device profile of the virtual devices (default sim; desktop-gpu trains on CUDA)")
-    p.add_argument("--broker", default=None, help="external MQTT broker URL (default: embedded broker)")
+    p.add_argument("--transport", choices=["mqtt", "inproc"],
+                   help="mqtt (default): every device a real MQTT client of the embedded broker or --broker; "
+                        "inproc: the same hub and agents over an in-memory broker (same envelopes, codecs, "
+                        "admission and aggregation, no sockets; same global model as mqtt)")
+    p.add_argument("--broker", default=None, help="external MQTT broker URL (default: embedded broker; mqtt only)")
     p.add_argument("--fleet", help="fleet id (topic level)")
     p.add_argument("--topic-prefix", help="topic root (default fedge/v1)")
     p.add_argument("--devices", type=int, help="number of virtual devices (default 10)")
@@ -231,7 +236,8 @@ def fleet_config_from_args(args: argparse.Namespace):  # noqa: ANN201 - FleetCon
                         "using the generated dataset instead", DEFAULT_FASHION_ROOT)
             cfg.dataset = "synthetic"
             cfg.partition = PartitionSpec(kind="iid")
-    for arg, attr in (("profile", "profile"), ("broker", "broker"), ("devices", "devices"), ("dataset", "dataset"),
+    for arg, attr in (("profile", "profile"), ("transport", "transport"), ("broker", "broker"), ("devices", "devices"),
+                      ("dataset", "dataset"),
                       ("data_root", "data_root"),
                       ("workers", "workers"), ("threads", "threads"), ("central", "central"),
                       ("runs_dir", "runs_dir"), ("run_id", "run_id"), ("seed", "seed")):

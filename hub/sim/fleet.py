@@ -1,6 +1,10 @@
-"""The fleet simulator: N virtual devices in one process, each a real MQTT client with its own
-data partition, sharing a small pool of training workers; plus the hub and, if no broker is
-given, an embedded broker. The hub cannot tell these devices from real ones.
+"""The fleet simulator: N virtual devices in one process, each a real agent with its own
+data partition, sharing a small pool of training workers; plus the real hub. The hub cannot
+tell these devices from real ones.
+
+Transports: `mqtt` (each device an MQTT client of an embedded broker, or of `broker`) or
+`inproc` (the same hub and agents over an in-memory broker: every message is still a full
+encoded envelope, only the sockets are gone). Everything but the transport is one code path.
 """
 
 from __future__ import annotations
@@ -26,10 +30,12 @@ from fedge.hub.hub import Hub
 from fedge.hub.report import write_run_report
 from fedge.hub.store import RunStore
 from fedge.models.data import Dataset, load_dataset
+from fedge.models.errors import ConfigError
 from fedge.models.partition import PartitionSpec, class_counts, partition
 from fedge.models.wire import Topics
 from fedge.models.wire.keys import HUB_PRIVATE, device_key, enroll_device, hub_verifier, init_hub_keys
-from fedge.models.wire.transport import BrokerConfig
+from fedge.models.wire.inproc import InprocBroker
+from fedge.models.wire.transport import BrokerConfig, LinkFactory
 
 from .attacks import ATTACKS
 from .central import train_central
@@ -50,7 +56,9 @@ class FleetConfig:
     profile: str = "sim"
     workers: int = 1
     threads: int = 0  # torch threads for training in total (0 = all cores)
-    broker: str | None = None  # None: start an embedded broker in this process
+    transport: str = "mqtt"  # mqtt: real MQTT clients; inproc: the same hub and agents over an in-memory broker
+    broker: str | None = None  # mqtt only; None: start an embedded broker in this process
+    stop_after: int | None = None  # stop after this round (schedule still spans hub.rounds); None: run to the end
     runs_dir: str = "runs"
     run_id: str | None = None
     central: bool = False  # also train the same model centrally on the union (baseline)
@@ -59,6 +67,9 @@ class FleetConfig:
     progress: bool = True
     attackers: dict[int, str] = field(default_factory=dict)  # device index -> hub.attacks name
     hub: HubConfig = field(default_factory=HubConfig)
+
+
+TRANSPORTS = ("mqtt", "inproc")
 
 
 class Fleet:
@@ -73,7 +84,9 @@ class Fleet:
         self.parts: list[np.ndarray] = []
         self.run_id = cfg.run_id or new_run_id(cfg.recipe or "fleet")
         self.run_dir = Path(cfg.runs_dir) / self.run_id
-        self.broker_config: BrokerConfig | None = None
+        self.broker_config: BrokerConfig | None = None  # transport mqtt
+        self.inproc: InprocBroker | None = None  # transport inproc
+        self.connect: BrokerConfig | LinkFactory | None = None  # what the hub and the agents connect with
 
     # -- set-up ----------------------------------------------------------------------
     def start(self) -> Fleet:
@@ -86,11 +99,18 @@ class Fleet:
         hub.num_classes = ds.num_classes
         hub.eval_device = load_profile(cfg.profile).device
         self.parts = partition(ds.train.y, cfg.devices, cfg.partition, seed=cfg.seed, num_classes=ds.num_classes)
-        if cfg.broker:
-            self.broker_config = BrokerConfig.from_url(cfg.broker)
+        if cfg.transport not in TRANSPORTS:
+            raise ConfigError(f"transport {cfg.transport!r}: choose one of {', '.join(TRANSPORTS)}")
+        if cfg.transport == "inproc":
+            if cfg.broker:
+                raise ConfigError(f"--broker {cfg.broker} needs --transport mqtt (inproc runs its own in-memory broker)")
+            self.inproc = InprocBroker()
+            self.connect = self.inproc.link
+        elif cfg.broker:
+            self.broker_config = self.connect = BrokerConfig.from_url(cfg.broker)
         else:
             self.broker = EmbeddedBroker().start()
-            self.broker_config = BrokerConfig.from_url(self.broker.url)
+            self.broker_config = self.connect = BrokerConfig.from_url(self.broker.url)
         threads = cfg.threads or os.cpu_count() or 1
         profile = dataclasses.replace(load_profile(cfg.profile), model=hub.model)
         self.pool = TrainingPool(workers=cfg.workers, threads_per_worker=max(1, threads // cfg.workers),
@@ -98,14 +118,15 @@ class Fleet:
         topics = Topics(hub.fleet, hub.prefix)
         for i, idx in enumerate(self.parts):
             agent = Agent(
-                device_id=f"dev{i:03d}", profile=profile, broker=self.broker_config, topics=topics,
+                device_id=f"dev{i:03d}", profile=profile, broker=self.connect, topics=topics,
                 data=ds.train.subset(idx), num_classes=ds.num_classes, pool=self.pool, seed=cfg.seed,
                 tamper=ATTACKS[cfg.attackers[i]]() if i in cfg.attackers else None,
-                warn_unverified=self.broker is None,  # the embedded broker is this process's own
+                warn_unverified=bool(cfg.broker),  # an embedded or in-memory broker is this process's own
                 **self._device_keys(f"dev{i:03d}"),
             )
             self.agents.append(agent.start())
-        log.info("%d virtual devices connected to %s", len(self.agents), self.broker_config.url)
+        where = self.broker_config.url if self.broker_config else "the in-memory broker"
+        log.info("%d virtual devices connected to %s", len(self.agents), where)
         return self
 
     def _device_keys(self, device: str) -> dict:
@@ -138,14 +159,14 @@ class Fleet:
 
     # -- running ---------------------------------------------------------------------
     def make_hub(self, resume: bool = False, on_round=None) -> Hub:  # noqa: ANN001
-        assert self.dataset is not None and self.broker_config is not None, "call start() first"
+        assert self.dataset is not None and self.connect is not None, "call start() first"
         store = RunStore(self.run_dir)
         hub_cfg = self.cfg.hub
         if resume and store.get_meta("config") is not None:
             hub_cfg = HubConfig.from_json(store.get_meta("config"))
         if not hub_cfg.min_devices:
             hub_cfg.min_devices = len(self.agents)
-        return Hub(hub_cfg, self.broker_config, store, self.dataset.test.x, self.dataset.test.y, on_round=on_round)
+        return Hub(hub_cfg, self.connect, store, self.dataset.test.x, self.dataset.test.y, on_round=on_round)
 
     def run(self, hub: Hub | None = None) -> dict[str, Any]:
         """Run the hub to completion (or resume it), then write runs/<id>/ and return run.json."""
@@ -156,6 +177,9 @@ class Fleet:
             bar = tqdm(total=hub.config.rounds, desc=f"fleet {self.run_id}", unit="round", initial=hub.version)
 
         def on_round(record: dict) -> None:
+            stop_after = self.cfg.stop_after
+            if stop_after is not None and record["round"] >= stop_after and stop_after < hub.config.rounds:
+                hub.stop()  # the loop ends after this round; the run stays resumable
             if bar is not None:
                 acc = record.get("accuracy")
                 bar.set_postfix(acc=f"{acc:.3f}" if acc is not None else "n/a",

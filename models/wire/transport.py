@@ -1,7 +1,9 @@
 """MQTT transport shared by agent and hub: broker URL, TLS/auth, persistent session, backoff.
 
 One wrapper so both sides reconnect, resubscribe and queue QoS 1 publishes the same way.
-Torch-free (paho-mqtt only).
+`Link` is the interface the hub and the agent use; `MqttLink` honours it over a real broker
+and `fedge.models.wire.inproc.InprocLink` in memory (the simulator's `--transport inproc`),
+so both transports run the same hub and agent code. Torch-free (paho-mqtt only).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import ssl
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import unquote, urlparse
 
 import paho.mqtt.client as mqtt
@@ -22,6 +24,44 @@ from ..errors import ConfigError
 log = logging.getLogger("fedge.mqtt")
 
 Handler = Callable[[str, bytes], None]
+
+
+class PublishInfo(Protocol):
+    """What publish returns: lets a sender wait until a message has left (paho's MQTTMessageInfo)."""
+
+    def wait_for_publish(self, timeout: float | None = None) -> None: ...
+
+
+class Link(Protocol):
+    """A client connection as the hub and the agent use it: MQTT topics with `+`/`#` wildcards,
+    QoS and retained messages (delivered to a new subscriber), a will published when the client
+    dies without saying goodbye, and handlers called on the link's own thread in arrival order."""
+
+    client_id: str
+
+    def on_connect(self, hook: Callable[[], None]) -> None: ...
+
+    def start(self, timeout: float = 20.0) -> Link: ...
+
+    def stop(self, final: tuple[str, bytes] | None = None) -> None: ...
+
+    def kill(self) -> None: ...
+
+    @property
+    def connected(self) -> bool: ...
+
+    def subscribe(self, topic: str, handler: Handler, qos: int = 1) -> None: ...
+
+    def unsubscribe(self, topic: str) -> None: ...
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> PublishInfo: ...
+
+
+class LinkFactory(Protocol):
+    """Builds a Link for one client: `MqttLink` over a BrokerConfig, or an in-memory broker's `link`."""
+
+    def __call__(self, client_id: str, will: tuple[str, bytes] | None = None,
+                 clean_session: bool = False) -> Link: ...
 
 
 @dataclass
@@ -145,6 +185,14 @@ class MqttLink:
         self.client.loop_stop()
         self._connected.clear()
 
+    def kill(self) -> None:
+        """Drop the connection without a goodbye (a device dying): the broker publishes the will."""
+        sock = self.client.socket()
+        self._stopping = True
+        self.client.loop_stop()
+        if sock is not None:
+            sock.close()
+
     @property
     def connected(self) -> bool:
         return self._connected.is_set()
@@ -199,3 +247,11 @@ class MqttLink:
                 except Exception:  # noqa: BLE001 - never let a bad message kill the network loop
                     log.exception("%s: handler for %s failed", self.client_id, msg.topic)
                 return
+
+
+def make_link(broker: BrokerConfig | LinkFactory, client_id: str, will: tuple[str, bytes] | None = None,
+              clean_session: bool = False) -> Link:
+    """The hub's and the agent's one way to get a connection: MQTT for a BrokerConfig, else the factory's."""
+    if isinstance(broker, BrokerConfig):
+        return MqttLink(broker, client_id, will=will, clean_session=clean_session)
+    return broker(client_id, will=will, clean_session=clean_session)
