@@ -5,8 +5,9 @@ the bytes on the air once the uplink is 1 bit per weight: 7.7 MB of fp32 scores 
 0.24 MB up for Conv-4. `--model-codec fp16` halves it; the hub keeps and checkpoints the exact
 fp32 model, so the only effect is that devices start local training from rounded values.
 This measures that effect: each method x seed runs twice, with the same selection, data and
-seeds, once per downlink codec, through the plain in-process loop (devices train from the
-model exactly as the codec delivers it; tests/test_fleet_mqtt.py checks the MQTT path).
+seeds, once per downlink codec, through the fleet (the real hub and agents, every update
+through its uplink codec) over the in-memory transport by default (`--transport mqtt` for
+real MQTT; both give the same global model).
 
 Default: the MLP counterparts of paper003's models (mlp, mlp-mpt), so the whole grid runs on
 a 2-core CPU in minutes; `--arch conv4` runs the paper's Conv-4.
@@ -28,10 +29,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from fedge.hub.report import machine_info  # noqa: E402
-from fedge.hub.sim.baseline import plain_fedavg  # noqa: E402
+from fedge.hub.sim.fleet import Fleet  # noqa: E402
 from fedge.hub.sim.recipes import PAPER003_METHODS, paper003  # noqa: E402
 from fedge.models.data import load_dataset  # noqa: E402
-from fedge.models.partition import partition  # noqa: E402
 from fedge.models.registry import build_model, get_state  # noqa: E402
 from fedge.models.wire.messages import build_model_message  # noqa: E402
 
@@ -50,11 +50,15 @@ def run_cell(method: str, seed: int, codec: str, args: argparse.Namespace, ds) -
         raise SystemExit(f"{method}: model {cfg.hub.model} has no MLP counterpart; use --arch conv4")
     cfg.hub.model, cfg.hub.seed, cfg.hub.rounds = model, seed, args.rounds
     cfg.hub.eval_size, cfg.hub.model_codec = args.eval_size, codec
-    parts = partition(ds.train.y, cfg.devices, cfg.partition, seed=seed, num_classes=ds.num_classes)
+    cfg.seed, cfg.profile, cfg.transport, cfg.progress = seed, args.profile, args.transport, False
+    cfg.runs_dir = str(ROOT / "runs" / "downlink_codec")
+    cfg.run_id = f"dl-{method.replace('/', '_')}-{codec}-s{seed}-{int(time.time())}"
     started = time.time()
-    history = plain_fedavg(ds, parts, cfg.hub, profile_name=args.profile)
+    with Fleet(cfg, dataset=ds) as fleet:
+        history = fleet.run()["rounds"]
     acc = [r["accuracy"] for r in history]
-    cell = {"method": method, "model": model, "seed": seed, "model_codec": codec, "accuracy": acc,
+    cell = {"method": method, "model": model, "seed": seed, "model_codec": codec, "transport": args.transport,
+            "accuracy": acc,
             "best_accuracy": max(acc), "final_accuracy": acc[-1], "downlink_bytes": downlink_bytes(model, codec),
             "seconds": time.time() - started}
     print(f"{method:18s} {model:8s} seed {seed} {codec}: best {cell['best_accuracy']:.4f} "
@@ -129,6 +133,8 @@ def main() -> int:
     ap.add_argument("--codecs", nargs="*", default=["fp32", "fp16"])
     ap.add_argument("--eval-size", type=int, default=0, help="test images per round (0 = all 10,000)")
     ap.add_argument("--profile", default="sim", help="device profile (desktop-gpu trains on CUDA)")
+    ap.add_argument("--transport", choices=["inproc", "mqtt"], default="inproc",
+                    help="the fleet's transport (same global model either way; inproc is faster)")
     ap.add_argument("--data-root")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "downlink_codec.json"))
     ap.add_argument("--replot", action="store_true", help="only redraw the PNG of --out")
@@ -137,7 +143,7 @@ def main() -> int:
         return replot(Path(args.out))
     ds = load_dataset("fashion-mnist", args.data_root)
     results = {"command": "python benchmarks/downlink_codec.py " + " ".join(sys.argv[1:]), "machine": machine_info(),
-               "arch": args.arch, "rounds": args.rounds, "cells": []}
+               "arch": args.arch, "rounds": args.rounds, "transport": args.transport, "cells": []}
     for method in args.methods:
         for seed in args.seeds:
             for codec in args.codecs:

@@ -1,8 +1,9 @@
-"""Fleet simulator vs a plain in-process FedAvg loop, on the same work, in one run.
+"""What MQTT costs the fleet simulator: the same fleet over the in-memory transport and over
+real brokers, on the same work, in one run.
 
 Same data split (paper 001: 10 devices, dominant label 55 %), same model, same seeds, same
-torch threads; the only difference is that the fleet moves every model and update through
-a real MQTT broker (embedded amqtt, and Mosquitto when reachable) with the full envelope.
+torch threads, same hub and agents; the only difference is the transport: the in-memory
+broker, or a real MQTT broker (embedded amqtt, and Mosquitto when reachable).
 
     python benchmarks/fleet_overhead.py --rounds 5            # writes benchmarks/results/fleet_overhead.{json,png}
 """
@@ -26,10 +27,9 @@ import torch  # noqa: E402
 
 from fedge.hub.config import HubConfig  # noqa: E402
 from fedge.hub.report import machine_info  # noqa: E402
-from fedge.hub.sim.baseline import plain_fedavg  # noqa: E402
 from fedge.hub.sim.fleet import Fleet, FleetConfig  # noqa: E402
 from fedge.models.data import load_dataset, synthetic  # noqa: E402
-from fedge.models.partition import PartitionSpec, partition  # noqa: E402
+from fedge.models.partition import PartitionSpec  # noqa: E402
 
 
 def _mosquitto_up(host: str = "127.0.0.1", port: int = 1883) -> bool:
@@ -53,7 +53,6 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     ds = synthetic(6000, 1000) if args.dataset == "synthetic" else load_dataset(args.dataset)
     spec = PartitionSpec("dominant", dominant_fraction=0.55) if args.dataset != "synthetic" else PartitionSpec("iid")
-    parts = partition(ds.train.y, args.devices, spec, seed=0, num_classes=ds.num_classes)
 
     def hub_cfg(prefix: str) -> HubConfig:
         return HubConfig(fleet="bench", prefix=prefix, model=args.model, rounds=args.rounds, deadline_s=600,
@@ -63,36 +62,35 @@ def main() -> int:
     results: dict = {"command": "python benchmarks/fleet_overhead.py " + " ".join(sys.argv[1:]),
                      "machine": machine_info(), "rounds": args.rounds, "devices": args.devices,
                      "model": args.model, "dataset": ds.name, "threads": args.threads, "runs": {}}
-    print(f"plain in-process loop: {args.rounds} rounds ...", flush=True)
-    plain = plain_fedavg(ds, parts, hub_cfg("plain"))
-    results["runs"]["plain"] = {"seconds": [r["seconds"] for r in plain], "accuracy": [r["accuracy"] for r in plain]}
-
-    brokers = [("embedded", None)] + ([("mosquitto", "mqtt://127.0.0.1:1883")] if _mosquitto_up() else [])
-    for name, url in brokers:
+    brokers = [("inproc", "inproc", None), ("embedded", "mqtt", None)]
+    if _mosquitto_up():
+        brokers.append(("mosquitto", "mqtt", "mqtt://127.0.0.1:1883"))
+    for name, transport, url in brokers:
         print(f"fleet over {name} broker: {args.rounds} rounds ...", flush=True)
-        cfg = FleetConfig(devices=args.devices, dataset=ds.name, partition=spec, broker=url, workers=1,
+        cfg = FleetConfig(devices=args.devices, dataset=ds.name, partition=spec, transport=transport, broker=url,
+                          workers=1,
                           threads=args.threads, runs_dir=str(ROOT / "runs" / "bench"), progress=False,
                           hub=hub_cfg(f"bench/{uuid.uuid4().hex[:8]}"))
         started = time.time()
         with Fleet(cfg, dataset=ds) as fleet:
             report = fleet.run()
         rounds = report["rounds"]
-        results["runs"][f"fleet-{name}"] = {
+        results["runs"][name if name == "inproc" else f"fleet-{name}"] = {
             "seconds": [r["seconds"] for r in rounds], "accuracy": [r["accuracy"] for r in rounds],
             "uplink_bytes_per_device": report["uplink_bytes_per_device"],
             "downlink_bytes_per_device": report["downlink_bytes_per_device"], "wall_s": time.time() - started,
         }
 
-    base = statistics.median(results["runs"]["plain"]["seconds"])
+    base = statistics.median(results["runs"]["inproc"]["seconds"])
     summary = {}
     for name, run in results["runs"].items():
         med = statistics.median(run["seconds"])
-        summary[name] = {"median_seconds_per_round": med, "ratio_to_plain": med / base,
-                         "final_accuracy": run["accuracy"][-1]}
-        if name != "plain":
-            summary[name]["same_accuracy_as_plain"] = run["accuracy"] == results["runs"]["plain"]["accuracy"]
-            summary[name]["uplink_bytes_per_device"] = run["uplink_bytes_per_device"]
-            summary[name]["downlink_bytes_per_device"] = run["downlink_bytes_per_device"]
+        summary[name] = {"median_seconds_per_round": med, "ratio_to_inproc": med / base,
+                         "final_accuracy": run["accuracy"][-1],
+                         "uplink_bytes_per_device": run["uplink_bytes_per_device"],
+                         "downlink_bytes_per_device": run["downlink_bytes_per_device"]}
+        if name != "inproc":
+            summary[name]["same_accuracy_as_inproc"] = run["accuracy"] == results["runs"]["inproc"]["accuracy"]
     results["summary"] = summary
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -114,7 +112,7 @@ def _plot(results: dict, path: Path) -> None:
     meds = [results["summary"][n]["median_seconds_per_round"] for n in names]
     bars = ax.bar(names, meds, color=["#888"] + ["#1f77b4"] * (len(names) - 1))
     for bar, name in zip(bars, names):
-        ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height(), f"x{results['summary'][name]['ratio_to_plain']:.2f}",
+        ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height(), f"x{results['summary'][name]['ratio_to_inproc']:.2f}",
                 ha="center", va="bottom")
     ax.set_ylabel("median seconds per round")
     ax.set_title(f"{results['devices']} devices, {results['model']}, {results['dataset']}, {results['threads']} threads")

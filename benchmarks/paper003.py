@@ -3,11 +3,10 @@
     python benchmarks/paper003.py --seeds 0 1 2 --rounds 100                 # the table
     python benchmarks/paper003.py --sweep --rounds 100                       # accuracy vs prune ratio
 
-Federated methods run through the fleet (real MQTT, embedded broker) with `--transport mqtt`
-or through the plain in-process loop with `--transport plain` (identical training,
-selection, seeds and aggregation code; only the transport differs; bytes on the air are
-then computed by encoding one real update and model message). Writes JSON + PNG to
-benchmarks/results/.
+Federated methods run through the fleet: the real hub and agents over real MQTT (embedded
+broker) with `--transport mqtt`, or over the in-memory broker with `--transport inproc`
+(the same code, envelopes and codecs; only the transport differs, and both give the same
+global model). Writes JSON + PNG to benchmarks/results/.
 """
 
 from __future__ import annotations
@@ -26,16 +25,14 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from fedge.hub.report import machine_info  # noqa: E402
-from fedge.hub.sim.baseline import plain_fedavg  # noqa: E402
+from fedge.hub.report import machine_info, summarise  # noqa: E402
 from fedge.hub.sim.central import train_central  # noqa: E402
 from fedge.hub.sim.fleet import Fleet  # noqa: E402
 from fedge.hub.sim.recipes import PAPER003_METHODS, paper003  # noqa: E402
-from fedge.hub.strategies import UPDATE_CODEC  # noqa: E402
+from fedge.hub.store import RunStore  # noqa: E402
 from fedge.models.data import load_dataset  # noqa: E402
 from fedge.models.partition import partition  # noqa: E402
-from fedge.models.registry import build_model, count_parameters, get_state  # noqa: E402
-from fedge.models.wire.messages import build_model_message, build_update_message  # noqa: E402
+from fedge.models.registry import build_model, count_parameters  # noqa: E402
 
 
 def model_bytes(model_name: str, in_shape, num_classes) -> tuple[int, float, int]:  # noqa: ANN001
@@ -51,22 +48,6 @@ def model_bytes(model_name: str, in_shape, num_classes) -> tuple[int, float, int
     one_bit = to_mask_file(model)
     kept = sum(layer.kept for layer in one_bit.layers)
     return one_bit.mask_payload_bytes, 1 - kept / one_bit.total_weights, len(one_bit.to_bytes())
-
-
-def wire_bytes(model_name: str, strategy: str, in_shape, num_classes) -> tuple[int, int]:  # noqa: ANN001
-    """Bytes of one real update envelope (uplink) and one model envelope (downlink)."""
-    model = build_model(model_name, in_shape, num_classes)
-    state = get_state(model)
-    codec = UPDATE_CODEC.get(strategy, "fp32")
-    if codec == "mask1":
-        from fedge.models.supermask import model_masks  # noqa: PLC0415
-
-        up_state = model_masks(model)
-    else:
-        up_state = state
-    up = build_update_message("f", "run", "dev000", 1, 0, up_state, 40, {"loss": 0.0}, codec=codec)
-    down = build_model_message("f", "run", 0, model_name, state)
-    return len(up), len(down)
 
 
 class Stopped(Exception):
@@ -97,27 +78,33 @@ def run_method(method: str, seed: int, args, ds, prune_ratio: float = 0.8) -> di
     size, sparsity, file_size = model_bytes(cfg.hub.model, ds.in_shape, ds.num_classes)
     out = {"method": method, "seed": seed, "model": cfg.hub.model, "prune_ratio": prune_ratio,
            "size_bytes": size, "sparsity": sparsity, "file_bytes": file_size}
-    progress = _StopAfter(args.stop_after)
-    if not spec["federated"] or args.transport == "plain":
-        up, down = wire_bytes(cfg.hub.model, cfg.hub.strategy, ds.in_shape, ds.num_classes)
-        out.update(uplink=0 if not spec["federated"] else up, downlink=0 if not spec["federated"] else down)
+    if not spec["federated"]:
+        progress = _StopAfter(args.stop_after)
+        out.update(uplink=0, downlink=0)
         try:
-            if not spec["federated"]:
-                train_central(ds, parts, cfg.hub.model, cfg.hub.train, epochs=args.rounds, seed=seed,
-                              profile=args.profile, curve=progress)
-            else:
-                plain_fedavg(ds, parts, cfg.hub, profile_name=args.profile, history=progress)
+            train_central(ds, parts, cfg.hub.model, cfg.hub.train, epochs=args.rounds, seed=seed,
+                          profile=args.profile, curve=progress)
         except Exception as exc:  # torch may wrap Stopped (e.g. load_state_dict re-raises a RuntimeError)
             if not (_STOPPING or isinstance(exc, Stopped)) or not progress:
                 raise
-            print(f"{method} seed {seed}: stopped after {len(progress)} of {args.rounds} rounds (kept as partial)")
+            print(f"{method} seed {seed}: stopped after {len(progress)} of {args.rounds} epochs (kept as partial)")
         out.update(accuracy=[r["accuracy"] for r in progress], rounds_done=len(progress))
     else:
+        cfg.transport = args.transport
+        cfg.stop_after = args.stop_after  # the schedule still spans --rounds
         cfg.run_id = f"p003-{method.replace('/', '_')}-p{prune_ratio}-s{seed}-{int(time.time())}"
-        with Fleet(cfg, dataset=ds) as fleet:
-            report = fleet.run()
-        out.update(accuracy=[r["accuracy"] for r in report["rounds"]], rounds_done=len(report["rounds"]),
-                   uplink=report["uplink_bytes_per_device"], downlink=report["downlink_bytes_per_device"])
+        fleet = Fleet(cfg, dataset=ds)
+        try:
+            with fleet:
+                rounds = fleet.run()["rounds"]
+        except Exception as exc:
+            rounds = RunStore(fleet.run_dir).rounds() if (_STOPPING or isinstance(exc, Stopped)) else []
+            if not rounds:
+                raise
+            print(f"{method} seed {seed}: stopped after {len(rounds)} of {args.rounds} rounds (kept as partial)")
+        sizes = summarise(rounds)
+        out.update(accuracy=[r["accuracy"] for r in rounds], rounds_done=len(rounds),
+                   uplink=sizes["uplink_bytes_per_device"], downlink=sizes["downlink_bytes_per_device"])
     out["ran_on"] = _ran_on(args.profile)
     out["best_accuracy"] = max(out["accuracy"])
     out["final_accuracy"] = out["accuracy"][-1]
@@ -128,9 +115,10 @@ def run_method(method: str, seed: int, args, ds, prune_ratio: float = 0.8) -> di
 
 
 class _StopAfter(list):
-    """Round records of one cell; with a limit, the cell stops (kept as partial) once it holds
-    that many rounds. The schedule still spans --rounds, so the first N rounds are the same
-    as those of a full run: a cheap way to fill a comparison at N rounds on a slow machine."""
+    """Epoch records of a centralised cell; with a limit, the cell stops (kept as partial) once it
+    holds that many (federated cells stop through the fleet's stop_after). The schedule still spans
+    --rounds, so the first N are the same as those of a full run: a cheap way to fill a comparison
+    at N rounds on a slow machine."""
 
     def __init__(self, limit: int | None) -> None:
         super().__init__()
@@ -204,7 +192,9 @@ def main() -> int:
     ap.add_argument("--stop-after", type=int, metavar="N",
                     help="stop every cell after N rounds/epochs and keep it as partial; the lr schedule "
                          "still spans --rounds, so the cell matches the first N rounds of a full run")
-    ap.add_argument("--transport", choices=["plain", "mqtt"], default="mqtt")
+    ap.add_argument("--transport", choices=["mqtt", "inproc"], default="mqtt",
+                    help="federated cells: the fleet over real MQTT (default) or over the in-memory broker "
+                         "(same hub, agents, codecs and global model; faster)")
     ap.add_argument("--profile", default="sim", help="device profile (desktop-gpu trains on CUDA)")
     ap.add_argument("--data-root")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "paper003.json"))
@@ -213,8 +203,6 @@ def main() -> int:
     out = Path(args.out)
     if args.merge is not None:
         return merge(args.merge, out)
-    if args.stop_after is not None and args.transport != "plain":
-        ap.error("--stop-after needs --transport plain (the MQTT fleet runs its rounds to the end)")
     ds = load_dataset("fashion-mnist", args.data_root)
     results = {"command": "python benchmarks/paper003.py " + " ".join(sys.argv[1:]), "machine": machine_info(),
                "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,

@@ -15,7 +15,7 @@ SEEDS=${SEEDS:-"0 1 2"}; SWEEP=${SWEEP:-1}; SWEEP_SEEDS=${SWEEP_SEEDS:-0}; EXTRA
 mkdir -p "$OUT/parts"
 export OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1
 deadline=$(( $(date +%s) + LIMIT ))
-common=(--transport plain --profile desktop-gpu --rounds "$ROUNDS" "$@")
+common=(--transport inproc --profile desktop-gpu --rounds "$ROUNDS" "$@")
 cell() {  # cell TAG ARGS...: one process, stopped (SIGTERM -> partial cell saved) at the deadline
   local tag=$1; shift
   timeout "$(( deadline - $(date +%s) ))" python3 benchmarks/paper003.py "${common[@]}" "$@" \

@@ -1,5 +1,5 @@
 """Round policies as pure functions of the run's settings: who is selected, what the task asks
-for, when the run stops. The simulator's plain loop and the hub call the same ones."""
+for, when the run stops. The hub calls them over every transport (MQTT or the simulator's in-memory one)."""
 
 from __future__ import annotations
 

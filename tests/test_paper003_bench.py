@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from fedge.hub.config import HubConfig
-from fedge.hub.sim.baseline import plain_fedavg
+from fedge.hub.sim.fleet import Fleet, FleetConfig
 from fedge.models.data import synthetic
-from fedge.models.partition import PartitionSpec, partition
+from fedge.models.partition import PartitionSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,23 +33,28 @@ def _cell(method: str, seed: int, accuracy: list[float], ratio: float = 0.8) -> 
 
 
 def _part(path: Path, rounds: int, cells: list[dict], cuda: str | None) -> str:
-    path.write_text(json.dumps({"rounds": rounds, "transport": "plain", "cuda": cuda, "machine": {}, "cells": cells}))
+    path.write_text(json.dumps({"rounds": rounds, "transport": "inproc", "cuda": cuda, "machine": {}, "cells": cells}))
     return str(path)
 
 
-def test_stop_after_keeps_the_first_rounds_of_the_full_schedule(bench):
-    """A cell stopped after 2 of 6 rounds equals the first 2 rounds of the 6-round run (same
-    cosine schedule), and the stop surfaces as the benchmark's Stopped, history kept."""
+def test_stop_after_keeps_the_first_rounds_of_the_full_schedule(tmp_path, monkeypatch):
+    """A fleet stopped after 2 of 6 rounds (what --stop-after does to each federated cell) equals
+    the first 2 rounds of the 6-round run (same cosine schedule) and learns."""
+    monkeypatch.setenv("FEDGE_NO_ONNX", "1")
     ds = synthetic(n_train=600, n_test=200, seed=4)
-    parts = partition(ds.train.y, 6, PartitionSpec(kind="iid", per_device=100), seed=0, num_classes=10)
-    hub = HubConfig(fleet="t", model="mlp", rounds=6, clients_per_round=3, seed=0,
-                    train={"epochs": 1, "batch_size": 20, "lr": 0.05, "lr_schedule": "cosine"})
-    stopped = bench._StopAfter(2)
-    with pytest.raises(bench.Stopped):
-        plain_fedavg(ds, parts, hub, history=stopped)
-    full = plain_fedavg(ds, parts, hub, rounds=2)
-    assert [r["accuracy"] for r in stopped] == [r["accuracy"] for r in full]
-    assert len(stopped) == 2 and max(r["accuracy"] for r in stopped) > 0.3  # learns (chance 0.1)
+
+    def run(stop_after: int | None) -> list[dict]:
+        hub = HubConfig(fleet="t", model="mlp", rounds=6, clients_per_round=3, seed=0, deadline_s=60,
+                        train={"epochs": 1, "batch_size": 20, "lr": 0.05, "lr_schedule": "cosine"})
+        cfg = FleetConfig(devices=6, dataset="synthetic", partition=PartitionSpec(kind="iid", per_device=100),
+                          transport="inproc", stop_after=stop_after, runs_dir=str(tmp_path), progress=False, hub=hub)
+        with Fleet(cfg, dataset=ds) as fleet:
+            return fleet.run()["rounds"]
+
+    stopped, full = run(2), run(None)
+    assert len(stopped) == 2 and len(full) == 6
+    assert [r["accuracy"] for r in stopped] == [r["accuracy"] for r in full[:2]]
+    assert max(r["accuracy"] for r in stopped) > 0.3  # learns (chance 0.1)
 
 
 def test_merge_keeps_the_longest_cell_and_where_it_ran(bench, tmp_path):
