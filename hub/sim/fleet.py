@@ -33,8 +33,8 @@ from fedge.models.data import Dataset, load_dataset
 from fedge.models.errors import ConfigError
 from fedge.models.partition import PartitionSpec, class_counts, partition
 from fedge.models.wire import Topics
-from fedge.models.wire.keys import HUB_PRIVATE, device_key, enroll_device, hub_verifier, init_hub_keys
 from fedge.models.wire.inproc import InprocBroker
+from fedge.models.wire.keys import HUB_PRIVATE, device_key, enroll_device, hub_verifier, init_hub_keys
 from fedge.models.wire.transport import BrokerConfig, LinkFactory
 
 from .attacks import ATTACKS

@@ -118,7 +118,7 @@ class InprocBroker:
                         session.waiting.append((topic, payload))
 
 
-_STOP = object()
+_Item = Callable[[], None] | tuple[str, bytes] | None  # a hook, a message, or None: stop
 
 
 class InprocLink:
@@ -135,7 +135,7 @@ class InprocLink:
         self._hooks: list[Callable[[], None]] = []
         self._connected = threading.Event()
         self._outbox: list[tuple[str, bytes, int, bool]] = []  # QoS>0 publishes while not connected
-        self._inbox: queue.Queue[object] = queue.Queue()
+        self._inbox: queue.Queue[_Item] = queue.Queue()
         self._thread: threading.Thread | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -186,7 +186,7 @@ class InprocLink:
                 inbox.get_nowait()
             except queue.Empty:
                 break
-        inbox.put(_STOP)
+        inbox.put(None)
         if join and self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
 
@@ -224,19 +224,19 @@ class InprocLink:
     def _deliver(self, topic: str, payload: bytes) -> None:
         self._inbox.put((topic, payload))
 
-    def _dispatch(self, inbox: queue.Queue[object]) -> None:
+    def _dispatch(self, inbox: queue.Queue[_Item]) -> None:
         """The link's network thread: hooks and messages in order, never on a publisher's stack."""
         while True:
             item = inbox.get()
-            if item is _STOP:
+            if item is None:
                 return
-            if callable(item):
+            if not isinstance(item, tuple):
                 try:
                     item()
                 except Exception:  # noqa: BLE001 - a hook must not kill the dispatcher
                     log.exception("%s: on-connect hook failed", self.client_id)
                 continue
-            topic, payload = item  # type: ignore[misc]
+            topic, payload = item
             with self._subs_lock:
                 subs = list(self._subs.items())
             for pattern, (_, handler) in subs:
