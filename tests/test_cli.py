@@ -57,6 +57,20 @@ def test_fleet_command_writes_a_complete_run(tmp_path, mosquitto_url, topic_pref
         assert run[key] is not None, key
     assert run["rounds_completed"] == 2
     assert run["final_accuracy"] > 0.4  # 10 classes: chance is 0.1
+    assert run["transport"] == "mqtt"
+
+
+def test_fleet_command_over_the_in_memory_transport(tmp_path):
+    """--transport inproc runs the same fleet without a broker; run.json says so; a broker URL is refused."""
+    out = _run(["fleet", "--transport", "inproc", "--dataset", "synthetic", "--partition", "iid", "--devices", "3",
+                "--rounds", "2", "--runs-dir", str(tmp_path), "--run-id", "mem", "--no-progress"])
+    assert out.returncode == 0, out.stderr[-2000:]
+    run = json.loads((tmp_path / "mem" / "run.json").read_text())
+    assert run["transport"] == "inproc" and run["config"]["transport"] == "inproc"
+    assert run["rounds_completed"] == 2 and run["final_accuracy"] > 0.4  # 10 classes: chance is 0.1
+    bad = _run(["fleet", "--transport", "inproc", "--broker", "mqtt://127.0.0.1:1883", "--dataset", "synthetic",
+                "--runs-dir", str(tmp_path), "--no-progress"])
+    assert bad.returncode == 2 and "needs --transport mqtt" in bad.stderr
 
 
 def _retained(url: str, topic: str, timeout: float = 5.0) -> dict | None:
