@@ -1,6 +1,7 @@
 """One lying device in ten: FedAvg vs coordinate median vs trimmed mean vs (multi-)Krum.
 
-Every cell is a full fleet run over the embedded MQTT broker (same data, seeds and rounds),
+Every cell is a full fleet run (same data, seeds and rounds) over the embedded MQTT broker,
+or with `--transport inproc` over the in-memory one (the same hub and agents, same result),
 with device 0 sending scaled or sign-flipped updates; plus a no-attack FedAvg reference.
 
     python benchmarks/poisoning.py --rounds 10   # writes benchmarks/results/poisoning.{json,png}
@@ -33,16 +34,19 @@ def main() -> int:
     ap.add_argument("--devices", type=int, default=10)
     ap.add_argument("--per-device", type=int, default=1000, help="training images per device (iid)")
     ap.add_argument("--dataset", default="fashion-mnist")
+    ap.add_argument("--transport", choices=["mqtt", "inproc"], default="mqtt",
+                    help="the fleet's transport (same global model either way; inproc is faster)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "poisoning.json"))
     args = ap.parse_args()
     ds = synthetic(args.devices * args.per_device, 1000) if args.dataset == "synthetic" else load_dataset(args.dataset)
     results = {"command": "python benchmarks/poisoning.py " + " ".join(sys.argv[1:]), "machine": machine_info(),
-               "rounds": args.rounds, "devices": args.devices, "attackers": 1, "dataset": ds.name, "cells": []}
+               "rounds": args.rounds, "devices": args.devices, "attackers": 1, "dataset": ds.name,
+               "transport": args.transport, "cells": []}
     for attack in ATTACKS:
         for strategy in STRATEGIES if attack != "none" else ["fedavg"]:
             cfg = FleetConfig(
                 devices=args.devices, dataset=ds.name, partition=PartitionSpec("iid", per_device=args.per_device),
-                runs_dir=str(ROOT / "runs" / "poisoning"), progress=False,
+                transport=args.transport, runs_dir=str(ROOT / "runs" / "poisoning"), progress=False,
                 attackers={} if attack == "none" else {0: attack},
                 hub=HubConfig(fleet="poison", prefix=f"poison/{attack}/{strategy}", model="mlp", rounds=args.rounds,
                               strategy=strategy, deadline_s=600, eval_size=0,
