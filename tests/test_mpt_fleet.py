@@ -14,7 +14,8 @@ import torch
 
 from fedge.hub.config import HubConfig
 from fedge.hub.sim.fleet import Fleet, FleetConfig
-from fedge.hub.strategies import check_strategy_fits, sign_delta
+from fedge.hub.strategies import check_strategy_fits
+from fedge.hub.strategies.sign_delta import SignDelta
 from fedge.models.partition import PartitionSpec
 from fedge.models.registry import build_model, get_state
 from fedge.models.wire import decode, decode_tensors
@@ -162,7 +163,7 @@ def test_sign_delta_rule_is_fedavg_of_rebuilt_states():
     rng = np.random.default_rng(1)
     glob = {"w": rng.normal(size=(4, 4)).astype(np.float32)}
     d1, d2 = rng.normal(size=(4, 4)).astype(np.float32), rng.normal(size=(4, 4)).astype(np.float32)
-    new = sign_delta(glob, [({"w": d1}, 30), ({"w": d2}, 10)])
+    new = SignDelta()(glob, [({"w": d1}, 30), ({"w": d2}, 10)])
     assert np.allclose(new["w"], glob["w"] + 0.75 * d1 + 0.25 * d2, atol=1e-6)
 
 
