@@ -31,7 +31,7 @@ from fedge.hub.sim.baseline import plain_fedavg  # noqa: E402
 from fedge.hub.sim.central import train_central  # noqa: E402
 from fedge.hub.sim.fleet import Fleet  # noqa: E402
 from fedge.hub.sim.recipes import PAPER003_METHODS, paper003  # noqa: E402
-from fedge.hub.strategies import UPDATE_CODEC  # noqa: E402
+from fedge.hub.strategies import make_strategy  # noqa: E402
 from fedge.models.data import load_dataset  # noqa: E402
 from fedge.models.partition import partition  # noqa: E402
 from fedge.models.registry import build_model, count_parameters, get_state  # noqa: E402
@@ -57,7 +57,7 @@ def wire_bytes(model_name: str, strategy: str, in_shape, num_classes) -> tuple[i
     """Bytes of one real update envelope (uplink) and one model envelope (downlink)."""
     model = build_model(model_name, in_shape, num_classes)
     state = get_state(model)
-    codec = UPDATE_CODEC.get(strategy, "fp32")
+    codec = make_strategy(strategy).codec or "fp32"
     if codec == "mask1":
         from fedge.models.supermask import model_masks  # noqa: PLC0415
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from collections import OrderedDict
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -154,3 +156,10 @@ def test_fedprox_aggregates_as_fedavg_and_sends_mu_in_the_task():
     ups = [_u(1.0, 1), _u(4.0, 3)]
     assert np.array_equal(s(G, ups)["w"], fedavg(G, ups)["w"])
     assert FedAvgM(inner=s).configure_train({}) == {"proximal_mu": 0.05}  # a wrapper passes the task on
+
+
+def test_design_doc_shows_the_real_code_of_its_example_strategy():
+    root = Path(__file__).resolve().parents[1]
+    doc = (root / "docs" / "design.md").read_text()
+    shown = re.search(r"### How to add a strategy.*?```python\n(.*?)```", doc, flags=re.S).group(1)
+    assert shown == (root / "hub" / "strategies" / "fedprox.py").read_text()

@@ -67,7 +67,8 @@ class Strategy(ABC):
         return requested
 
     def check_fits(self, model: str, state: State) -> None:
-        """Refuse, at start, a model whose updates this strategy cannot aggregate."""
+        """Refuse, at start, a model whose updates this strategy cannot aggregate (any, by default)."""
+        return None
 
     # -- server state ----------------------------------------------------------------
     def server_state(self) -> dict[str, np.ndarray]:
