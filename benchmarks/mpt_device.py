@@ -45,7 +45,7 @@ def rss(): return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("
 import numpy as np, torch
 torch.set_num_threads(1)
 from fedge.edge_agent.trainer import LocalTrainer, TrainConfig, uplink_state
-from fedge.hub.strategies import UPDATE_CODEC
+from fedge.hub.strategies import make_strategy
 from fedge.models.registry import build_model, get_state
 from fedge.models.wire.messages import build_model_message, build_update_message
 model, strategy, opt = sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
@@ -61,7 +61,7 @@ for r in range(3):
     t = time.perf_counter()
     res = trainer.train(state, x, y, cfg, seed=r)
     phases.setdefault("first round trained", peak())
-    codec = UPDATE_CODEC.get(strategy, "fp32")
+    codec = make_strategy(strategy).codec or "fp32"
     res.state = uplink_state(trainer, res, codec, state)  # as edge_agent.agent does
     trained_mb = sum(p.numel() * 4 for p in trainer.model.parameters()) / 2**20
     up = build_update_message("f", "run", "dev000", 1, 0, res.state, 40, codec=codec)

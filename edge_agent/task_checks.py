@@ -71,6 +71,9 @@ def check_train_settings(train: Mapping[str, Any], profile: Profile, num_samples
     decay = _number(train, "weight_decay")
     if decay is not None and decay < 0:
         raise Refused(f"task setting 'weight_decay' is {decay!r}; it must be >= 0")
+    mu = _number(train, "proximal_mu")
+    if mu is not None and mu < 0:
+        raise Refused(f"task setting 'proximal_mu' is {mu!r}; it must be >= 0 (FedProx)")
     optimizer = train.get("optimizer", profile.optimizer)
     if optimizer not in OPTIMIZERS:
         raise Refused(f"task setting 'optimizer' is {optimizer!r}; allowed: {', '.join(OPTIMIZERS)}")

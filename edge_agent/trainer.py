@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from fedge.models.errors import ConfigError
 from fedge.models.registry import build_model, count_parameters, get_state, set_state
 from fedge.models.supermask import model_masks
+from fedge.models.wire.codecs import UPDATE_CARRIES
 
 from .profile import Profile
 
@@ -33,6 +34,7 @@ class TrainConfig:
     optimizer: str = "sgd"
     momentum: float = 0.9
     weight_decay: float = 0.0
+    proximal_mu: float = 0.0  # FedProx: adds mu/2 ||w - w_received||^2 to the loss (0: plain local SGD)
 
     @classmethod
     def resolve(cls, profile: Profile, task: Mapping[str, Any] | None) -> TrainConfig:
@@ -45,6 +47,7 @@ class TrainConfig:
             optimizer=str(task.get("optimizer", profile.optimizer)),
             momentum=float(task.get("momentum", profile.momentum)),
             weight_decay=float(task.get("weight_decay", 0.0)),
+            proximal_mu=float(task.get("proximal_mu", 0.0)),
         )
 
 
@@ -93,6 +96,8 @@ class LocalTrainer:
             opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         else:
             opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        # FedProx's anchor: the weights as received; no term (and no copy) when mu is 0
+        prox = (cfg.proximal_mu, params, [p.detach().clone() for p in params]) if cfg.proximal_mu > 0 else None
         gen = torch.Generator().manual_seed(seed)
         n = len(y)
         total_loss, correct, seen = 0.0, 0, 0
@@ -100,7 +105,7 @@ class LocalTrainer:
             order = torch.randperm(n, generator=gen)
             for begin in range(0, n, cfg.batch_size):
                 idx = order[begin : begin + cfg.batch_size]
-                loss, hits = _step(model, opt, x[idx].to(self.device), y[idx].to(self.device))
+                loss, hits = _step(model, opt, x[idx].to(self.device), y[idx].to(self.device), prox)
                 total_loss += loss * len(idx)
                 correct += hits
                 seen += len(idx)
@@ -120,13 +125,23 @@ class LocalTrainer:
         )
 
 
-def _step(model: torch.nn.Module, opt: torch.optim.Optimizer, xb: torch.Tensor, yb: torch.Tensor) -> tuple[float, int]:
-    """One SGD/Adam step; returns (batch loss, correct predictions). Gradients are cleared
-    before forward, not after it, so last step's gradients are not held through forward."""
+Proximal = tuple[float, list[torch.nn.Parameter], list[torch.Tensor]]  # (mu, parameters, their anchors)
+
+
+def _step(model: torch.nn.Module, opt: torch.optim.Optimizer, xb: torch.Tensor, yb: torch.Tensor,
+          prox: Proximal | None = None) -> tuple[float, int]:
+    """One SGD/Adam step; returns (batch data loss, correct predictions). With `prox`, the
+    FedProx term mu/2 sum ||p - anchor||^2 joins the loss that is minimised (not the one
+    reported). Gradients are cleared before forward, so last step's are not held through it."""
     opt.zero_grad(set_to_none=True)
     logits = model(xb)
     loss = F.cross_entropy(logits, yb)
-    loss.backward()
+    if prox is None:
+        loss.backward()
+    else:
+        mu, params, anchors = prox
+        drift = sum(((p - a) ** 2).sum() for p, a in zip(params, anchors))
+        (loss + 0.5 * mu * drift).backward()
     opt.step()
     return float(loss.detach()), int((logits.argmax(1) == yb).sum())
 
@@ -140,12 +155,13 @@ def _release(opt: torch.optim.Optimizer) -> None:
 
 def uplink_state(trainer: LocalTrainer, result: TrainResult, codec: str | None,
                  received: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """What a device sends after training: its trained state, or, for the 1-bit codec
-    ('mask1', strategy mpt-mask), only the masks its trained scores select, or for 'sign1'
-    (strategy sign-delta) the change from `received` (the global the job started from), which
-    the codec cuts to 1 bit."""
-    if codec == "mask1":
+    """What a device sends after training, as the task's codec says (UPDATE_CARRIES, declared
+    by the hub's strategy): its trained state; for a 'mask' codec (mask1, strategy mpt-mask)
+    only the masks its trained scores select; for a 'sign' codec (sign1, strategy sign-delta)
+    the change from `received` (the global the job started from), which the codec cuts to 1 bit."""
+    carries = UPDATE_CARRIES.get(codec or "", "state")
+    if carries == "mask":
         return model_masks(trainer.model)
-    if codec == "sign1":
+    if carries == "sign":
         return {k: v - np.asarray(received[k], dtype=np.float32) for k, v in result.state.items()}
     return result.state

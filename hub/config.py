@@ -10,6 +10,8 @@ from fedge.models.wire.codecs import MODEL_CODECS
 from fedge.models.wire.envelope import DEFAULT_MAX_BYTES
 from fedge.models.wire.topics import ROOT
 
+from .strategies import Strategy, make_strategy
+
 
 @dataclass
 class HubConfig:
@@ -31,6 +33,8 @@ class HubConfig:
     target_accuracy: float | None = None
     min_weight_change: float | None = None
     strategy: str = "fedavg"
+    # the strategy's constructor options, e.g. {"server_momentum": 0.9} (hub/strategies/, option_names)
+    strategy_options: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)  # lr, epochs, batch_size, optimizer, momentum
     update_codec: str | None = None
     model_codec: str = "fp32"  # the published model only (fp16 halves the downlink); checkpoints stay fp32
@@ -51,6 +55,11 @@ class HubConfig:
             raise ConfigError(f"max_samples must be a positive integer, got {self.max_samples!r}")
         if self.model_codec not in MODEL_CODECS:
             raise ConfigError(f"model codec {self.model_codec!r} cannot carry a model; use one of {', '.join(MODEL_CODECS)}")
+        self.make_strategy().task_codec(self.update_codec)
+
+    def make_strategy(self) -> Strategy:
+        """This run's aggregation strategy, built from its name and options (fresh server state)."""
+        return make_strategy(self.strategy, self.strategy_options)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)

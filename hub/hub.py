@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from fedge.models.errors import ConfigError
 from fedge.models.evaluate import evaluate
 from fedge.models.registry import build_model, get_state, set_state
 from fedge.models.wire import EnvelopeError, Topics, check_against, decode
@@ -43,7 +44,7 @@ from .roster import Roster
 from .rounds import round_train_settings, select_devices, should_stop
 from .run_epoch import new_run_epoch
 from .store import RunStore
-from .strategies import UPDATE_CODEC, check_strategy_fits, get_strategy, weight_change
+from .strategies import weight_change
 
 log = logging.getLogger("fedge.hub")
 
@@ -74,11 +75,11 @@ class Hub:
         self.store = store
         self.run_id = store.dir.name
         self.topics = Topics(config.fleet, config.prefix)
-        self.strategy = get_strategy(config.strategy)
+        self.strategy = config.make_strategy()
         self.on_round = on_round
         self.model = build_model(config.model, config.in_shape, config.num_classes, seed=config.seed)
         self.reference = get_state(self.model)
-        check_strategy_fits(config.strategy, config.model, self.reference)
+        self.strategy.check_fits(config.model, self.reference)
         device = torch.device(config.eval_device)
         self.model.to(device)
         self.test_x = torch.from_numpy(test_x).to(device) if test_x is not None else None
@@ -122,6 +123,11 @@ class Hub:
         msg = parse_model(decode(self.store.load_checkpoint(last)))
         self.global_state = msg.tensors
         self.version = last
+        server_state = self.store.load_server_state(last)
+        if server_state is None and last > 0 and self.strategy.stateful:
+            raise ConfigError(f"run {self.run_id}: strategy {self.config.strategy} keeps server state, but none "
+                              f"was saved with checkpoint {last}; it cannot resume exactly")
+        self.strategy.load_server_state(server_state or {})
         self._closed_rounds = {r["round"]: set(r["participants"]) for r in self.store.rounds()}
         log.info("resuming run %s after round %d", self.run_id, last)
 
@@ -252,8 +258,8 @@ class Hub:
             task = TaskMessage(
                 fleet=self.config.fleet, run=self.run_id, round=round_id, model_version=self.version,
                 selected=self._select(online, round_id, attempt), deadline=time.time() + self.config.deadline_s,
-                train=round_train_settings(self.config.train, round_id, self.config.rounds), state="open",
-                codec=self.config.update_codec or UPDATE_CODEC.get(self.config.strategy), epoch=self.epoch,
+                train=self.strategy.configure_train(round_train_settings(self.config.train, round_id, self.config.rounds)),
+                state="open", codec=self.strategy.task_codec(self.config.update_codec), epoch=self.epoch,
             )
         self.store.open_round(round_id, asdict(task))
         with self._cond:
@@ -353,12 +359,12 @@ class Hub:
     def _complete(self, task: TaskMessage, accepted: dict[str, Accepted], started: float, down_bytes: int) -> dict:
         # sorted by device id: the float sums do not depend on arrival order (reproducible runs)
         updates = [(a.tensors, a.num_samples) for _, a in sorted(accepted.items())]
-        new_state = self.strategy(self.global_state, updates)
+        new_state = self.strategy.aggregate(self.global_state, updates)
         change = weight_change(self.global_state, new_state)
         loss, acc = self.evaluate(new_state)
         new_version = self.version + 1
         self.store.save_checkpoint(new_version, self.model_payload(new_version, new_state, codec="fp32"),
-                                   keep=self.config.keep_checkpoints)
+                                   keep=self.config.keep_checkpoints, server_state=self.strategy.server_state())
         train_losses = [a.metrics.get("loss") for a in accepted.values() if isinstance(a.metrics.get("loss"), (int, float))]
         record = {
             "round": task.round,

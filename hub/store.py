@@ -1,19 +1,24 @@
 """The run store: one SQLite file and one checkpoint folder per run, so a crash loses nothing.
 
-Order of writes when a round completes: checkpoint file (atomic rename) first, then one
+Order of writes when a round completes: the strategy's server state (if it keeps any, e.g.
+FedAvgM's momentum) and the checkpoint file (atomic renames) first, then one
 transaction that records the round and clears its pending updates. A crash between the
 two re-runs the round from the same persisted updates; it is never counted twice.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import sqlite3
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -60,19 +65,33 @@ class RunStore:
     def checkpoint_path(self, version: int) -> Path:
         return self.dir / "checkpoints" / f"model_v{version:05d}.fedge"
 
-    def save_checkpoint(self, version: int, payload: bytes, keep: int = 2) -> Path:
+    def server_state_path(self, version: int) -> Path:
+        return self.dir / "checkpoints" / f"server_v{version:05d}.npz"
+
+    def save_checkpoint(self, version: int, payload: bytes, keep: int = 2,
+                        server_state: Mapping[str, np.ndarray] | None = None) -> Path:
+        """Write model version `version` (and the strategy's server state after it, if any:
+        first, so a checkpoint never exists without the state it was aggregated with)."""
+        if server_state:
+            buf = io.BytesIO()
+            np.savez(buf, **{k: np.asarray(v) for k, v in server_state.items()})
+            _write_atomic(self.server_state_path(version), buf.getvalue())
         path = self.checkpoint_path(version)
-        tmp = path.with_suffix(".tmp")
-        with open(tmp, "wb") as fh:
-            fh.write(payload)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        _write_atomic(path, payload)
         if keep > 0:
-            for old in sorted(self.dir.glob("checkpoints/model_v*.fedge"))[:-keep]:
-                if old != self.checkpoint_path(0):
-                    old.unlink(missing_ok=True)
+            for pattern in ("model_v*.fedge", "server_v*.npz"):
+                for old in sorted(self.dir.glob(f"checkpoints/{pattern}"))[:-keep]:
+                    if old != self.checkpoint_path(0):
+                        old.unlink(missing_ok=True)
         return path
+
+    def load_server_state(self, version: int) -> dict[str, np.ndarray] | None:
+        """The strategy's server state saved with checkpoint `version`; None if none was."""
+        path = self.server_state_path(version)
+        if not path.exists():
+            return None
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
 
     def load_checkpoint(self, version: int) -> bytes:
         path = self.checkpoint_path(version)
@@ -157,3 +176,12 @@ class RunStore:
         with self._lock:
             rows = self._db.execute("SELECT ts, device, round, reason FROM rejections ORDER BY ts").fetchall()
         return [{"ts": r[0], "device": r[1], "round": r[2], "reason": r[3]} for r in rows]
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)

@@ -185,3 +185,35 @@ def test_programming_errors_keep_their_traceback(monkeypatch, capsys, exc):
         main(["profiles"])
     assert raised.value is exc
     assert "error:" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, strategy, options", [
+    (["fleet", "--strategy", "fedavgm", "--server-momentum", "0.9", "--server-lr", "0.5"], "fedavgm",
+     {"server_momentum": 0.9, "server_lr": 0.5}),
+    (["fleet", "--strategy", "fedprox", "--proximal-mu", "0.01"], "fedprox", {"proximal_mu": 0.01}),
+    (["hub", "--strategy", "trimmed-mean", "--trim-fraction", "0.2"], "trimmed-mean", {"trim_fraction": 0.2}),
+    (["hub", "--strategy", "krum", "--byzantine", "2"], "krum", {"byzantine": 2}),
+])
+def test_strategy_options_reach_the_run_config_and_persist(argv, strategy, options):
+    from fedge.cli import build_parser
+    from fedge.cli.hub import _apply_round_args, fleet_config_from_args
+    from fedge.hub.config import HubConfig
+
+    args = build_parser().parse_args(argv)
+    if argv[0] == "fleet":
+        cfg = fleet_config_from_args(args).hub
+    else:
+        cfg = HubConfig()
+        _apply_round_args(cfg, args)
+    assert (cfg.strategy, cfg.strategy_options) == (strategy, options)
+    back = HubConfig.from_json(json.loads(json.dumps(cfg.to_json())))  # what the run store keeps for --resume
+    assert (back.strategy, back.strategy_options) == (strategy, options)
+    built = back.make_strategy()
+    assert built.name == strategy and all(getattr(built, k) == v for k, v in options.items())
+
+
+def test_strategy_option_for_another_strategy_is_a_clear_error():
+    out = _run(["fleet", "--strategy", "median", "--server-momentum", "0.9", "--no-progress"])
+    assert out.returncode == 2
+    assert "strategy median has no option server_momentum" in out.stderr, out.stderr
+    assert "--proximal-mu" in _run(["hub", "--help"]).stdout

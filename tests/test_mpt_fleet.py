@@ -14,7 +14,8 @@ import torch
 
 from fedge.hub.config import HubConfig
 from fedge.hub.sim.fleet import Fleet, FleetConfig
-from fedge.hub.strategies import check_strategy_fits, sign_delta
+from fedge.hub.strategies import make_strategy
+from fedge.hub.strategies.sign_delta import SignDelta
 from fedge.models.partition import PartitionSpec
 from fedge.models.registry import build_model, get_state
 from fedge.models.wire import decode, decode_tensors
@@ -162,7 +163,7 @@ def test_sign_delta_rule_is_fedavg_of_rebuilt_states():
     rng = np.random.default_rng(1)
     glob = {"w": rng.normal(size=(4, 4)).astype(np.float32)}
     d1, d2 = rng.normal(size=(4, 4)).astype(np.float32), rng.normal(size=(4, 4)).astype(np.float32)
-    new = sign_delta(glob, [({"w": d1}, 30), ({"w": d2}, 10)])
+    new = SignDelta()(glob, [({"w": d1}, 30), ({"w": d2}, 10)])
     assert np.allclose(new["w"], glob["w"] + 0.75 * d1 + 0.25 * d2, atol=1e-6)
 
 
@@ -192,9 +193,9 @@ def test_mask_uplink_refuses_models_a_mask_cannot_carry(model, reason):
     the run stops at start with the reason, instead of every update being refused."""
     state = get_state(build_model(model, (1, 28, 28), 10))
     with pytest.raises(ValueError, match=reason):
-        check_strategy_fits("mpt-mask", model, state)
-    check_strategy_fits("sign-delta", model, state)  # sign-delta moves any state
-    check_strategy_fits("mpt-mask", "conv4-mpt", get_state(build_model("conv4-mpt", (1, 28, 28), 10)))
+        make_strategy("mpt-mask").check_fits(model, state)
+    make_strategy("sign-delta").check_fits(model, state)  # sign-delta moves any state
+    make_strategy("mpt-mask").check_fits("conv4-mpt", get_state(build_model("conv4-mpt", (1, 28, 28), 10)))
 
 
 def test_bnn_run_leaves_a_one_bit_file_with_the_hubs_accuracy(embedded_broker, topic_prefix, tmp_path, small_data,

@@ -11,13 +11,13 @@ import pytest
 
 from fedge.hub.config import HubConfig
 from fedge.hub.sim.fleet import Fleet, FleetConfig
-from fedge.hub.strategies import UPDATE_CODEC
+from fedge.hub.strategies import make_strategy
 from fedge.models.errors import ConfigError
 from fedge.models.partition import PartitionSpec
 from fedge.models.wire import decode
 from fedge.models.wire.messages import parse_model
 
-CASES = {  # strategy -> model; each strategy's own uplink codec (UPDATE_CODEC)
+CASES = {  # strategy -> model; each strategy's own uplink codec (Strategy.codec)
     "fedavg": "mlp",
     "sign-delta": "mlp-mpt",
     "mpt-score-avg": "mlp-mpt",
@@ -63,7 +63,7 @@ def test_inproc_and_mqtt_give_the_same_global_model(strategy, embedded_broker, t
     assert over_mqtt["rounds"][-1]["weight_change"] > 0
     assert json.loads((tmp_path / "inproc" / in_memory["run_id"] / "run.json").read_text())["transport"] == "inproc"
     assert over_mqtt["transport"] == "mqtt"
-    if UPDATE_CODEC.get(strategy) in ("sign1", "mask1"):  # the 1-bit uplink really is cut on both transports
+    if make_strategy(strategy).codec in ("sign1", "mask1"):  # the 1-bit uplink really is cut on both transports
         for report in (over_mqtt, in_memory):
             assert report["uplink_bytes_per_device"] < report["downlink_bytes_per_device"] / 16
 

@@ -19,6 +19,8 @@ from fedge.models.wire.codecs import ALL_CODECS, MODEL_CODECS
 
 log = logging.getLogger("fedge")
 HUB_DEFAULTS = HubConfig()
+# strategy options with a command-line flag (--server-lr -> server_lr): the constructor parameter names
+STRATEGY_OPTION_FLAGS = ("server_lr", "server_momentum", "proximal_mu", "trim_fraction", "byzantine")
 
 
 def _positive_int(text: str) -> int:
@@ -38,7 +40,23 @@ def _add_round_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--min-updates", type=int, help="fewest updates to aggregate; fewer re-runs the round")
     g.add_argument("--target-accuracy", type=float, help="stop once test accuracy reaches this (0-1)")
     g.add_argument("--min-weight-change", type=float, help="stop once the relative weight change falls below this")
-    g.add_argument("--strategy", help=f"aggregation rule: {', '.join(STRATEGIES)} (default fedavg)")
+    g.add_argument("--strategy", choices=list(STRATEGIES), metavar="NAME",
+                   help=f"aggregation rule: {', '.join(STRATEGIES)} (default fedavg); the options below "
+                        "set its parameters")
+    s = parser.add_argument_group("strategy options (only for the strategies named; others refuse them)")
+    s.add_argument("--server-lr", type=float, metavar="ETA",
+                   help="fedavgm, fedadam: server learning rate on the round's pseudo-gradient "
+                        "(default 1.0 for fedavgm, 0.01 for fedadam)")
+    s.add_argument("--server-momentum", type=float, metavar="BETA",
+                   help="fedavgm: server momentum in [0, 1) (default 0.9; 0 with --server-lr 1 is FedAvg)")
+    s.add_argument("--proximal-mu", type=float, metavar="MU",
+                   help="fedprox: weight of the proximal term mu/2 ||w - w_global||^2 in each device's local "
+                        "loss, sent in the task (default 0.01; 0 trains as FedAvg)")
+    s.add_argument("--trim-fraction", type=float, metavar="F",
+                   help="trimmed-mean: share of the largest and of the smallest values dropped per weight "
+                        "(default 0.1)")
+    s.add_argument("--byzantine", type=int, metavar="F",
+                   help="krum, multi-krum: devices that may lie (Krum's f; default 1)")
     g.add_argument("--lr", type=float, help="local learning rate sent with each task")
     g.add_argument("--epochs", type=int, help="local epochs per round")
     g.add_argument("--batch-size", type=int, help="local batch size (capped by each device's profile)")
@@ -64,10 +82,15 @@ def _apply_round_args(cfg, args: argparse.Namespace) -> None:  # noqa: ANN001 - 
         value = getattr(args, arg, None)
         if value is not None:
             setattr(cfg, attr, value)
+    for key in STRATEGY_OPTION_FLAGS:
+        value = getattr(args, key, None)
+        if value is not None:
+            cfg.strategy_options = {**cfg.strategy_options, key: value}
     for arg, key in (("lr", "lr"), ("epochs", "epochs"), ("batch_size", "batch_size")):
         value = getattr(args, arg, None)
         if value is not None:
             cfg.train = {**cfg.train, key: value}
+    cfg.check()  # a bad strategy option or codec fails here, naming the flag's setting, before anything starts
 
 
 def _ints(flag: str, text: str) -> tuple[int, ...]:

@@ -31,6 +31,10 @@ MASK_CODEC = "mask1"
 # float32 +-scale: a 1-bit-per-weight uplink that still says which way every score moved.
 SIGN_CODEC = "sign1"
 ALL_CODECS = (*CODECS, MASK_CODEC, SIGN_CODEC)
+# what an update holds under each codec (any other codec: the device's trained state). The
+# codec in a round's task is all a device needs to know what to send, and all the hub needs
+# to know that an update in another codec means something else and must be refused.
+UPDATE_CARRIES: dict[str, str] = {MASK_CODEC: "mask", SIGN_CODEC: "sign"}
 # codecs a model envelope may use: a model's tensors are values, which the 1-bit codecs cannot carry
 MODEL_CODECS = tuple(CODECS)
 
