@@ -4,7 +4,9 @@ and the hub refuses an update that carries one."""
 
 from __future__ import annotations
 
+import re
 import threading
+from pathlib import Path
 
 import numpy as np
 import paho.mqtt.client as mqtt
@@ -173,3 +175,24 @@ def test_hub_refuses_an_update_that_carries_a_private_tensor(tmp_path, embedded_
     hub._on_update(hub.topics.device_update("dev000"), payload)
     reasons = [r["reason"] for r in hub.store.rejections()]
     assert len(reasons) == 1 and "private tensor" in reasons[0] and "head." in reasons[0]
+
+
+def test_export_refuses_a_hub_file_without_the_private_head(tmp_path):
+    from fedge.models.export import ExportError, export
+    from fedge.models.wire.messages import build_model_message
+
+    shared, _ = split_state(MODEL, get_state(build_model(MODEL, SHAPE, CLASSES, seed=0)))
+    path = tmp_path / "final_model.fedge"
+    path.write_bytes(build_model_message("priv", "run", 2, MODEL, shared, meta={"in_shape": [1, 28, 28], "num_classes": 10}))
+    with pytest.raises(ExportError, match="head"):
+        export(path, out=tmp_path / "m.onnx")
+
+
+def test_design_doc_shows_the_real_code():
+    root = Path(__file__).resolve().parents[1]
+    section = (root / "docs" / "design.md").read_text().split("## Private tensors", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    sources = (root / "models" / "registry.py").read_text() + (root / "edge_agent" / "agent.py").read_text()
+    assert len(blocks) == 4
+    for block in blocks:
+        assert block in sources, block[:80]
