@@ -196,3 +196,35 @@ def test_design_doc_shows_the_real_code():
     assert len(blocks) == 4
     for block in blocks:
         assert block in sources, block[:80]
+
+
+def test_fedge_agent_processes_keep_their_head_in_a_file(tmp_path, mosquitto_url, topic_prefix):
+    """`fedge agent` as users run it: the head lands next to --data by default, or in --private-state."""
+    import os
+    import subprocess
+    import sys
+
+    fedge = [sys.executable, "-m", "fedge.cli"]
+    parts = tmp_path / "parts"
+    made = subprocess.run(fedge + ["partition", "--dataset", "synthetic", "--devices", "2", "--out", str(parts)],
+                          capture_output=True, text=True, timeout=120)
+    assert made.returncode == 0, made.stderr
+    common = ["--broker", mosquitto_url, "--topic-prefix", topic_prefix, "--fleet", "heads"]
+    chosen = tmp_path / "state" / "pi1-head.npz"
+    extra = [[], ["--private-state", str(chosen)]]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    agents = [subprocess.Popen(fedge + ["agent", *common, "--profile", "sim", "--data", str(parts / f"dev00{i}.npz"),
+                                        "--device-id", f"pi{i}", "--once", *extra[i]],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) for i in range(2)]
+    hub = subprocess.run(fedge + ["hub", *common, "--dataset", "synthetic", "--model", MODEL, "--rounds", "1",
+                                  "--min-devices", "2", "--runs-dir", str(tmp_path), "--run-id", "r", "--wait-devices", "60"],
+                         capture_output=True, text=True, timeout=240, env=env)
+    assert hub.returncode == 0, hub.stderr[-3000:]
+    for proc in agents:
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0 and "trained 1 round(s)" in out, out[-2000:]
+    start = initial_private(MODEL, SHAPE, CLASSES, seed=0)
+    for path in (parts / "fedge-agent-private-heads-pi0.npz", chosen):
+        head = PrivateStore(path).load(MODEL)
+        assert head is not None and set(head) == {"head.weight", "head.bias"}, path
+        assert not np.allclose(head["head.weight"], start["head.weight"]), path
