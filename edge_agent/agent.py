@@ -264,10 +264,7 @@ class Agent:
         budget = time_budget(self.profile)
 
         def job(trainer: LocalTrainer) -> TrainResult:
-            private = None
-            if private_patterns(model.model):  # this device's own head, from earlier rounds or the seeded model
-                private = self.private.load(model.model) or initial_private(model.model, self.in_shape,
-                                                                            self.num_classes, self.seed)
+            private = self._private_tensors(model.model) if private_patterns(model.model) else None
             result = trainer.train(tensors, self.x, self.y, cfg, seed, after_step=budget, private=private)
             if result.private:
                 self.private.save(model.model, result.private)
@@ -285,6 +282,19 @@ class Agent:
 
         self.training.set()
         self.pool.submit((model.model, self.in_shape, self.num_classes), job, done)
+
+    def _private_tensors(self, model_name: str) -> dict[str, np.ndarray]:
+        """This device's own private tensors (its head): those kept from earlier rounds or an
+        earlier start, else (first round, or kept ones that no longer fit) the seeded model's."""
+        kept = self.private.load(model_name)
+        fresh = initial_private(model_name, self.in_shape, self.num_classes, self.seed)
+        if kept is None:
+            return fresh
+        if {k: v.shape for k, v in kept.items()} != {k: v.shape for k, v in fresh.items()}:
+            log.warning("%s: kept private tensors of %s do not fit this model (other classes or input?); "
+                        "starting them afresh", self.device_id, model_name)
+            return fresh
+        return kept
 
     def _finish(self, task: TaskMessage, result: TrainResult | Exception) -> None:
         key = (task.run, task.round)

@@ -15,6 +15,7 @@ import torch
 
 from fedge.edge_agent.agent import Agent
 from fedge.edge_agent.private_store import PrivateStore
+from fedge.edge_agent.profile import load_profile
 from fedge.edge_agent.trainer import initial_private
 from fedge.hub.config import HubConfig
 from fedge.hub.hub import Hub
@@ -24,7 +25,8 @@ from fedge.models.errors import DataError
 from fedge.models.evaluate import evaluate
 from fedge.models.partition import PartitionSpec
 from fedge.models.registry import build_model, get_state, model_names, private_patterns, set_state, split_state
-from fedge.models.wire import decode
+from fedge.models.wire import Topics, decode
+from fedge.models.wire.inproc import InprocBroker
 from fedge.models.wire.messages import build_update_message, parse_model, parse_update
 from fedge.models.wire.transport import BrokerConfig
 
@@ -193,7 +195,7 @@ def test_design_doc_shows_the_real_code():
     section = (root / "docs" / "design.md").read_text().split("## Private tensors", 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
     sources = (root / "models" / "registry.py").read_text() + (root / "edge_agent" / "agent.py").read_text()
-    assert len(blocks) == 4
+    assert len(blocks) == 5
     for block in blocks:
         assert block in sources, block[:80]
 
@@ -228,3 +230,13 @@ def test_fedge_agent_processes_keep_their_head_in_a_file(tmp_path, mosquitto_url
         head = PrivateStore(path).load(MODEL)
         assert head is not None and set(head) == {"head.weight", "head.bias"}, path
         assert not np.allclose(head["head.weight"], start["head.weight"]), path
+
+
+def test_kept_head_of_another_shape_is_replaced_by_a_fresh_one(tmp_path, small_data):
+    path = tmp_path / "dev.npz"
+    PrivateStore(path).save(MODEL, initial_private(MODEL, SHAPE, 5, seed=0))  # a head for 5 classes
+    agent = Agent("dev000", load_profile("sim"), InprocBroker().link, Topics("priv"), small_data.train,
+                  CLASSES, pool=None, private_state=path)  # type: ignore[arg-type] - no job runs here
+    head = agent._private_tensors(MODEL)
+    assert head["head.weight"].shape == (CLASSES, 200)
+    assert np.array_equal(head["head.weight"], initial_private(MODEL, SHAPE, CLASSES, seed=0)["head.weight"])
