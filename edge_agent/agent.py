@@ -10,6 +10,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,7 +18,7 @@ import torch
 
 from fedge.models.data import Split
 from fedge.models.errors import ConfigError
-from fedge.models.registry import parameter_count
+from fedge.models.registry import parameter_count, private_patterns
 from fedge.models.wire import EnvelopeError, Topics, decode
 from fedge.models.wire.envelope import DEFAULT_MAX_BYTES, Verifier
 from fedge.models.wire.freshness import Position, RunGuard, StaleMessage
@@ -32,9 +33,18 @@ from fedge.models.wire.messages import (
 from fedge.models.wire.transport import BrokerConfig, LinkFactory, make_link
 
 from .pool import TrainingPool
+from .private_store import PrivateStore
 from .profile import Profile, ProfileError
 from .task_checks import Refused, check_model, check_train_settings, time_budget
-from .trainer import LocalTrainer, TrainConfig, TrainResult, estimate_training_mb, job_seed, uplink_state
+from .trainer import (
+    LocalTrainer,
+    TrainConfig,
+    TrainResult,
+    estimate_training_mb,
+    initial_private,
+    job_seed,
+    uplink_state,
+)
 
 log = logging.getLogger("fedge.agent")
 _UNVERIFIED_WARNED: set[str] = set()  # fleets (topic base) already warned about in this process
@@ -59,6 +69,7 @@ class Agent:
         device_key: bytes | None = None,
         guard: RunGuard | None = None,
         warn_unverified: bool = True,
+        private_state: str | Path | None = None,
     ) -> None:
         self.device_id = device_id
         self.profile = profile
@@ -77,6 +88,7 @@ class Agent:
         self.device_key = device_key  # set: updates carry an HMAC tag the hub checks
         self.warn_unverified = warn_unverified  # False: a simulator on its own in-process broker
         self.guard = guard or RunGuard(topics.fleet)  # refuses replays of earlier runs/versions
+        self.private = PrivateStore(private_state)  # the model's private tensors (its head): never sent
         self._lock = threading.Lock()
         self._model: ModelMessage | None = None
         self._task: TaskMessage | None = None
@@ -252,7 +264,10 @@ class Agent:
         budget = time_budget(self.profile)
 
         def job(trainer: LocalTrainer) -> TrainResult:
-            result = trainer.train(tensors, self.x, self.y, cfg, seed, after_step=budget)
+            private = self._private_tensors(model.model) if private_patterns(model.model) else None
+            result = trainer.train(tensors, self.x, self.y, cfg, seed, after_step=budget, private=private)
+            if result.private:
+                self.private.save(model.model, result.private)
             self._seconds_per_sample = result.seconds / max(1, cfg.epochs * len(self.y))
             result.state = uplink_state(trainer, result, task.codec, tensors)
             return result
@@ -267,6 +282,19 @@ class Agent:
 
         self.training.set()
         self.pool.submit((model.model, self.in_shape, self.num_classes), job, done)
+
+    def _private_tensors(self, model_name: str) -> dict[str, np.ndarray]:
+        """This device's own private tensors (its head): those kept from earlier rounds or an
+        earlier start, else (first round, or kept ones that no longer fit) the seeded model's."""
+        kept = self.private.load(model_name)
+        fresh = initial_private(model_name, self.in_shape, self.num_classes, self.seed)
+        if kept is None:
+            return fresh
+        if {k: v.shape for k, v in kept.items()} != {k: v.shape for k, v in fresh.items()}:
+            log.warning("%s: kept private tensors of %s do not fit this model (other classes or input?); "
+                        "starting them afresh", self.device_id, model_name)
+            return fresh
+        return kept
 
     def _finish(self, task: TaskMessage, result: TrainResult | Exception) -> None:
         key = (task.run, task.round)

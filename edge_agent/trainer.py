@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 import zlib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from fedge.models.errors import ConfigError
-from fedge.models.registry import build_model, count_parameters, get_state, set_state
+from fedge.models.registry import build_model, count_parameters, get_state, is_private, set_state, split_state
 from fedge.models.supermask import model_masks
 from fedge.models.wire.codecs import UPDATE_CARRIES
 
@@ -58,6 +58,7 @@ class TrainResult:
     loss: float
     accuracy: float
     seconds: float
+    private: dict[str, np.ndarray] = field(default_factory=dict)  # trained private tensors: they stay here
 
 
 def job_seed(base_seed: int, round_id: int, device_id: str) -> int:
@@ -84,12 +85,14 @@ class LocalTrainer:
 
     def train(
         self, state: Mapping[str, np.ndarray], x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, seed: int,
-        after_step: Callable[[float], None] | None = None,
+        after_step: Callable[[float], None] | None = None, private: Mapping[str, np.ndarray] | None = None,
     ) -> TrainResult:
-        """`after_step(elapsed seconds)` runs after every step; it may raise to stop training
-        (the agent's time budget, task_checks.time_budget)."""
+        """Train the full model: the received (shared) `state` plus this device's `private`
+        tensors (models with a private head, registry.split_state). `after_step(elapsed
+        seconds)` runs after every step; it may raise to stop training (the agent's time
+        budget, task_checks.time_budget)."""
         start = time.perf_counter()
-        set_state(self.model, state)
+        set_state(self.model, {**state, **(private or {})})
         model = self.model.train()
         params = [p for p in model.parameters() if p.requires_grad]
         if cfg.optimizer == "adam":
@@ -116,13 +119,21 @@ class LocalTrainer:
                         _release(opt)
                         raise
         _release(opt)
+        trained, kept = split_state(self.model_name, get_state(model))
         return TrainResult(
-            state=get_state(model),
+            state=trained,
             num_samples=n,
             loss=total_loss / max(1, seen),
             accuracy=correct / max(1, seen),
             seconds=time.perf_counter() - start,
+            private=dict(kept),
         )
+
+
+def initial_private(model_name: str, in_shape: tuple[int, ...], num_classes: int, seed: int) -> dict[str, np.ndarray]:
+    """A device's private tensors before its first round: those of the model built with `seed`
+    (the same seeded initialisation as the hub's model, for the same seed)."""
+    return dict(split_state(model_name, get_state(build_model(model_name, in_shape, num_classes, seed=seed)))[1])
 
 
 Proximal = tuple[float, list[torch.nn.Parameter], list[torch.Tensor]]  # (mu, parameters, their anchors)
@@ -158,10 +169,12 @@ def uplink_state(trainer: LocalTrainer, result: TrainResult, codec: str | None,
     """What a device sends after training, as the task's codec says (UPDATE_CARRIES, declared
     by the hub's strategy): its trained state; for a 'mask' codec (mask1, strategy mpt-mask)
     only the masks its trained scores select; for a 'sign' codec (sign1, strategy sign-delta)
-    the change from `received` (the global the job started from), which the codec cuts to 1 bit."""
+    the change from `received` (the global the job started from), which the codec cuts to 1 bit.
+    Only shared tensors: a model's private ones (registry.split_state) never leave the device."""
     carries = UPDATE_CARRIES.get(codec or "", "state")
     if carries == "mask":
-        return model_masks(trainer.model)
+        return {k: v for k, v in model_masks(trainer.model).items() if not is_private(trainer.model_name, k)}
     if carries == "sign":
-        return {k: v - np.asarray(received[k], dtype=np.float32) for k, v in result.state.items()}
-    return result.state
+        return {k: v - np.asarray(received[k], dtype=np.float32) for k, v in result.state.items()
+                if not is_private(trainer.model_name, k)}
+    return {k: v for k, v in result.state.items() if not is_private(trainer.model_name, k)}

@@ -23,7 +23,7 @@ import torch
 
 from fedge.models.errors import ConfigError
 from fedge.models.evaluate import evaluate
-from fedge.models.registry import build_model, get_state, set_state
+from fedge.models.registry import build_model, get_state, private_patterns, set_state, split_state
 from fedge.models.wire import EnvelopeError, Topics, check_against, decode
 from fedge.models.wire.keys import device_key, hub_signer
 from fedge.models.wire.messages import (
@@ -78,7 +78,9 @@ class Hub:
         self.strategy = config.make_strategy()
         self.on_round = on_round
         self.model = build_model(config.model, config.in_shape, config.num_classes, seed=config.seed)
-        self.reference = get_state(self.model)
+        # only the shared tensors: the model's private ones (its per-device head) never reach the hub
+        self.reference, private = split_state(config.model, get_state(self.model))
+        self.private_names = frozenset(private)
         self.strategy.check_fits(config.model, self.reference)
         device = torch.device(config.eval_device)
         self.model.to(device)
@@ -176,6 +178,10 @@ class Hub:
             env = decode(payload, max_bytes=self.config.max_payload, key=key)
             round_id = env.header.get("round") if isinstance(env.header.get("round"), int) else None
             upd = parse_update(env)
+            leaked = sorted(self.private_names.intersection(upd.tensors))
+            if leaked:
+                raise EnvelopeError(f"update carries private tensor(s) {leaked[:3]} of {self.config.model}, "
+                                    f"which stay on the device ({', '.join(private_patterns(self.config.model))})")
             check_against(upd.tensors, self.reference)  # malformed content is reported as such first
             reason = self._admit(device, upd)
             if reason == DUPLICATE:
@@ -289,7 +295,10 @@ class Hub:
         return accepted
 
     def evaluate(self, state: OrderedDict[str, np.ndarray], full: bool = False) -> tuple[float | None, float | None]:
-        if self.test_x is None:
+        """Test loss and accuracy of the global model; (None, None) without test data, or for a
+        model with private tensors: the hub has the shared part only, no device's head, and a
+        score with a head no device uses would not be the fleet's (docs/protocol.md 6.6)."""
+        if self.test_x is None or self.private_names:
             return None, None
         set_state(self.model, state)
         n = len(self.test_y) if (full or not self.config.eval_size) else min(self.config.eval_size, len(self.test_y))

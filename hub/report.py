@@ -99,7 +99,10 @@ def write_final_model(run_dir: Path, hub: Hub) -> tuple[dict[str, Any], dict[str
         key = "mask_model" if one_bit.suffix == ".mask" else "bnn_model"
         files.update({key: one_bit.name, f"{key}_bytes": one_bit.stat().st_size})
     onnx = None
-    if not os.environ.get("FEDGE_NO_ONNX"):
+    if hub.private_names:  # the hub holds the shared tensors only: no complete model to export
+        onnx = {"skipped": f"{hub.config.model} keeps {', '.join(sorted(hub.private_names))} on each device; "
+                           f"final_model.fedge holds only the shared tensors"}
+    elif not os.environ.get("FEDGE_NO_ONNX"):
         onnx = export_run(run_dir)
         files["onnx"] = onnx.get("onnx")
     return files, onnx

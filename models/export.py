@@ -34,7 +34,7 @@ from fedge.models.wire.messages import parse_model
 from .errors import ConfigError, ModelFileError
 from .maskfile import MaskFile, MaskFileError
 from .mpt_nets import build_from_mask_file
-from .registry import build_model, get_state, model_names, set_state
+from .registry import build_model, get_state, is_known_model, model_names, private_patterns, set_state, split_state
 from .supermask import BinaryActivation, BinaryWeightLayer, SupermaskLayer, materialize
 
 OPSET = onnx_graph.OPSET
@@ -190,6 +190,10 @@ def load_source(
         msg = parse_model(decode(data, verifier=verifier))
     except EnvelopeError as exc:
         raise ExportError(f"{path}: not a fedge model file: {exc}") from None
+    private = private_patterns(msg.model) if is_known_model(msg.model) else ()
+    if private and not split_state(msg.model, msg.tensors)[1]:
+        raise ExportError(f"{path}: {msg.model} keeps {', '.join(private)} on each device; this file holds only "
+                          f"the shared tensors, so it is no complete model to export")
     shape = tuple(int(d) for d in msg.meta.get("in_shape", in_shape))
     classes = int(msg.meta.get("num_classes", num_classes))
     meta = {"run": msg.run, "version": int(msg.version), "fleet": msg.fleet, "source": str(path)}

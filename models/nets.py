@@ -1,4 +1,4 @@
-"""Network definitions: the MLP of paper 001 and the Conv-4 of paper 003 (MPT)."""
+"""Network definitions: the MLP of paper 001 (and its split encoder/head form) and the Conv-4 of paper 003 (MPT)."""
 
 from __future__ import annotations
 
@@ -25,6 +25,22 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+
+class SplitMLP(nn.Module):
+    """The MLP cut in two: a shared `encoder` (784-200-200) and a `head` (200-classes) that the
+    registry declares private (mlp-private-head), so each device keeps its own classifier."""
+
+    def __init__(self, in_shape: tuple[int, ...] = (1, 28, 28), num_classes: int = 10, hidden: int = 200) -> None:
+        super().__init__()
+        n_in = 1
+        for d in in_shape:
+            n_in *= int(d)
+        self.encoder = nn.Sequential(nn.Flatten(), nn.Linear(n_in, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
+        self.head = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x))
 
 
 class Conv4(nn.Module):

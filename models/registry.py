@@ -5,6 +5,8 @@ from __future__ import annotations
 import functools
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
 
 import numpy as np
 import torch
@@ -12,33 +14,46 @@ from torch import nn
 
 from .errors import ConfigError, ModelFileError
 from .mpt_nets import build_mpt
-from .nets import MLP, Conv4
+from .nets import MLP, Conv4, SplitMLP
 
 Builder = Callable[[tuple[int, ...], int], nn.Module]
 
-MODELS: dict[str, Builder] = {
-    "mlp": lambda in_shape, num_classes: MLP(in_shape, num_classes),
-    "conv4": lambda in_shape, num_classes: Conv4(in_shape, num_classes),
+
+@dataclass(frozen=True)
+class Registered:
+    """A registered model: how to build it, and which of its tensors are private (fnmatch
+    patterns on get_state names, e.g. 'head.*'). Private tensors never leave the device: the
+    hub sends, checks, aggregates and checkpoints only the shared ones (split_state)."""
+
+    build: Builder
+    private: tuple[str, ...] = ()
+
+
+MODELS: dict[str, Registered] = {
+    "mlp": Registered(lambda in_shape, num_classes: MLP(in_shape, num_classes)),
+    "conv4": Registered(lambda in_shape, num_classes: Conv4(in_shape, num_classes)),
     # 1-bit Multi-Prize Lottery Tickets (models/mpt_nets.py): the state is only the
     # scores (plus BatchNorm running statistics for 1/1); frozen weights come from the fixed seed 0
-    "conv4-mpt": lambda in_shape, num_classes: build_mpt(
+    "conv4-mpt": Registered(lambda in_shape, num_classes: build_mpt(
         "conv4", in_shape, num_classes, variant="mpt-1/32", prune_ratio=0.8, seed=0
-    ),
-    "conv4-mpt11": lambda in_shape, num_classes: build_mpt(
+    )),
+    "conv4-mpt11": Registered(lambda in_shape, num_classes: build_mpt(
         "conv4", in_shape, num_classes, variant="mpt-1/1", prune_ratio=0.8, seed=0
-    ),
-    "conv4-bnn": lambda in_shape, num_classes: build_mpt(
+    )),
+    "conv4-bnn": Registered(lambda in_shape, num_classes: build_mpt(
         "conv4", in_shape, num_classes, variant="bnn-1/32", seed=0
-    ),
-    "conv4-bnn11": lambda in_shape, num_classes: build_mpt(
+    )),
+    "conv4-bnn11": Registered(lambda in_shape, num_classes: build_mpt(
         "conv4", in_shape, num_classes, variant="bnn-1/1", seed=0
-    ),
-    "mlp-mpt": lambda in_shape, num_classes: build_mpt(
+    )),
+    "mlp-mpt": Registered(lambda in_shape, num_classes: build_mpt(
         "mlp", in_shape, num_classes, variant="mpt-1/32", prune_ratio=0.8, seed=0
-    ),
-    "mlp-bnn": lambda in_shape, num_classes: build_mpt(
+    )),
+    "mlp-bnn": Registered(lambda in_shape, num_classes: build_mpt(
         "mlp", in_shape, num_classes, variant="bnn-1/32", seed=0
-    ),
+    )),
+    # the MLP with a per-device classifier: the encoder is federated, each device keeps its head
+    "mlp-private-head": Registered(lambda in_shape, num_classes: SplitMLP(in_shape, num_classes), private=("head.*",)),
 }
 
 
@@ -49,7 +64,7 @@ def model_names() -> list[str]:
 _MPT_VARIANTS = {"conv4-mpt": ("conv4", "mpt-1/32"), "conv4-mpt11": ("conv4", "mpt-1/1"), "mlp-mpt": ("mlp", "mpt-1/32")}
 
 
-def _builder(name: str) -> Builder:
+def _registered(name: str) -> Registered:
     """Registered name, or an MPT name with a prune ratio: 'conv4-mpt@0.5' keeps 50 %."""
     if name in MODELS:
         return MODELS[name]
@@ -62,15 +77,15 @@ def _builder(name: str) -> Builder:
         if 0.0 <= prune < 1.0:
             arch, variant = _MPT_VARIANTS[base]
 
-            return lambda in_shape, num_classes: build_mpt(arch, in_shape, num_classes, variant=variant,
-                                                           prune_ratio=prune, seed=0)
+            return Registered(lambda in_shape, num_classes: build_mpt(
+                arch, in_shape, num_classes, variant=variant, prune_ratio=prune, seed=0))
     raise ConfigError(f"unknown model {name!r}; known models: {', '.join(model_names())} "
                      f"(MPT models take a prune ratio: conv4-mpt@0.9)")
 
 
 def is_known_model(name: str) -> bool:
     try:
-        _builder(name)
+        _registered(name)
         return True
     except ValueError:
         return False
@@ -78,7 +93,7 @@ def is_known_model(name: str) -> bool:
 
 def build_model(name: str, in_shape: tuple[int, ...] = (1, 28, 28), num_classes: int = 10, seed: int | None = None) -> nn.Module:
     """Instantiate a registered model; with `seed`, its initial weights are reproducible."""
-    builder = _builder(name)
+    builder = _registered(name).build
     if seed is not None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -118,3 +133,24 @@ def set_state(model: nn.Module, state: Mapping[str, np.ndarray]) -> None:
     if missing:
         raise ModelFileError(f"state misses tensors {missing[:5]}")
     model.load_state_dict(tensors, strict=False)
+
+
+def private_patterns(name: str) -> tuple[str, ...]:
+    """The model's private tensor patterns (empty: every tensor is shared)."""
+    return _registered(name).private
+
+
+def is_private(name: str, tensor: str) -> bool:
+    """Whether tensor `tensor` of model `name` stays on the device."""
+    return any(fnmatchcase(tensor, pattern) for pattern in _registered(name).private)
+
+
+def split_state(name: str, state: Mapping[str, np.ndarray]) -> tuple[OrderedDict[str, np.ndarray], OrderedDict[str, np.ndarray]]:
+    """(shared, private) parts of a state of model `name`, each in the state's order. The shared
+    part is all that ever travels or is stored by the hub; the private part stays on the device."""
+    patterns = _registered(name).private
+    shared: OrderedDict[str, np.ndarray] = OrderedDict()
+    private: OrderedDict[str, np.ndarray] = OrderedDict()
+    for key, value in state.items():
+        (private if any(fnmatchcase(key, p) for p in patterns) else shared)[key] = value
+    return shared, private

@@ -53,6 +53,14 @@ def default_device_id() -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:64] or "device"
 
 
+def default_private_path(data: str, fleet: str, device_id: str) -> Path | None:
+    """--private-state's default: beside the local data (in it, for an idx folder); None for synthetic data."""
+    path = Path(data)
+    if not path.exists():
+        return None
+    return (path if path.is_dir() else path.parent) / f"fedge-agent-private-{fleet}-{device_id}.npz"
+
+
 def add_agent_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "agent",
@@ -80,6 +88,10 @@ def add_agent_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
                         help="where the newest accepted (run epoch, run, model version) is kept, so replays of "
                              "earlier runs are refused after a restart (default: fedge-agent-seen-FLEET.json "
                              "next to --data, else --device-key, else --hub-public-key; none: memory only)")
+    parser.add_argument("--private-state", metavar="FILE",
+                        help="where this device keeps its private tensors (a model's per-device head, which never "
+                             "leaves it), so they survive a restart (default: fedge-agent-private-FLEET-DEVICE.npz "
+                             "next to --data when it is a file or folder; else memory only)")
     add_logging_args(parser)
     parser.set_defaults(func=run_agent)
     return parser
@@ -110,9 +122,11 @@ def run_agent(args: argparse.Namespace) -> int:
     beside = (args.data if Path(args.data).exists() else None) or args.device_key or args.hub_public_key
     seen = args.seen_file or (default_guard_path(beside, "agent", args.fleet) if beside else None)
     log.info("newest accepted run kept in %s", seen or "memory only (replays of earlier runs are refused until a restart)")
+    private = args.private_state or default_private_path(args.data, args.fleet, args.device_id)
+    log.info("private tensors (if the model has any) kept in %s", private or "memory only (lost at a restart)")
     agent = Agent(args.device_id, profile, broker_from_args(args), Topics(args.fleet, args.topic_prefix), data,
                   args.num_classes, pool, seed=args.seed, hub_verifier=verifier, device_key=device_key,
-                  guard=RunGuard(args.fleet, seen))
+                  guard=RunGuard(args.fleet, seen), private_state=private)
     agent.start()
     log.info("device %s online with %d samples (profile %s); waiting for round tasks", args.device_id, len(data), profile.name)
     try:

@@ -299,7 +299,11 @@ def run_fleet(args: argparse.Namespace) -> int:
     keys = ("run_id", "final_accuracy", "central_accuracy", "federated_over_central", "rounds_completed",
             "uplink_bytes_per_device", "downlink_bytes_per_device", "seconds_per_round", "wall_time_s")
     print(json.dumps({k: report.get(k) for k in keys}, indent=1))
-    print(f"results: {fleet.run_dir}/ (run.json, accuracy.png, final_model.fedge/.onnx, partition.json)")
+    model_files = "final_model.fedge/.onnx" if report.get("files", {}).get("onnx") else "final_model.fedge"
+    print(f"results: {fleet.run_dir}/ (run.json, accuracy.png, {model_files}, partition.json)")
+    if report.get("final_accuracy") is None and hub.private_names:
+        print(f"no test accuracy: {hub.config.model} keeps its head on each device; the hub holds only the "
+              f"shared tensors (docs/protocol.md 6.6)")
     if stop.is_set():  # interrupted (Ctrl-C, SIGTERM): what ran is saved, but the run did not finish
         print(f"stopped after {report.get('rounds_completed')} round(s)", file=sys.stderr)
         return 130

@@ -35,7 +35,8 @@ def train_central(dataset: Dataset, parts: list[np.ndarray], model: str, train: 
 
     for epoch in tqdm(range(1, epochs + 1), desc="central baseline", unit="epoch", disable=not progress):
         cfg = TrainConfig.resolve(prof, {**round_train_settings(train, epoch, epochs), "epochs": 1})
-        state = trainer.train(state, x, y, cfg, seed=seed * 7919 + epoch).state
+        result = trainer.train(state, x, y, cfg, seed=seed * 7919 + epoch)
+        state = {**result.state, **result.private}  # one central model: its private tensors too
         loss, acc = evaluate(trainer.model, tx, ty)
         curve.append({"epoch": epoch, "accuracy": acc, "loss": loss})
     return {"epochs": epochs, "accuracy": curve[-1]["accuracy"] if curve else None,

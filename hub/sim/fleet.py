@@ -66,6 +66,7 @@ class FleetConfig:
     seed: int = 0
     progress: bool = True
     attackers: dict[int, str] = field(default_factory=dict)  # device index -> hub.attacks name
+    private_dir: str | None = None  # models with private tensors: each device's kept in <dir>/<device>.npz; None: memory
     hub: HubConfig = field(default_factory=HubConfig)
 
 
@@ -122,6 +123,7 @@ class Fleet:
                 data=ds.train.subset(idx), num_classes=ds.num_classes, pool=self.pool, seed=cfg.seed,
                 tamper=ATTACKS[cfg.attackers[i]]() if i in cfg.attackers else None,
                 warn_unverified=bool(cfg.broker),  # an embedded or in-memory broker is this process's own
+                private_state=Path(cfg.private_dir) / f"dev{i:03d}.npz" if cfg.private_dir else None,
                 **self._device_keys(f"dev{i:03d}"),
             )
             self.agents.append(agent.start())
