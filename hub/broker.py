@@ -16,6 +16,25 @@ from amqtt.broker import Broker
 log = logging.getLogger("fedge.broker")
 
 
+class _SnapshotDict(dict):  # type: ignore[type-arg]
+    """amqtt 0.12 iterates its subscription table across `await`s (retained messages for a
+    resumed session, broadcasts), so a client that subscribes meanwhile raises "dictionary
+    changed size during iteration" in the broker and loses its session. Every iteration here
+    walks a snapshot instead."""
+
+    def __iter__(self):  # noqa: ANN204
+        return iter(list(super().keys()))
+
+    def keys(self):  # noqa: ANN201
+        return list(super().keys())
+
+    def values(self):  # noqa: ANN201
+        return list(super().values())
+
+    def items(self):  # noqa: ANN201
+        return list(super().items())
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port nobody listens on right now (tests and the fleet pick one per run)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -53,6 +72,7 @@ class EmbeddedBroker:
             self._loop = loop
             try:
                 self._broker = Broker(config, loop=loop)
+                self._broker._subscriptions = _SnapshotDict(self._broker._subscriptions)
                 loop.run_until_complete(self._broker.start())
             except BaseException as exc:  # noqa: BLE001 - reported to the starting thread
                 errors.append(exc)
