@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -128,7 +129,10 @@ class MqttLink:
         self.client_id = client_id
         self._subs: dict[str, tuple[int, Handler]] = {}
         self._connected = threading.Event()
+        self._subscribed = threading.Event()  # the broker acknowledged every subscription of this connection
+        self._pending_subacks: set[int] = set()
         self._on_connect_hooks: list[Callable[[], None]] = []
+        self._lock = threading.Lock()
         self.client = mqtt.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=client_id,
@@ -153,6 +157,7 @@ class MqttLink:
         self.client.on_connect = self._handle_connect
         self.client.on_disconnect = self._handle_disconnect
         self.client.on_message = self._handle_message
+        self.client.on_subscribe = self._handle_subscribe
         self.client.on_connect_fail = self._handle_connect_fail
         self.last_error: str | None = None
         self._stopping = False
@@ -163,10 +168,13 @@ class MqttLink:
         self._on_connect_hooks.append(hook)
 
     def start(self, timeout: float = 20.0) -> MqttLink:
-        """Connect in the background (paho retries with backoff) and wait for the first CONNACK."""
+        """Connect in the background (paho retries with backoff) and wait for the first CONNACK and
+        the SUBACKs of the subscriptions made before start: a hub must not open a round before the
+        broker routes updates to it."""
+        end = time.monotonic() + timeout
         self.client.connect_async(self.config.host, self.config.port, keepalive=self.config.keepalive)
         self.client.loop_start()
-        if not self._connected.wait(timeout):
+        if not (self._connected.wait(timeout) and self._subscribed.wait(max(0.0, end - time.monotonic()))):
             self.client.loop_stop()
             reason = f": {self.last_error}" if self.last_error else ""
             raise ConnectionError(f"{self.client_id}: no connection to {self.config.url} within {timeout}s{reason}")
@@ -217,14 +225,28 @@ class MqttLink:
             self.last_error = str(reason_code)
             log.warning("%s: broker refused connection: %s", self.client_id, reason_code)
             return
-        for topic, (qos, _) in list(self._subs.items()):
-            client.subscribe(topic, qos)
+        self._subscribed.clear()
+        with self._lock:
+            self._pending_subacks = set()
+            for topic, (qos, _) in list(self._subs.items()):
+                mid = client.subscribe(topic, qos)[1]
+                if mid is not None:
+                    self._pending_subacks.add(mid)
+            if not self._pending_subacks:
+                self._subscribed.set()
         self._connected.set()
         for hook in self._on_connect_hooks:
             try:
                 hook()
             except Exception:  # noqa: BLE001 - a hook must not kill paho's thread
                 log.exception("%s: on-connect hook failed", self.client_id)
+
+    def _handle_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: Any,
+                          properties: Any = None) -> None:
+        with self._lock:
+            self._pending_subacks.discard(mid)
+            if not self._pending_subacks:
+                self._subscribed.set()
 
     def _handle_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
         """TCP or TLS failed before MQTT could answer (wrong port, CA or host name)."""
