@@ -37,9 +37,9 @@ def admission_reason(
     sent = "report" if isinstance(upd, ReportMessage) else "update"
     expected = TASK_KINDS[task.kind].answer if task.kind in TASK_KINDS else "update"
     if sent != expected:
-        return f"round {task.round} is a {task.kind} round: it takes an {expected}, not an {sent}"
+        return f"round {task.round} is {_a(task.kind)} round: it takes {_a(expected)}, not {_a(sent)}"
     if isinstance(upd, ReportMessage) and upd.task_kind != task.kind:
-        return f"report answers a {upd.task_kind!r} task, but round {task.round} is a {task.kind} round"
+        return f"report answers {_a(upd.task_kind)} task, but round {task.round} is {_a(task.kind)} round"
     if upd.base_version != task.model_version:
         verb = "evaluated" if task.kind == "evaluate" else "trained on" if sent == "update" else "used"
         return f"{verb} model version {upd.base_version}, the round uses {task.model_version}"
@@ -51,3 +51,7 @@ def admission_reason(
     if device in accepted:
         return DUPLICATE
     return None
+
+
+def _a(word: str) -> str:
+    return f"{'an' if word[:1] in 'aeiou' else 'a'} {word}"
