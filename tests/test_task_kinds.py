@@ -6,6 +6,7 @@ a hub stopped after stage 1 resumes at stage 2; admission keeps updates and repo
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from pathlib import Path
@@ -224,3 +225,13 @@ def test_hub_stopped_after_stage_1_resumes_at_stage_2(embedded_broker, topic_pre
     assert all(a.rounds_trained == 2 and a.reports_sent == 1 for a in fleet.agents)  # stage 1 was not run again
     assert second.store.get_meta("status") == "finished"
     assert rounds[2]["device_accuracy"] > 0.5
+
+
+def test_design_doc_shows_the_real_code():
+    root = Path(__file__).resolve().parents[1]
+    section = (root / "docs" / "design.md").read_text().split("## Task kinds and run plans", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    sources = "".join((root / f).read_text() for f in ("edge_agent/tasks.py", "hub/task_kinds.py"))
+    assert len(blocks) == 4
+    for block in blocks:
+        assert block in sources, block[:80]
