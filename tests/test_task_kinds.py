@@ -235,3 +235,24 @@ def test_design_doc_shows_the_real_code():
     assert len(blocks) == 4
     for block in blocks:
         assert block in sources, block[:80]
+
+
+def test_fleet_command_runs_a_plan(tmp_path):
+    """`fedge fleet --plan train:2,evaluate:1` as users run it: run.json and the printed summary
+    carry the devices' evaluation; --plan with --rounds is refused, naming both."""
+    import subprocess
+    import sys
+
+    fedge = [sys.executable, "-m", "fedge.cli", "fleet", "--transport", "inproc", "--dataset", "synthetic",
+             "--partition", "iid", "--devices", "2", "--runs-dir", str(tmp_path), "--no-progress"]
+    out = subprocess.run(fedge + ["--plan", "train:2,evaluate:1", "--run-id", "plan"], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    run = json.loads((tmp_path / "plan" / "run.json").read_text())
+    assert [r["kind"] for r in run["rounds"]] == ["train", "train", "evaluate"]
+    assert run["config"]["hub"]["plan"] == [{"kind": "train", "rounds": 2}, {"kind": "evaluate", "rounds": 1}]
+    assert run["device_accuracy"] == run["rounds"][2]["device_accuracy"] > 0.4  # chance is 0.1
+    printed = json.loads(out.stdout[: out.stdout.rindex("}") + 1])
+    assert printed["device_accuracy"] == run["device_accuracy"]
+    bad = subprocess.run(fedge + ["--plan", "train:2", "--rounds", "3"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "give --rounds or --plan, not both" in bad.stderr

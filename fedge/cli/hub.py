@@ -311,7 +311,7 @@ def run_fleet(args: argparse.Namespace) -> int:
 
         threading.Thread(target=lambda: (stop.wait(), hub.stop()), daemon=True).start()
         report = fleet.run(hub)
-    keys = ("run_id", "final_accuracy", "central_accuracy", "federated_over_central", "rounds_completed",
+    keys = ("run_id", "final_accuracy", "device_accuracy", "central_accuracy", "federated_over_central", "rounds_completed",
             "uplink_bytes_per_device", "downlink_bytes_per_device", "seconds_per_round", "wall_time_s")
     print(json.dumps({k: report.get(k) for k in keys}, indent=1))
     model_files = "final_model.fedge/.onnx" if report.get("files", {}).get("onnx") else "final_model.fedge"
