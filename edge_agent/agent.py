@@ -87,7 +87,7 @@ class Agent:
         self._refused: dict[str, Any] | None = None  # the latest round refused, reported in the status
         self.seconds_per_sample: float | None = None  # measured: one sample, one epoch (time budget)
         self.finished = threading.Event()
-        self.training = threading.Event()  # set from job submit until the update is sent (monitors, tests)
+        self.training = threading.Event()  # set from job submit until the answer is sent (monitors, tests)
         self.rounds_trained = 0
         self.reports_sent = 0  # answers to task kinds other than train (e.g. evaluate)
         self.bytes_up = 0
@@ -191,7 +191,7 @@ class Agent:
             wanted = task is not None and task.state == "open" and msg.run == task.run and msg.version == task.model_version
         if wanted:
             self.link.unsubscribe(self.topics.model)
-        self._maybe_train()
+        self._maybe_run()
 
     def _on_task(self, topic: str, payload: bytes) -> None:
         task = self._receive(payload, "task", parse_task)
@@ -204,7 +204,7 @@ class Agent:
             return
         self.finished.clear()
         self._resend_if_still_open(task)
-        self._maybe_train()
+        self._maybe_run()
 
     def _resend_if_still_open(self, task: TaskMessage) -> None:
         """The task is re-delivered after a reconnect (or re-published by a restarted hub):
@@ -217,7 +217,7 @@ class Agent:
             self.link.publish(self.topics.device_update(self.device_id), last[1], qos=1)
 
     # -- running tasks ---------------------------------------------------------------
-    def _maybe_train(self) -> None:
+    def _maybe_run(self) -> None:
         """Run the open task if this device is selected for it and has its model: the task's
         kind picks the handler (tasks.HANDLERS); a kind this device does not run is refused."""
         with self._lock:

@@ -50,7 +50,8 @@ class HubConfig:
     # announced when it joined (protocol.md, admission of updates)
     max_samples: int = 1_000_000
     # the run's stages in order (hub/plan.py), e.g. [{"kind": "train", "rounds": 20}, {"kind": "evaluate",
-    # "rounds": 1}]; empty: one train stage of `rounds` rounds
+    # "rounds": 1}]; empty: one train stage of `rounds` rounds. A stage's "params" go in its tasks;
+    # a train stage's override `train` for that stage
     plan: list[dict[str, Any]] = field(default_factory=list)
 
     def check(self) -> None:

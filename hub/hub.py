@@ -284,13 +284,15 @@ class Hub:
         else:
             online = self._wait_for_devices(max(self.config.min_devices, 1))
             trains = stage.kind == "train"
-            train = round_train_settings(self.config.train, round_in_stage, stage.rounds) if trains else {}
+            # a train stage's params override the run's train settings (e.g. a lower lr in a second stage)
+            settings = {**self.config.train, **stage.params}
+            train = round_train_settings(settings, round_in_stage, stage.rounds) if trains else {}
             task = TaskMessage(
                 fleet=self.config.fleet, run=self.run_id, round=round_id, model_version=self.version,
                 selected=self._select(online, round_id, attempt), deadline=time.time() + self.config.deadline_s,
                 train=self.strategy.configure_train(train) if trains else {}, state="open",
                 codec=self.strategy.task_codec(self.config.update_codec) if trains else None, epoch=self.epoch,
-                kind=stage.kind, params=dict(stage.params),
+                kind=stage.kind, params={} if trains else dict(stage.params),
             )
         self.store.open_round(round_id, asdict(task))
         with self._cond:

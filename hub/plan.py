@@ -17,7 +17,8 @@ from .task_kinds import TASK_KINDS
 class Stage:
     kind: str  # a task kind (task_kinds.TASK_KINDS)
     rounds: int  # the stage's round budget (a train stage's stop rules may end it sooner)
-    params: dict[str, Any] = field(default_factory=dict)  # the kind's parameters, sent in each task
+    # the kind's parameters, sent in each task's `params`; a train stage's override the run's `train`
+    params: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_json(cls, entry: Any, index: int) -> Stage:

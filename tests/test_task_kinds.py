@@ -27,6 +27,7 @@ from fedge.hub.task_kinds import weighted_mean
 from fedge.models.errors import ConfigError
 from fedge.models.partition import PartitionSpec
 from fedge.models.wire import EnvelopeError, Topics, decode, encode
+from fedge.models.wire.keys import device_key
 from fedge.models.wire.messages import (
     ReportMessage,
     TaskMessage,
@@ -174,9 +175,11 @@ def test_agent_refuses_an_unknown_kind_with_the_reason_in_its_status(mosquitto_u
 
 # ----------------------------------------------------------------------------- hub + fleet
 def test_two_stage_plan_trains_then_evaluates_with_reports(broker_url, topic_prefix, tmp_path, small_data):
-    """train:2,evaluate:1 over a real broker: rounds 1-2 aggregate updates, round 3 collects
-    tensor-free reports (as they crossed the broker) and records each device's metrics."""
-    fleet = _fleet(broker_url, topic_prefix, tmp_path, small_data, plan=PLAN)
+    """train:2,evaluate:1 over a real broker, with device keys: rounds 1-2 aggregate updates,
+    round 3 collects tensor-free reports (as they crossed the broker, each tagged with its
+    device's key) and records each device's metrics."""
+    keys = str(tmp_path / "keys")
+    fleet = _fleet(broker_url, topic_prefix, tmp_path, small_data, plan=PLAN, keys_dir=keys)
     tap = _Tap(broker_url, Topics("kinds", topic_prefix))
     try:
         with fleet:
@@ -201,6 +204,10 @@ def test_two_stage_plan_trains_then_evaluates_with_reports(broker_url, topic_pre
     assert len([e for e in envelopes if e.kind == "update"]) == 6
     assert len(reports) == 3 and all(e.body == b"" and "tensors" not in e.header for e in reports)
     assert {e.header["round"] for e in reports} == {3}
+    for payload in tap.payloads:  # tagged like every update: it verifies with its device's key only
+        env = decode(payload)
+        assert env.tag is not None
+        decode(payload, key=device_key(keys, env.header["device"]))
     assert evaluation["bytes_up"] < 2000  # three small JSON headers, no model
     assert all(a.reports_sent == 1 and a.rounds_trained == 2 for a in fleet.agents)
     assert hub.store.rejections() == []
@@ -256,3 +263,44 @@ def test_fleet_command_runs_a_plan(tmp_path):
     assert printed["device_accuracy"] == run["device_accuracy"]
     bad = subprocess.run(fedge + ["--plan", "train:2", "--rounds", "3"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "give --rounds or --plan, not both" in bad.stderr
+
+
+def test_a_train_stage_params_override_the_run_settings(tmp_path):
+    """A second train stage with its own lr: its tasks carry it, the first stage's the run's."""
+    from fedge.hub.hub import Hub
+    from fedge.hub.store import RunStore
+    from fedge.models.wire.inproc import InprocBroker
+
+    plan = [{"kind": "train", "rounds": 1}, {"kind": "train", "rounds": 1, "params": {"lr": 0.01}},
+            {"kind": "evaluate", "rounds": 1, "params": {"batch_size": 64}}]
+    cfg = HubConfig(fleet="kinds", model="mlp", train={"lr": 0.05, "epochs": 1}, plan=plan)
+    hub = Hub(cfg, InprocBroker().link, RunStore(tmp_path / "run"))
+    hub._roster.update("dev000", {"state": "online", "num_samples": 10})  # noqa: SLF001 - one device online
+    stages = cfg.stages()
+    first, second, third = (hub._open(r, 0, stages[r - 1], 1) for r in (1, 2, 3))  # noqa: SLF001
+    assert (first.kind, first.train, first.params) == ("train", {"lr": 0.05, "epochs": 1}, {})
+    assert (second.kind, second.train, second.params) == ("train", {"lr": 0.01, "epochs": 1}, {})
+    assert (third.kind, third.train, third.params) == ("evaluate", {}, {"batch_size": 64})
+
+
+def test_a_run_store_from_before_plans_gains_the_columns_and_reads_as_stage_0(tmp_path):
+    """An old run.sqlite (no kind/stage columns) opens, its rounds read as the one train stage,
+    and a resumed hub continues that stage, as before plans."""
+    import sqlite3
+
+    from fedge.hub.rounds import plan_position
+    from fedge.hub.store import RunStore
+
+    (tmp_path / "old").mkdir()
+    db = sqlite3.connect(tmp_path / "old" / "run.sqlite")
+    db.execute("CREATE TABLE rounds (round INTEGER PRIMARY KEY, model_version INTEGER NOT NULL, accuracy REAL, "
+               "loss REAL, participants TEXT NOT NULL, selected TEXT NOT NULL, bytes_up INTEGER NOT NULL, "
+               "bytes_down INTEGER NOT NULL, seconds REAL NOT NULL, weight_change REAL, train_loss REAL, "
+               "completed_at REAL NOT NULL)")
+    db.execute("INSERT INTO rounds VALUES (1, 1, 0.5, 1.0, '[\"d\"]', '[\"d\"]', 10, 10, 1.0, 0.1, 1.0, 0)")
+    db.commit()
+    db.close()
+    rounds = RunStore(tmp_path / "old").rounds()
+    assert [(r["round"], r["kind"], r["stage"], r["device_metrics"]) for r in rounds] == [(1, "train", 0, None)]
+    cfg = HubConfig(rounds=3)
+    assert plan_position(cfg, cfg.stages(), rounds) == (0, 1)  # round 2 of the one train stage is next

@@ -195,7 +195,8 @@ class Fleet:
             if bar is not None:
                 bar.close()
         final_loss, final_acc = hub.evaluate(hub.global_state, full=True)
-        central = self.train_central(hub.config, epochs=len(history)) if self.cfg.central else None
+        train_rounds = sum(1 for r in history if r.get("kind", "train") == "train")
+        central = self.train_central(hub.config, epochs=train_rounds) if self.cfg.central else None
         return write_run_report(
             run_dir=self.run_dir, hub=hub, history=history, final=(final_loss, final_acc), central=central,
             partition_counts=class_counts(self.dataset.train.y, self.parts, self.dataset.num_classes),
