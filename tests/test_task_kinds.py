@@ -58,7 +58,9 @@ class _Tap:
         cfg = BrokerConfig.from_url(url)
         self.payloads: list[bytes] = []
         subscribed = threading.Event()
-        self.client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2)
+        # its own client id: an empty one may share a session with other tests' clients on amqtt
+        self.client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
+                                  client_id=f"tap-{topics.base.replace('/', '-')}")
         self.client.on_message = lambda c, u, m: self.payloads.append(bytes(m.payload))
         self.client.on_subscribe = lambda *a: subscribed.set()
         self.client.connect(cfg.host, cfg.port)
