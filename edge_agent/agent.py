@@ -1,4 +1,5 @@
-"""The device agent: announce, wait for round tasks, train locally, publish one update per round.
+"""The device agent: announce, wait for round tasks, run each (train locally, or another task kind
+of edge_agent/tasks.py), publish one answer (an update or a report) per round.
 
 All network handling is on paho's thread; training runs on a TrainingPool worker so the
 MQTT keepalive never stalls behind a long epoch.
@@ -18,33 +19,19 @@ import torch
 
 from fedge.models.data import Split
 from fedge.models.errors import ConfigError
-from fedge.models.registry import parameter_count, private_patterns
+from fedge.models.registry import parameter_count
 from fedge.models.wire import EnvelopeError, Topics, decode
 from fedge.models.wire.envelope import DEFAULT_MAX_BYTES, Verifier
 from fedge.models.wire.freshness import Position, RunGuard, StaleMessage
-from fedge.models.wire.messages import (
-    ModelMessage,
-    TaskMessage,
-    build_update_message,
-    parse_model,
-    parse_task,
-    status_payload,
-)
+from fedge.models.wire.messages import ModelMessage, TaskMessage, parse_model, parse_task, status_payload
 from fedge.models.wire.transport import BrokerConfig, LinkFactory, make_link
 
 from .pool import TrainingPool
 from .private_store import PrivateStore
 from .profile import Profile, ProfileError
-from .task_checks import Refused, check_model, check_train_settings, time_budget
-from .trainer import (
-    LocalTrainer,
-    TrainConfig,
-    TrainResult,
-    estimate_training_mb,
-    initial_private,
-    job_seed,
-    uplink_state,
-)
+from .task_checks import Refused
+from .tasks import HANDLERS, Job
+from .trainer import estimate_training_mb, initial_private
 
 log = logging.getLogger("fedge.agent")
 _UNVERIFIED_WARNED: set[str] = set()  # fleets (topic base) already warned about in this process
@@ -98,10 +85,11 @@ class Agent:
         self._fits: set[str] = set()
         self._last_update: tuple[tuple[str, int], bytes] | None = None
         self._refused: dict[str, Any] | None = None  # the latest round refused, reported in the status
-        self._seconds_per_sample: float | None = None  # measured: one sample, one epoch (time budget)
+        self.seconds_per_sample: float | None = None  # measured: one sample, one epoch (time budget)
         self.finished = threading.Event()
-        self.training = threading.Event()  # set from job submit until the update is sent (monitors, tests)
+        self.training = threading.Event()  # set from job submit until the answer is sent (monitors, tests)
         self.rounds_trained = 0
+        self.reports_sent = 0  # answers to task kinds other than train (e.g. evaluate)
         self.bytes_up = 0
         self.bytes_down = 0
         # a BrokerConfig connects over MQTT; a LinkFactory (e.g. InprocBroker.link) is another transport
@@ -161,6 +149,7 @@ class Agent:
             "num_samples": int(len(self.y)),
             "class_counts": self.class_counts,
             "profile": self.profile.summary(),
+            "task_kinds": sorted(HANDLERS),
         }
         if self._refused is not None:
             info["refused"] = self._refused
@@ -202,7 +191,7 @@ class Agent:
             wanted = task is not None and task.state == "open" and msg.run == task.run and msg.version == task.model_version
         if wanted:
             self.link.unsubscribe(self.topics.model)
-        self._maybe_train()
+        self._maybe_run()
 
     def _on_task(self, topic: str, payload: bytes) -> None:
         task = self._receive(payload, "task", parse_task)
@@ -215,7 +204,7 @@ class Agent:
             return
         self.finished.clear()
         self._resend_if_still_open(task)
-        self._maybe_train()
+        self._maybe_run()
 
     def _resend_if_still_open(self, task: TaskMessage) -> None:
         """The task is re-delivered after a reconnect (or re-published by a restarted hub):
@@ -227,8 +216,10 @@ class Agent:
             log.info("%s: round %d still open after reconnect; re-sending its update", self.device_id, task.round)
             self.link.publish(self.topics.device_update(self.device_id), last[1], qos=1)
 
-    # -- training --------------------------------------------------------------------
-    def _maybe_train(self) -> None:
+    # -- running tasks ---------------------------------------------------------------
+    def _maybe_run(self) -> None:
+        """Run the open task if this device is selected for it and has its model: the task's
+        kind picks the handler (tasks.HANDLERS); a kind this device does not run is refused."""
         with self._lock:
             task, model = self._task, self._model
             if self._dead or task is None or task.state != "open" or self.device_id not in task.selected:
@@ -236,54 +227,43 @@ class Agent:
             key = (task.run, task.round)
             if key in self._done or key in self._busy:
                 return
-            if model is None or model.run != task.run or model.version != task.model_version:
-                need_model = True  # its handler calls us again when it arrives
+            handler = HANDLERS.get(task.kind)
+            if handler is None:  # refused before the model is fetched: no download for it
+                self._done.add(key)
             else:
-                need_model = False
-            if time.time() > task.deadline:
-                log.info("%s: round %d already past its deadline, skipping", self.device_id, task.round)
-                return
-            if not need_model:
-                self._busy.add(key)
+                if time.time() > task.deadline:
+                    log.info("%s: round %d already past its deadline, skipping", self.device_id, task.round)
+                    return
+                # without the round's model, its handler calls us again when it arrives
+                need_model = model is None or model.run != task.run or model.version != task.model_version
+                if not need_model:
+                    self._busy.add(key)
+        if handler is None:
+            self._refuse(task, f"task kind {task.kind!r} is not one this device runs (it runs: {', '.join(HANDLERS)})")
+            return
         if need_model:
             self.link.subscribe(self.topics.model, self._on_model)
             return
         try:
             self._check_memory_budget(model.model)
-            check_train_settings(task.train, self.profile, len(self.y), self._seconds_per_sample)
-            check_model(model.tensors, model.version)
+            job = handler(self, task, model)
         except ConfigError as exc:  # ProfileError (memory budget) and Refused (task checks)
             self._refuse(task, str(exc))
             with self._lock:
                 self._busy.discard(key)
                 self._done.add(key)
             return
-        cfg = TrainConfig.resolve(self.profile, task.train)
-        seed = job_seed(self.seed, task.round, self.device_id)
-        tensors = model.tensors
-        budget = time_budget(self.profile)
 
-        def job(trainer: LocalTrainer) -> TrainResult:
-            private = self._private_tensors(model.model) if private_patterns(model.model) else None
-            result = trainer.train(tensors, self.x, self.y, cfg, seed, after_step=budget, private=private)
-            if result.private:
-                self.private.save(model.model, result.private)
-            self._seconds_per_sample = result.seconds / max(1, cfg.epochs * len(self.y))
-            result.state = uplink_state(trainer, result, task.codec, tensors)
-            return result
-
-        def done(result: TrainResult | Exception) -> None:
-            if self.tamper is not None and isinstance(result, TrainResult):
-                result.state = self.tamper(tensors, result.state)
+        def done(result: Any) -> None:
             if self.publish_delay_s > 0:
-                threading.Timer(self.publish_delay_s, self._finish, (task, result)).start()
+                threading.Timer(self.publish_delay_s, self._finish, (task, result, job)).start()
             else:
-                self._finish(task, result)
+                self._finish(task, result, job)
 
         self.training.set()
-        self.pool.submit((model.model, self.in_shape, self.num_classes), job, done)
+        self.pool.submit((model.model, self.in_shape, self.num_classes), job.work, done)
 
-    def _private_tensors(self, model_name: str) -> dict[str, np.ndarray]:
+    def private_tensors(self, model_name: str) -> dict[str, np.ndarray]:
         """This device's own private tensors (its head): those kept from earlier rounds or an
         earlier start, else (first round, or kept ones that no longer fit) the seeded model's."""
         kept = self.private.load(model_name)
@@ -296,7 +276,7 @@ class Agent:
             return fresh
         return kept
 
-    def _finish(self, task: TaskMessage, result: TrainResult | Exception) -> None:
+    def _finish(self, task: TaskMessage, result: Any, job: Job) -> None:
         key = (task.run, task.round)
         with self._lock:
             self._busy.discard(key)
@@ -308,26 +288,25 @@ class Agent:
             self._refuse(task, str(result))
             return
         if isinstance(result, Exception):
-            log.error("%s: training for round %d failed: %s", self.device_id, task.round, result)
+            log.error("%s: %s task of round %d failed: %s", self.device_id, task.kind, task.round, result)
             return
-        payload = build_update_message(
-            fleet=task.fleet, run=task.run, device=self.device_id, round_id=task.round,
-            base_version=task.model_version, tensors=result.state, num_samples=result.num_samples,
-            metrics={"loss": result.loss, "accuracy": result.accuracy, "seconds": result.seconds},
-            codec=task.codec or self.profile.precision, key=self.device_key,
-        )
+        payload = job.message(result)
         self.link.publish(self.topics.device_update(self.device_id), payload, qos=1)
         self.bytes_up += len(payload)
         with self._lock:
             self._done.add(key)
             self._last_update = (key, payload)
-            self.rounds_trained += 1
-        log.debug("%s: published update for round %d (%d bytes)", self.device_id, task.round, len(payload))
+            if task.kind == "train":
+                self.rounds_trained += 1
+            else:
+                self.reports_sent += 1
+        log.debug("%s: answered %s task of round %d (%d bytes)", self.device_id, task.kind, task.round, len(payload))
 
     def _refuse(self, task: TaskMessage, reason: str) -> None:
         """Log why this round is not trained and say it in the (retained) status message, which
         the hub logs: a refusing device is otherwise indistinguishable from a slow one."""
-        log.error("%s: cannot train round %d: %s", self.device_id, task.round, reason)
+        what = "train" if task.kind == "train" else f"run the {task.kind} task of"
+        log.error("%s: cannot %s round %d: %s", self.device_id, what, task.round, reason)
         self._refused = {"run": task.run, "round": task.round, "reason": reason, "ts": time.time()}
         if not self._dead:
             self._announce()

@@ -1,5 +1,5 @@
 """What a device refuses from above: round settings outside its profile's limits, models with
-non-finite weights, and training that runs past its time budget.
+non-finite weights, training that runs past its time budget, and bad `evaluate` parameters.
 
 A signature proves a task came from the hub, not that it is sane: a buggy or compromised hub
 can still ask for lr NaN, epochs -1 (an unchanged model sent back with full weight) or
@@ -83,6 +83,17 @@ def check_train_settings(train: Mapping[str, Any], profile: Profile, num_samples
         if planned > profile.max_train_seconds:
             raise Refused(f"task asks for {runs} epoch(s) over {num_samples} samples: about {planned:.0f} s at "
                           f"this device's measured speed, above max_train_seconds={profile.max_train_seconds:g}")
+
+
+def check_evaluate_params(params: Mapping[str, Any]) -> int:
+    """The batch size of an `evaluate` task (params.batch_size, default 256): memory only, so
+    any positive integer up to 65536 is fine."""
+    if not isinstance(params, Mapping):
+        raise Refused(f"task params must be an object, got {type(params).__name__}")
+    batch = _integer(params, "batch_size")
+    if batch is not None and not 1 <= batch <= 65536:
+        raise Refused(f"task param 'batch_size' is {batch}; evaluate allows 1..65536")
+    return batch or 256
 
 
 def check_model(tensors: Mapping[str, np.ndarray], version: int) -> None:

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from fedge.models.errors import ConfigError
+from fedge.models.evaluate import evaluate
 from fedge.models.registry import build_model, count_parameters, get_state, is_private, set_state, split_state
 from fedge.models.supermask import model_masks
 from fedge.models.wire.codecs import UPDATE_CARRIES
@@ -128,6 +129,14 @@ class LocalTrainer:
             seconds=time.perf_counter() - start,
             private=dict(kept),
         )
+
+
+    def evaluate(self, state: Mapping[str, np.ndarray], x: torch.Tensor, y: torch.Tensor,
+                 private: Mapping[str, np.ndarray] | None = None, batch_size: int = 256) -> tuple[float, float]:
+        """(loss, accuracy) of the received `state` plus this device's `private` tensors on (x, y):
+        the `evaluate` task kind; nothing is trained or changed."""
+        set_state(self.model, {**state, **(private or {})})
+        return evaluate(self.model, x.to(self.device), y.to(self.device), batch_size=batch_size)
 
 
 def initial_private(model_name: str, in_shape: tuple[int, ...], num_classes: int, seed: int) -> dict[str, np.ndarray]:

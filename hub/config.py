@@ -10,6 +10,7 @@ from fedge.models.wire.codecs import MODEL_CODECS
 from fedge.models.wire.envelope import DEFAULT_MAX_BYTES
 from fedge.models.wire.topics import ROOT
 
+from .plan import Stage, stages_of
 from .strategies import Strategy, make_strategy
 
 
@@ -48,6 +49,10 @@ class HubConfig:
     # most examples one update may claim (its FedAvg weight); also at most what its device
     # announced when it joined (protocol.md, admission of updates)
     max_samples: int = 1_000_000
+    # the run's stages in order (hub/plan.py), e.g. [{"kind": "train", "rounds": 20}, {"kind": "evaluate",
+    # "rounds": 1}]; empty: one train stage of `rounds` rounds. A stage's "params" go in its tasks;
+    # a train stage's override `train` for that stage
+    plan: list[dict[str, Any]] = field(default_factory=list)
 
     def check(self) -> None:
         """Refuse settings no run can work with, before anything is published or stored."""
@@ -56,6 +61,15 @@ class HubConfig:
         if self.model_codec not in MODEL_CODECS:
             raise ConfigError(f"model codec {self.model_codec!r} cannot carry a model; use one of {', '.join(MODEL_CODECS)}")
         self.make_strategy().task_codec(self.update_codec)
+        self.stages()
+
+    def stages(self) -> list[Stage]:
+        """The run plan's stages (one train stage of `rounds` rounds without a plan)."""
+        return stages_of(self.plan, self.rounds)
+
+    def total_rounds(self) -> int:
+        """Rounds the plan holds at most (stop rules may end a train stage sooner)."""
+        return sum(stage.rounds for stage in self.stages())
 
     def make_strategy(self) -> Strategy:
         """This run's aggregation strategy, built from its name and options (fresh server state)."""

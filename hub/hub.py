@@ -1,7 +1,8 @@
-"""The hub: select devices, publish model + task, collect updates until quorum or deadline,
-aggregate, evaluate, persist, repeat until a stop rule fires. The settings (config.py), the
-round policies (rounds.py), the admission checks (admission.py) and the device roster
-(roster.py) live beside it.
+"""The hub: select devices, publish model + task, collect answers until quorum or deadline,
+aggregate (train rounds) or record the reports (e.g. evaluate rounds), evaluate, persist, repeat
+through the run plan's stages until the last one ends. The settings (config.py), the plan
+(plan.py), the task kinds (task_kinds.py), the round policies (rounds.py), the admission checks
+(admission.py) and the device roster (roster.py) live beside it.
 
 Update handling runs on paho's thread and never raises: every defect becomes a logged,
 stored rejection. The round loop runs on the caller's thread.
@@ -25,13 +26,16 @@ from fedge.models.errors import ConfigError
 from fedge.models.evaluate import evaluate
 from fedge.models.registry import build_model, get_state, private_patterns, set_state, split_state
 from fedge.models.wire import EnvelopeError, Topics, check_against, decode
+from fedge.models.wire.envelope import Envelope
 from fedge.models.wire.keys import device_key, hub_signer
 from fedge.models.wire.messages import (
+    ReportMessage,
     TaskMessage,
     UpdateMessage,
     build_model_message,
     build_task_message,
     parse_model,
+    parse_report,
     parse_status,
     parse_update,
     status_payload,
@@ -40,21 +44,37 @@ from fedge.models.wire.transport import BrokerConfig, LinkFactory, make_link
 
 from .admission import DUPLICATE, admission_reason
 from .config import HubConfig
+from .plan import Stage
 from .roster import Roster
-from .rounds import round_train_settings, select_devices, should_stop
+from .rounds import plan_position, round_train_settings, select_devices, stage_done
 from .run_epoch import new_run_epoch
 from .store import RunStore
 from .strategies import weight_change
+from .task_kinds import TASK_KINDS
 
 log = logging.getLogger("fedge.hub")
 
 
 @dataclass
 class Accepted:
-    tensors: OrderedDict[str, np.ndarray]
+    tensors: OrderedDict[str, np.ndarray]  # empty for a report
     num_samples: int
     metrics: dict
     nbytes: int
+
+    @classmethod
+    def of(cls, msg: UpdateMessage | ReportMessage, nbytes: int) -> Accepted:
+        tensors = msg.tensors if isinstance(msg, UpdateMessage) else OrderedDict()
+        return cls(tensors, msg.num_samples, msg.metrics, nbytes)
+
+
+def parse_answer(env: Envelope) -> UpdateMessage | ReportMessage:
+    """A device's answer to a task: an update (tensors) or a report (numbers only)."""
+    if env.kind == "report":
+        return parse_report(env)
+    if env.kind != "update":
+        raise EnvelopeError(f"a device answers with an update or a report, not a {env.kind!r} message")
+    return parse_update(env)
 
 
 RoundCallback = Callable[[dict], None]
@@ -121,7 +141,8 @@ class Hub:
             self.store.set_meta("status", "running")
             self.store.save_checkpoint(0, self.model_payload(0, self.global_state, codec="fp32"), keep=0)
             return
-        last = self.store.last_round()
+        history = self.store.rounds()
+        last = history[-1]["model_version"] if history else 0  # rounds other than train keep the model
         msg = parse_model(decode(self.store.load_checkpoint(last)))
         self.global_state = msg.tensors
         self.version = last
@@ -131,7 +152,7 @@ class Hub:
                               f"was saved with checkpoint {last}; it cannot resume exactly")
         self.strategy.load_server_state(server_state or {})
         self._closed_rounds = {r["round"]: set(r["participants"]) for r in self.store.rounds()}
-        log.info("resuming run %s after round %d", self.run_id, last)
+        log.info("resuming run %s after round %d (model version %d)", self.run_id, self.store.last_round(), last)
 
     def model_payload(self, version: int, state: OrderedDict[str, np.ndarray], codec: str | None = None) -> bytes:
         """The model envelope: in the run's downlink codec for devices, or (codec="fp32") the
@@ -177,15 +198,16 @@ class Hub:
                     return
             env = decode(payload, max_bytes=self.config.max_payload, key=key)
             round_id = env.header.get("round") if isinstance(env.header.get("round"), int) else None
-            upd = parse_update(env)
-            leaked = sorted(self.private_names.intersection(upd.tensors))
-            if leaked:
-                raise EnvelopeError(f"update carries private tensor(s) {leaked[:3]} of {self.config.model}, "
-                                    f"which stay on the device ({', '.join(private_patterns(self.config.model))})")
-            check_against(upd.tensors, self.reference)  # malformed content is reported as such first
+            upd = parse_answer(env)
+            if isinstance(upd, UpdateMessage):
+                leaked = sorted(self.private_names.intersection(upd.tensors))
+                if leaked:
+                    raise EnvelopeError(f"update carries private tensor(s) {leaked[:3]} of {self.config.model}, "
+                                        f"which stay on the device ({', '.join(private_patterns(self.config.model))})")
+                check_against(upd.tensors, self.reference)  # malformed content is reported as such first
             reason = self._admit(device, upd)
             if reason == DUPLICATE:
-                log.info("duplicate update from %s for round %d ignored (already counted)", device, upd.round)
+                log.info("duplicate %s from %s for round %d ignored (already counted)", env.kind, device, upd.round)
                 return
             if reason:
                 self._reject(device, round_id, reason)
@@ -203,10 +225,10 @@ class Hub:
             if not self.store.add_pending(upd.round, upd.device, bytes(payload)):
                 log.info("duplicate update from %s for round %d ignored", device, upd.round)
                 return
-            self._accepted[upd.device] = Accepted(upd.tensors, upd.num_samples, upd.metrics, len(payload))
+            self._accepted[upd.device] = Accepted.of(upd, len(payload))
             self._cond.notify_all()
 
-    def _admit(self, device: str | None, upd: UpdateMessage) -> str | None:
+    def _admit(self, device: str | None, upd: UpdateMessage | ReportMessage) -> str | None:
         with self._cond:
             return admission_reason(
                 upd, device, fleet=self.config.fleet, run_id=self.run_id, strategy=self.config.strategy, task=self._task,
@@ -251,7 +273,7 @@ class Hub:
     def _select(self, online: list[str], round_id: int, attempt: int) -> list[str]:
         return select_devices(online, self.config.clients_per_round, self.config.seed, round_id, attempt)
 
-    def _open(self, round_id: int, attempt: int) -> TaskMessage:
+    def _open(self, round_id: int, attempt: int, stage: Stage, round_in_stage: int) -> TaskMessage:
         resumed = self.store.get_open_round()
         if resumed and resumed[0] == round_id and attempt == 0:
             task = TaskMessage(**resumed[1])
@@ -261,19 +283,23 @@ class Hub:
                      len(self.store.pending(round_id)))
         else:
             online = self._wait_for_devices(max(self.config.min_devices, 1))
+            trains = stage.kind == "train"
+            # a train stage's params override the run's train settings (e.g. a lower lr in a second stage)
+            settings = {**self.config.train, **stage.params}
+            train = round_train_settings(settings, round_in_stage, stage.rounds) if trains else {}
             task = TaskMessage(
                 fleet=self.config.fleet, run=self.run_id, round=round_id, model_version=self.version,
                 selected=self._select(online, round_id, attempt), deadline=time.time() + self.config.deadline_s,
-                train=self.strategy.configure_train(round_train_settings(self.config.train, round_id, self.config.rounds)),
-                state="open", codec=self.strategy.task_codec(self.config.update_codec), epoch=self.epoch,
+                train=self.strategy.configure_train(train) if trains else {}, state="open",
+                codec=self.strategy.task_codec(self.config.update_codec) if trains else None, epoch=self.epoch,
+                kind=stage.kind, params={} if trains else dict(stage.params),
             )
         self.store.open_round(round_id, asdict(task))
         with self._cond:
             self._task = task
             self._accepted = {}
             for device, payload in self.store.pending(round_id).items():
-                upd = parse_update(decode(payload))
-                self._accepted[device] = Accepted(upd.tensors, upd.num_samples, upd.metrics, len(payload))
+                self._accepted[device] = Accepted.of(parse_answer(decode(payload)), len(payload))
             self._cond.notify_all()  # wake wait_for_round
         return task
 
@@ -327,15 +353,13 @@ class Hub:
             self.link.publish(self.topics.round, current[1], qos=1, retain=True)
 
     def _loop(self) -> None:
-        history = self.store.rounds()
-        if history and should_stop(self.config, history[-1], len(history)):
-            self._finish()
-            return
-        round_id = self.version + 1
+        stages = self.config.stages()
+        stage, done = plan_position(self.config, stages, self.store.rounds())  # a resumed run: where it stood
+        round_id = self.store.last_round() + 1
         attempt = 0
-        while round_id <= self.config.rounds and not self._stop.is_set():
+        while stage < len(stages) and not self._stop.is_set():
             started = time.time()
-            task = self._open(round_id, attempt)
+            task = self._open(round_id, attempt, stages[stage], done + 1)
             model_payload = self.model_payload(self.version, self.global_state)
             task_payload = build_task_message(task, self._signer)
             self._current = (model_payload, task_payload)
@@ -355,17 +379,56 @@ class Hub:
                 if attempt > self.config.max_round_retries:
                     raise RuntimeError(f"round {round_id} failed {attempt} times: no devices answered in time")
                 continue
-            record = self._complete(task, accepted, started, len(model_payload) + len(task_payload))
+            record = self._complete(task, accepted, started, len(model_payload) + len(task_payload), stage)
             attempt = 0
+            done += 1
             if self.on_round:
                 self.on_round(record)
-            if should_stop(self.config, record, round_id):
-                break
+            if stage_done(self.config, stages[stage], record, done):
+                stage, done = stage + 1, 0
+                if stage < len(stages):
+                    log.info("stage %d of %d: %d round(s) of %s", stage + 1, len(stages), stages[stage].rounds,
+                             stages[stage].kind)
             round_id += 1
         if not self._stop.is_set():
             self._finish()
 
-    def _complete(self, task: TaskMessage, accepted: dict[str, Accepted], started: float, down_bytes: int) -> dict:
+    def _complete(self, task: TaskMessage, accepted: dict[str, Accepted], started: float, down_bytes: int,
+                  stage: int) -> dict:
+        """Close a round: a train round aggregates a new global model; a round of a report kind
+        keeps the model and records what the reports say (task_kinds.TASK_KINDS)."""
+        summarize = TASK_KINDS[task.kind].summarize
+        new_state = None
+        if summarize is None:
+            new_state, fields = self._aggregate(accepted)
+        else:
+            loss, acc = self.evaluate(self.global_state)  # the same model as the round before: continuous curves
+            fields = {"model_version": self.version, "accuracy": acc, "loss": loss, "weight_change": None,
+                      "train_loss": None, **summarize({d: (a.num_samples, a.metrics) for d, a in accepted.items()})}
+        record = {
+            "round": task.round,
+            **fields,
+            "participants": sorted(accepted),
+            "selected": list(task.selected),
+            "bytes_up": int(sum(a.nbytes for a in accepted.values())),
+            "bytes_down": int(down_bytes * len(task.selected)),
+            "seconds": time.time() - started,
+            "kind": task.kind,
+            "stage": stage,
+        }
+        self.store.complete_round(record)
+        if new_state is not None:
+            self.global_state, self.version = new_state, record["model_version"]
+            log.info("round %d: %d updates, accuracy %s, change %.4f", task.round, len(accepted),
+                     f"{record['accuracy']:.4f}" if record["accuracy"] is not None else "n/a", record["weight_change"])
+        else:
+            log.info("round %d (%s): %d reports, device accuracy %s", task.round, task.kind, len(accepted),
+                     f"{record['device_accuracy']:.4f}" if record.get("device_accuracy") is not None else "n/a")
+        return record
+
+    def _aggregate(self, accepted: dict[str, Accepted]) -> tuple[OrderedDict[str, np.ndarray], dict]:
+        """A train round's new global model, checkpointed with the strategy's server state, and
+        its record fields."""
         # sorted by device id: the float sums do not depend on arrival order (reproducible runs)
         updates = [(a.tensors, a.num_samples) for _, a in sorted(accepted.items())]
         new_state = self.strategy.aggregate(self.global_state, updates)
@@ -375,25 +438,8 @@ class Hub:
         self.store.save_checkpoint(new_version, self.model_payload(new_version, new_state, codec="fp32"),
                                    keep=self.config.keep_checkpoints, server_state=self.strategy.server_state())
         train_losses = [a.metrics.get("loss") for a in accepted.values() if isinstance(a.metrics.get("loss"), (int, float))]
-        record = {
-            "round": task.round,
-            "model_version": new_version,
-            "accuracy": acc,
-            "loss": loss,
-            "participants": sorted(accepted),
-            "selected": list(task.selected),
-            "bytes_up": int(sum(a.nbytes for a in accepted.values())),
-            "bytes_down": int(down_bytes * len(task.selected)),
-            "seconds": time.time() - started,
-            "weight_change": change,
-            "train_loss": float(np.mean(train_losses)) if train_losses else None,
-        }
-        self.store.complete_round(record)
-        self.global_state = new_state
-        self.version = new_version
-        log.info("round %d: %d updates, accuracy %s, change %.4f", task.round, len(accepted),
-                 f"{acc:.4f}" if acc is not None else "n/a", change)
-        return record
+        return new_state, {"model_version": new_version, "accuracy": acc, "loss": loss, "weight_change": change,
+                           "train_loss": float(np.mean(train_losses)) if train_losses else None}
 
     def _finish(self) -> None:
         """Publish the final model and a 'finished' task so agents know the run is over."""

@@ -43,8 +43,11 @@ def summarise(history: list[dict]) -> dict[str, Any]:
     """The top-level keys every run.json carries, whatever produced it."""
     ups = [r["bytes_up"] / max(1, len(r["participants"])) for r in history]
     downs = [r["bytes_down"] / max(1, len(r["selected"])) for r in history]
+    evaluated = [r["device_accuracy"] for r in history if r.get("device_accuracy") is not None]
     return {
         "rounds_completed": len(history),
+        # the latest evaluate round's sample-weighted mean of the devices' own scores (run plans)
+        "device_accuracy": evaluated[-1] if evaluated else None,
         "uplink_bytes_per_device": statistics.mean(ups) if ups else None,
         "downlink_bytes_per_device": statistics.mean(downs) if downs else None,
         "seconds_per_round": statistics.median(r["seconds"] for r in history) if history else None,

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from .config import HubConfig
+from .plan import Stage
 
 log = logging.getLogger("fedge.hub")
 
@@ -31,11 +32,15 @@ def select_devices(online: list[str], k: int, seed: int, round_id: int, attempt:
     return sorted(rng.choice(pool, size=k, replace=False).tolist())
 
 
-def should_stop(cfg: HubConfig, record: dict[str, Any], round_id: int) -> bool:
-    """Whether the run ends after this round: the round budget, the target accuracy or a global
-    model that no longer moves (paper 004's rule), each logged when it fires."""
-    if round_id >= cfg.rounds:
+def stage_done(cfg: HubConfig, stage: Stage, record: dict[str, Any], rounds_done: int) -> bool:
+    """Whether `stage` ends after this round (its `rounds_done`-th): its round budget, or for a
+    train stage the target accuracy or a global model that no longer moves (paper 004's rule),
+    each logged when it fires. The run ends when its last stage does."""
+    if rounds_done >= stage.rounds:
         return True
+    if stage.kind != "train":
+        return False
+    round_id = record["round"]
     accuracy = record.get("accuracy")
     if cfg.target_accuracy is not None and accuracy is not None and accuracy >= cfg.target_accuracy:
         log.info("target accuracy %.4f reached at round %d", cfg.target_accuracy, round_id)
@@ -45,3 +50,19 @@ def should_stop(cfg: HubConfig, record: dict[str, Any], round_id: int) -> bool:
         log.info("weight change %.5f below %.5f at round %d", change, cfg.min_weight_change, round_id)
         return True
     return False
+
+
+def plan_position(cfg: HubConfig, stages: list[Stage], history: list[dict[str, Any]]) -> tuple[int, int]:
+    """(index of the stage the next round belongs to, rounds of it already completed), from the
+    completed rounds, each of which records its stage (rounds from before plans: stage 0). An
+    index of len(stages) means the plan is done."""
+    if not history:
+        return 0, 0
+    last = history[-1]
+    stage = int(last.get("stage") or 0)
+    if stage >= len(stages):
+        return len(stages), 0
+    done = sum(1 for r in history if int(r.get("stage") or 0) == stage)
+    if stage_done(cfg, stages[stage], last, done):
+        return stage + 1, 0
+    return stage, done

@@ -25,13 +25,18 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS rounds (
     round INTEGER PRIMARY KEY, model_version INTEGER NOT NULL, accuracy REAL, loss REAL,
     participants TEXT NOT NULL, selected TEXT NOT NULL, bytes_up INTEGER NOT NULL, bytes_down INTEGER NOT NULL,
-    seconds REAL NOT NULL, weight_change REAL, train_loss REAL, completed_at REAL NOT NULL);
+    seconds REAL NOT NULL, weight_change REAL, train_loss REAL, completed_at REAL NOT NULL,
+    kind TEXT, stage INTEGER, device_accuracy REAL, device_loss REAL, device_metrics TEXT);
 CREATE TABLE IF NOT EXISTS open_round (round INTEGER PRIMARY KEY, task TEXT NOT NULL, started_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS pending (
     round INTEGER NOT NULL, device TEXT NOT NULL, payload BLOB NOT NULL, received_at REAL NOT NULL,
     PRIMARY KEY (round, device));
 CREATE TABLE IF NOT EXISTS rejections (ts REAL NOT NULL, device TEXT, round INTEGER, reason TEXT NOT NULL);
 """
+ROUND_COLUMNS_ADDED = (("kind", "TEXT"), ("stage", "INTEGER"), ("device_accuracy", "REAL"), ("device_loss", "REAL"),
+                      ("device_metrics", "TEXT"))  # run plans and reports (issue 11)
+ROUND_COLUMNS = ("round", "model_version", "accuracy", "loss", "participants", "selected", "bytes_up", "bytes_down",
+                 "seconds", "weight_change", "train_loss", "completed_at") + tuple(c for c, _ in ROUND_COLUMNS_ADDED)
 
 
 class RunStore:
@@ -46,6 +51,15 @@ class RunStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
+        self._add_missing_columns()
+
+    def _add_missing_columns(self) -> None:
+        """A run store from before run plans lacks the newer round columns: add them (empty), so
+        such a run resumes; its rounds read as stage 0, kind train."""
+        have = {row[1] for row in self._db.execute("PRAGMA table_info(rounds)")}
+        for name, sql_type in ROUND_COLUMNS_ADDED:
+            if name not in have:
+                self._db.execute(f"ALTER TABLE rounds ADD COLUMN {name} {sql_type}")
 
     def close(self) -> None:
         with self._lock:
@@ -133,15 +147,12 @@ class RunStore:
             db = self._db
             db.execute("BEGIN IMMEDIATE")
             try:
-                db.execute(
-                    "INSERT INTO rounds VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                    (
-                        record["round"], record["model_version"], record.get("accuracy"), record.get("loss"),
-                        json.dumps(record["participants"]), json.dumps(record["selected"]), record["bytes_up"],
-                        record["bytes_down"], record["seconds"], record.get("weight_change"),
-                        record.get("train_loss"), time.time(),
-                    ),
-                )
+                row = {**record, "participants": json.dumps(record["participants"]),
+                       "selected": json.dumps(record["selected"]), "completed_at": time.time(),
+                       "kind": record.get("kind", "train"), "stage": int(record.get("stage") or 0),
+                       "device_metrics": json.dumps(record["device_metrics"]) if "device_metrics" in record else None}
+                db.execute(f"INSERT INTO rounds ({', '.join(ROUND_COLUMNS)}) VALUES ({', '.join('?' * len(ROUND_COLUMNS))})",
+                           tuple(row.get(c) for c in ROUND_COLUMNS))
                 db.execute("DELETE FROM pending WHERE round = ?", (record["round"],))
                 db.execute("DELETE FROM open_round WHERE round = ?", (record["round"],))
                 db.execute("COMMIT")
@@ -159,6 +170,9 @@ class RunStore:
             rec = dict(zip(cols, row))
             rec["participants"] = json.loads(rec["participants"])
             rec["selected"] = json.loads(rec["selected"])
+            rec["kind"] = rec["kind"] or "train"
+            rec["stage"] = rec["stage"] or 0
+            rec["device_metrics"] = json.loads(rec["device_metrics"]) if rec["device_metrics"] else None
             out.append(rec)
         return out
 

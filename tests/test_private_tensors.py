@@ -194,7 +194,7 @@ def test_design_doc_shows_the_real_code():
     root = Path(__file__).resolve().parents[1]
     section = (root / "docs" / "design.md").read_text().split("## Private tensors", 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
-    sources = (root / "models" / "registry.py").read_text() + (root / "edge_agent" / "agent.py").read_text()
+    sources = "".join((root / f).read_text() for f in ("models/registry.py", "edge_agent/agent.py", "edge_agent/tasks.py"))
     assert len(blocks) == 5
     for block in blocks:
         assert block in sources, block[:80]
@@ -237,6 +237,6 @@ def test_kept_head_of_another_shape_is_replaced_by_a_fresh_one(tmp_path, small_d
     PrivateStore(path).save(MODEL, initial_private(MODEL, SHAPE, 5, seed=0))  # a head for 5 classes
     agent = Agent("dev000", load_profile("sim"), InprocBroker().link, Topics("priv"), small_data.train,
                   CLASSES, pool=None, private_state=path)  # type: ignore[arg-type] - no job runs here
-    head = agent._private_tensors(MODEL)
+    head = agent.private_tensors(MODEL)
     assert head["head.weight"].shape == (CLASSES, 200)
     assert np.array_equal(head["head.weight"], initial_private(MODEL, SHAPE, CLASSES, seed=0)["head.weight"])

@@ -11,7 +11,9 @@ from pathlib import Path
 
 from fedge.cli.common import add_broker_args, add_logging_args, broker_from_args, setup_logging, stop_event_on_signals
 from fedge.hub.config import HubConfig
+from fedge.hub.plan import parse_plan
 from fedge.hub.strategies import STRATEGIES
+from fedge.hub.task_kinds import TASK_KINDS
 from fedge.models.data import DATASETS, DEFAULT_FASHION_ROOT
 from fedge.models.errors import ConfigError
 from fedge.models.partition import PARTITIONERS, PartitionSpec
@@ -34,6 +36,12 @@ def _add_round_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("rounds (defaults come from the recipe, else fedge's defaults)")
     g.add_argument("--model", help="model name (mlp, conv4, ...)")
     g.add_argument("--rounds", type=int, help="maximum number of rounds")
+    g.add_argument("--plan", metavar="KIND:ROUNDS,...",
+                   help="the run as stages, in order, instead of --rounds: e.g. train:20,evaluate:1 trains 20 rounds, "
+                        "then every selected device evaluates the final model on its own data and reports loss and "
+                        "accuracy (no tensors sent; the run store records each device's and the sample-weighted mean). "
+                        "Kinds: " + ", ".join(TASK_KINDS) + ". Stop rules (--target-accuracy, --min-weight-change) end "
+                        "a train stage early; --resume continues at the stage where the run stopped")
     g.add_argument("--clients-per-round", type=int, help="devices selected per round (0 = all online)")
     g.add_argument("--deadline", type=float, help="seconds a round waits for stragglers")
     g.add_argument("--quorum", type=float, help="fraction of selected devices whose updates close a round early")
@@ -82,6 +90,10 @@ def _apply_round_args(cfg, args: argparse.Namespace) -> None:  # noqa: ANN001 - 
         value = getattr(args, arg, None)
         if value is not None:
             setattr(cfg, attr, value)
+    if getattr(args, "plan", None):
+        if getattr(args, "rounds", None) is not None:
+            raise ConfigError(f"give --rounds or --plan, not both: the plan {args.plan!r} names each stage's rounds")
+        cfg.plan = parse_plan(args.plan)
     for key in STRATEGY_OPTION_FLAGS:
         value = getattr(args, key, None)
         if value is not None:
@@ -160,6 +172,9 @@ def run_hub(args: argparse.Namespace) -> int:
         store = RunStore(run_dir)
         cfg = HubConfig.from_json(store.get_meta("config"))
         if args.rounds is not None:
+            if cfg.plan:
+                raise SystemExit(f"fedge hub --resume --rounds: run {run_dir.name} follows a plan "
+                                 f"({', '.join(f'{st.kind}:{st.rounds}' for st in cfg.stages())}); --rounds does not apply")
             cfg.rounds = args.rounds
             store.set_meta("config", cfg.to_json())
         if args.keys_dir:
@@ -296,7 +311,7 @@ def run_fleet(args: argparse.Namespace) -> int:
 
         threading.Thread(target=lambda: (stop.wait(), hub.stop()), daemon=True).start()
         report = fleet.run(hub)
-    keys = ("run_id", "final_accuracy", "central_accuracy", "federated_over_central", "rounds_completed",
+    keys = ("run_id", "final_accuracy", "device_accuracy", "central_accuracy", "federated_over_central", "rounds_completed",
             "uplink_bytes_per_device", "downlink_bytes_per_device", "seconds_per_round", "wall_time_s")
     print(json.dumps({k: report.get(k) for k in keys}, indent=1))
     model_files = "final_model.fedge/.onnx" if report.get("files", {}).get("onnx") else "final_model.fedge"

@@ -58,7 +58,7 @@ class FleetConfig:
     threads: int = 0  # torch threads for training in total (0 = all cores)
     transport: str = "mqtt"  # mqtt: real MQTT clients; inproc: the same hub and agents over an in-memory broker
     broker: str | None = None  # mqtt only; None: start an embedded broker in this process
-    stop_after: int | None = None  # stop after this round (schedule still spans hub.rounds); None: run to the end
+    stop_after: int | None = None  # stop after this round (the plan still spans all its rounds); None: run to the end
     runs_dir: str = "runs"
     run_id: str | None = None
     central: bool = False  # also train the same model centrally on the union (baseline)
@@ -176,11 +176,11 @@ class Fleet:
         hub = hub or self.make_hub()
         bar = None
         if self.cfg.progress:
-            bar = tqdm(total=hub.config.rounds, desc=f"fleet {self.run_id}", unit="round", initial=hub.version)
+            bar = tqdm(total=hub.config.total_rounds(), desc=f"fleet {self.run_id}", unit="round", initial=hub.store.last_round())
 
         def on_round(record: dict) -> None:
             stop_after = self.cfg.stop_after
-            if stop_after is not None and record["round"] >= stop_after and stop_after < hub.config.rounds:
+            if stop_after is not None and record["round"] >= stop_after and stop_after < hub.config.total_rounds():
                 hub.stop()  # the loop ends after this round; the run stays resumable
             if bar is not None:
                 acc = record.get("accuracy")
@@ -195,7 +195,8 @@ class Fleet:
             if bar is not None:
                 bar.close()
         final_loss, final_acc = hub.evaluate(hub.global_state, full=True)
-        central = self.train_central(hub.config, epochs=len(history)) if self.cfg.central else None
+        train_rounds = sum(1 for r in history if r.get("kind", "train") == "train")
+        central = self.train_central(hub.config, epochs=train_rounds) if self.cfg.central else None
         return write_run_report(
             run_dir=self.run_dir, hub=hub, history=history, final=(final_loss, final_acc), central=central,
             partition_counts=class_counts(self.dataset.train.y, self.parts, self.dataset.num_classes),

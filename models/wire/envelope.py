@@ -1,4 +1,4 @@
-"""The fedge envelope: the one binary frame every model, round task and update travels in.
+"""The fedge envelope: the one binary frame every model, round task, update and report travels in.
 
 Layout (all integers big-endian), documented byte for byte in docs/protocol.md:
 
@@ -44,7 +44,7 @@ TAG_SIZE = 32
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
 MAX_HEADER_BYTES = 1024 * 1024
 
-KINDS = ("model", "task", "update")
+KINDS = ("model", "task", "update", "report")
 
 
 class EnvelopeError(WireError):

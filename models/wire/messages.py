@@ -1,4 +1,4 @@
-"""The three envelope kinds (model, task, update) and the JSON status message.
+"""The four envelope kinds (model, task, update, report) and the JSON status message.
 
 Builders and parsers live together so the header fields are defined once; every parser
 raises EnvelopeError naming the bad field.
@@ -7,6 +7,7 @@ raises EnvelopeError naming the bad field.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -88,13 +89,18 @@ class TaskMessage:
     state: str  # "open" (train now) or "finished" (the run is over)
     codec: str | None = None  # update codec the hub asks for; None = the device's profile decides
     epoch: int = 0  # the run's epoch (models/wire/freshness.py); 0 = a hub from before epochs
+    kind: str = "train"  # what the device does with the model (TASK_KINDS); absent in old tasks: train
+    params: dict[str, Any] = field(default_factory=dict)  # the kind's parameters (train's are in `train`)
+
+
+DEFAULT_TASK_KIND = "train"
 
 
 def build_task_message(task: TaskMessage, signer: Signer | None = None) -> bytes:
     header = {"kind": "task", "fleet": task.fleet, "run": task.run, "round": task.round,
               "model_version": task.model_version, "selected": list(task.selected), "deadline": task.deadline,
               "train": dict(task.train), "state": task.state, "update_codec": task.codec,
-              "epoch": int(task.epoch)}
+              "epoch": int(task.epoch), "task_kind": task.kind, "params": dict(task.params)}
     return encode(header, b"", signer=signer)
 
 
@@ -108,11 +114,14 @@ def parse_task(env: Envelope) -> TaskMessage:
     state = _field(h, "state", str)
     if state not in ("open", "finished"):
         raise EnvelopeError(f"task state {state!r} is neither 'open' nor 'finished'")
+    kind = _field(h, "task_kind", str) if "task_kind" in h else DEFAULT_TASK_KIND
+    params = _field(h, "params", dict) if "params" in h else {}
     return TaskMessage(
         fleet=_field(h, "fleet", str), run=_field(h, "run", str), round=_field(h, "round", int),
         model_version=_field(h, "model_version", int), selected=selected,
         deadline=float(_field(h, "deadline", (int, float))), train=_field(h, "train", dict), state=state,
         codec=h.get("update_codec") if isinstance(h.get("update_codec"), str) else None, epoch=_epoch(h),
+        kind=kind, params=params,
     )
 
 
@@ -155,6 +164,52 @@ def parse_update(env: Envelope) -> UpdateMessage:
         fleet=_field(h, "fleet", str), run=_field(h, "run", str), device=_field(h, "device", str),
         round=_field(h, "round", int), base_version=_field(h, "base_version", int), num_samples=num_samples,
         tensors=decode_tensors(h, env.body), metrics=metrics, codec=str(h.get("codec")),
+    )
+
+
+# ----------------------------------------------------------------------------- report
+@dataclass
+class ReportMessage:
+    """A device's answer to a task that produces numbers, not tensors (e.g. `evaluate`)."""
+
+    fleet: str
+    run: str
+    device: str
+    round: int
+    base_version: int  # the model version the task used
+    task_kind: str  # the kind of task this answers
+    num_samples: int  # examples the metrics were measured on (their weight in the fleet's mean)
+    metrics: dict[str, Any]
+
+
+def build_report_message(
+    fleet: str, run: str, device: str, round_id: int, base_version: int, task_kind: str, num_samples: int,
+    metrics: Mapping[str, Any], key: bytes | None = None,
+) -> bytes:
+    header = {"kind": "report", "fleet": fleet, "run": run, "device": device, "round": int(round_id),
+              "base_version": int(base_version), "task_kind": task_kind, "num_samples": int(num_samples),
+              "metrics": dict(metrics)}
+    return encode(header, b"", key=key)
+
+
+def parse_report(env: Envelope) -> ReportMessage:
+    h = env.header
+    if env.kind != "report":
+        raise EnvelopeError(f"expected a report message, got kind {env.kind!r}")
+    if env.body or "tensors" in h:
+        raise EnvelopeError(f"a report carries no tensors, but this one has a {len(env.body)}-byte body"
+                            f"{' and a tensor manifest' if 'tensors' in h else ''}")
+    num_samples = _field(h, "num_samples", int)
+    if num_samples < 1:
+        raise EnvelopeError(f"num_samples must be positive, got {num_samples}")
+    metrics = _field(h, "metrics", dict)
+    for name, value in metrics.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise EnvelopeError(f"report metric {name!r} must be a finite number, got {value!r}")
+    return ReportMessage(
+        fleet=_field(h, "fleet", str), run=_field(h, "run", str), device=_field(h, "device", str),
+        round=_field(h, "round", int), base_version=_field(h, "base_version", int),
+        task_kind=_field(h, "task_kind", str), num_samples=num_samples, metrics=dict(metrics),
     )
 
 

@@ -1,0 +1,90 @@
+"""The task kinds a device runs: one handler per kind, all in one registry (HANDLERS).
+
+A handler gets the round's task and the model it names, checks them (raising Refused, which
+the agent reports in its status), and returns a Job: the work, run on a TrainingPool worker
+with the worker's LocalTrainer, and how its result becomes the envelope sent back (an
+`update` with tensors, or a `report` with numbers only). A task kind not in HANDLERS is
+refused with the list of the kinds this device runs (docs/protocol.md 4.2.2).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from fedge.models.registry import private_patterns
+from fedge.models.wire.messages import ModelMessage, TaskMessage, build_report_message, build_update_message
+
+from .task_checks import check_evaluate_params, check_model, check_train_settings, time_budget
+from .trainer import LocalTrainer, TrainConfig, TrainResult, job_seed, uplink_state
+
+if TYPE_CHECKING:
+    from .agent import Agent
+
+
+@dataclass
+class Job:
+    """What the agent runs for one task: `work` on a pool worker, then `message` on its result
+    gives the payload published on the device's uplink topic."""
+
+    work: Callable[[LocalTrainer], Any]
+    message: Callable[[Any], bytes]
+
+
+Handler = Callable[["Agent", TaskMessage, ModelMessage], Job]
+
+
+def train(agent: Agent, task: TaskMessage, model: ModelMessage) -> Job:
+    """`train`: local training from the received model; answers with an `update` (tensors in the
+    codec the task asks for)."""
+    check_train_settings(task.train, agent.profile, len(agent.y), agent.seconds_per_sample)
+    check_model(model.tensors, model.version)
+    cfg = TrainConfig.resolve(agent.profile, task.train)
+    seed = job_seed(agent.seed, task.round, agent.device_id)
+    tensors = model.tensors
+    budget = time_budget(agent.profile)
+
+    def work(trainer: LocalTrainer) -> TrainResult:
+        private = agent.private_tensors(model.model) if private_patterns(model.model) else None
+        result = trainer.train(tensors, agent.x, agent.y, cfg, seed, after_step=budget, private=private)
+        if result.private:
+            agent.private.save(model.model, result.private)
+        agent.seconds_per_sample = result.seconds / max(1, cfg.epochs * len(agent.y))
+        result.state = uplink_state(trainer, result, task.codec, tensors)
+        return result
+
+    def message(result: TrainResult) -> bytes:
+        state = agent.tamper(tensors, result.state) if agent.tamper is not None else result.state
+        return build_update_message(
+            fleet=task.fleet, run=task.run, device=agent.device_id, round_id=task.round,
+            base_version=task.model_version, tensors=state, num_samples=result.num_samples,
+            metrics={"loss": result.loss, "accuracy": result.accuracy, "seconds": result.seconds},
+            codec=task.codec or agent.profile.precision, key=agent.device_key,
+        )
+
+    return Job(work, message)
+
+
+def evaluate(agent: Agent, task: TaskMessage, model: ModelMessage) -> Job:
+    """`evaluate`: loss and accuracy of the received model (with this device's private tensors,
+    if the model has any) on the local data; answers with a `report`, no tensors."""
+    batch_size = check_evaluate_params(task.params)
+    check_model(model.tensors, model.version)
+
+    def work(trainer: LocalTrainer) -> dict[str, float]:
+        private = agent.private_tensors(model.model) if private_patterns(model.model) else None
+        loss, accuracy = trainer.evaluate(model.tensors, agent.x, agent.y, private=private, batch_size=batch_size)
+        return {"loss": loss, "accuracy": accuracy}
+
+    def message(metrics: dict[str, float]) -> bytes:
+        return build_report_message(
+            fleet=task.fleet, run=task.run, device=agent.device_id, round_id=task.round,
+            base_version=task.model_version, task_kind=task.kind, num_samples=len(agent.y), metrics=metrics,
+            key=agent.device_key,
+        )
+
+    return Job(work, message)
+
+
+HANDLERS: dict[str, Handler] = {"train": train, "evaluate": evaluate}
