@@ -67,15 +67,15 @@ def train(agent: Agent, task: TaskMessage, model: ModelMessage) -> Job:
 
 
 def evaluate(agent: Agent, task: TaskMessage, model: ModelMessage) -> Job:
-    """`evaluate`: loss and accuracy of the received model (with this device's private tensors,
-    if the model has any) on the local data; answers with a `report`, no tensors."""
+    """`evaluate`: the model family's metrics (classification: loss, accuracy) of the received
+    model (with this device's private tensors, if the model has any) on the local data; answers
+    with a `report`, no tensors."""
     batch_size = check_evaluate_params(task.params)
     check_model(model.tensors, model.version)
 
     def work(trainer: LocalTrainer) -> dict[str, float]:
         private = agent.private_tensors(model.model) if private_patterns(model.model) else None
-        loss, accuracy = trainer.evaluate(model.tensors, agent.x, agent.y, private=private, batch_size=batch_size)
-        return {"loss": loss, "accuracy": accuracy}
+        return trainer.evaluate(model.tensors, agent.x, agent.y, private=private, batch_size=batch_size)
 
     def message(metrics: dict[str, float]) -> bytes:
         return build_report_message(

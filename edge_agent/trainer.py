@@ -14,11 +14,19 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from fedge.models.errors import ConfigError
 from fedge.models.evaluate import evaluate
-from fedge.models.registry import build_model, count_parameters, get_state, is_private, set_state, split_state
+from fedge.models.families import CLASSIFICATION, Family
+from fedge.models.registry import (
+    build_model,
+    count_parameters,
+    get_state,
+    is_private,
+    model_family,
+    set_state,
+    split_state,
+)
 from fedge.models.supermask import model_masks
 from fedge.models.wire.codecs import UPDATE_CARRIES
 
@@ -57,7 +65,7 @@ class TrainResult:
     state: dict[str, np.ndarray]
     num_samples: int
     loss: float
-    accuracy: float
+    accuracy: float  # the family's running score: right / scored predictions (examples or pixels)
     seconds: float
     private: dict[str, np.ndarray] = field(default_factory=dict)  # trained private tensors: they stay here
 
@@ -82,6 +90,7 @@ class LocalTrainer:
         self.device = torch.device(device)
         self.model = build_model(model_name, in_shape, num_classes).to(self.device)
         self.model_name = model_name
+        self.family = model_family(model_name)  # its loss and metrics (classification, segmentation)
         self.num_params = count_parameters(self.model)
 
     def train(
@@ -104,15 +113,17 @@ class LocalTrainer:
         prox = (cfg.proximal_mu, params, [p.detach().clone() for p in params]) if cfg.proximal_mu > 0 else None
         gen = torch.Generator().manual_seed(seed)
         n = len(y)
-        total_loss, correct, seen = 0.0, 0, 0
+        total_loss, correct, seen, scored = 0.0, 0, 0, 0
         for _ in range(cfg.epochs):
             order = torch.randperm(n, generator=gen)
             for begin in range(0, n, cfg.batch_size):
                 idx = order[begin : begin + cfg.batch_size]
-                loss, hits = _step(model, opt, x[idx].to(self.device), y[idx].to(self.device), prox)
+                loss, hits, count = _step(model, opt, x[idx].to(self.device), y[idx].to(self.device), prox,
+                                          self.family)
                 total_loss += loss * len(idx)
                 correct += hits
                 seen += len(idx)
+                scored += count
                 if after_step is not None:
                     try:
                         after_step(time.perf_counter() - start)
@@ -125,18 +136,18 @@ class LocalTrainer:
             state=trained,
             num_samples=n,
             loss=total_loss / max(1, seen),
-            accuracy=correct / max(1, seen),
+            accuracy=correct / max(1, scored),
             seconds=time.perf_counter() - start,
             private=dict(kept),
         )
 
 
     def evaluate(self, state: Mapping[str, np.ndarray], x: torch.Tensor, y: torch.Tensor,
-                 private: Mapping[str, np.ndarray] | None = None, batch_size: int = 256) -> tuple[float, float]:
-        """(loss, accuracy) of the received `state` plus this device's `private` tensors on (x, y):
-        the `evaluate` task kind; nothing is trained or changed."""
+                 private: Mapping[str, np.ndarray] | None = None, batch_size: int = 256) -> dict[str, float]:
+        """The family's metrics (loss, accuracy for classification) of the received `state` plus
+        this device's `private` tensors on (x, y): the `evaluate` task kind; nothing is trained."""
         set_state(self.model, {**state, **(private or {})})
-        return evaluate(self.model, x.to(self.device), y.to(self.device), batch_size=batch_size)
+        return evaluate(self.model, x.to(self.device), y.to(self.device), batch_size=batch_size, family=self.family)
 
 
 def initial_private(model_name: str, in_shape: tuple[int, ...], num_classes: int, seed: int) -> dict[str, np.ndarray]:
@@ -149,13 +160,14 @@ Proximal = tuple[float, list[torch.nn.Parameter], list[torch.Tensor]]  # (mu, pa
 
 
 def _step(model: torch.nn.Module, opt: torch.optim.Optimizer, xb: torch.Tensor, yb: torch.Tensor,
-          prox: Proximal | None = None) -> tuple[float, int]:
-    """One SGD/Adam step; returns (batch data loss, correct predictions). With `prox`, the
+          prox: Proximal | None = None, family: Family = CLASSIFICATION) -> tuple[float, int, int]:
+    """One SGD/Adam step on the family's loss; returns (batch data loss, right predictions,
+    scored predictions: examples, or pixels for segmentation). With `prox`, the
     FedProx term mu/2 sum ||p - anchor||^2 joins the loss that is minimised (not the one
     reported). Gradients are cleared before forward, so last step's are not held through it."""
     opt.zero_grad(set_to_none=True)
     logits = model(xb)
-    loss = F.cross_entropy(logits, yb)
+    loss = family.loss(logits, yb)
     if prox is None:
         loss.backward()
     else:
@@ -163,7 +175,7 @@ def _step(model: torch.nn.Module, opt: torch.optim.Optimizer, xb: torch.Tensor, 
         drift = sum(((p - a) ** 2).sum() for p, a in zip(params, anchors))
         (loss + 0.5 * mu * drift).backward()
     opt.step()
-    return float(loss.detach()), int((logits.argmax(1) == yb).sum())
+    return (float(loss.detach()), *family.hits(logits, yb))
 
 
 def _release(opt: torch.optim.Optimizer) -> None:

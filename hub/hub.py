@@ -24,7 +24,7 @@ import torch
 
 from fedge.models.errors import ConfigError
 from fedge.models.evaluate import evaluate
-from fedge.models.registry import build_model, get_state, private_patterns, set_state, split_state
+from fedge.models.registry import build_model, get_state, model_family, private_patterns, set_state, split_state
 from fedge.models.wire import EnvelopeError, Topics, check_against, decode
 from fedge.models.wire.envelope import Envelope
 from fedge.models.wire.keys import device_key, hub_signer
@@ -75,6 +75,12 @@ def parse_answer(env: Envelope) -> UpdateMessage | ReportMessage:
     if env.kind != "update":
         raise EnvelopeError(f"a device answers with an update or a report, not a {env.kind!r} message")
     return parse_update(env)
+
+
+def _headline(scores: dict[str, float]) -> dict:
+    """A round record's evaluation fields: `accuracy` and `loss` as every record has them (None
+    where absent), and all of the model family's metrics under `metrics` (None: no evaluation)."""
+    return {"accuracy": scores.get("accuracy"), "loss": scores.get("loss"), "metrics": scores or None}
 
 
 RoundCallback = Callable[[dict], None]
@@ -321,15 +327,20 @@ class Hub:
         return accepted
 
     def evaluate(self, state: OrderedDict[str, np.ndarray], full: bool = False) -> tuple[float | None, float | None]:
-        """Test loss and accuracy of the global model; (None, None) without test data, or for a
-        model with private tensors: the hub has the shared part only, no device's head, and a
-        score with a head no device uses would not be the fleet's (docs/protocol.md 6.6)."""
+        """Test loss and accuracy of the global model (None where the family has no accuracy)."""
+        scores = self.metrics(state, full)
+        return scores.get("loss"), scores.get("accuracy")
+
+    def metrics(self, state: OrderedDict[str, np.ndarray], full: bool = False) -> dict[str, float]:
+        """The model family's test metrics of the global model (loss, accuracy for classification);
+        empty without test data, or for a model with private tensors: the hub has the shared part
+        only, no device's head, and a score with a head no device uses would not be the fleet's
+        (docs/protocol.md 6.6)."""
         if self.test_x is None or self.private_names:
-            return None, None
+            return {}
         set_state(self.model, state)
         n = len(self.test_y) if (full or not self.config.eval_size) else min(self.config.eval_size, len(self.test_y))
-        loss, acc = evaluate(self.model, self.test_x[:n], self.test_y[:n])
-        return loss, acc
+        return evaluate(self.model, self.test_x[:n], self.test_y[:n], family=model_family(self.config.model))
 
     def run(self) -> list[dict]:
         """Run (or resume) rounds until a stop rule fires; returns the full round history."""
@@ -402,8 +413,8 @@ class Hub:
         if summarize is None:
             new_state, fields = self._aggregate(accepted)
         else:
-            loss, acc = self.evaluate(self.global_state)  # the same model as the round before: continuous curves
-            fields = {"model_version": self.version, "accuracy": acc, "loss": loss, "weight_change": None,
+            scores = self.metrics(self.global_state)  # the same model as the round before: continuous curves
+            fields = {"model_version": self.version, **_headline(scores), "weight_change": None,
                       "train_loss": None, **summarize({d: (a.num_samples, a.metrics) for d, a in accepted.items()})}
         record = {
             "round": task.round,
@@ -433,12 +444,12 @@ class Hub:
         updates = [(a.tensors, a.num_samples) for _, a in sorted(accepted.items())]
         new_state = self.strategy.aggregate(self.global_state, updates)
         change = weight_change(self.global_state, new_state)
-        loss, acc = self.evaluate(new_state)
+        scores = self.metrics(new_state)
         new_version = self.version + 1
         self.store.save_checkpoint(new_version, self.model_payload(new_version, new_state, codec="fp32"),
                                    keep=self.config.keep_checkpoints, server_state=self.strategy.server_state())
         train_losses = [a.metrics.get("loss") for a in accepted.values() if isinstance(a.metrics.get("loss"), (int, float))]
-        return new_state, {"model_version": new_version, "accuracy": acc, "loss": loss, "weight_change": change,
+        return new_state, {"model_version": new_version, **_headline(scores), "weight_change": change,
                            "train_loss": float(np.mean(train_losses)) if train_losses else None}
 
     def _finish(self) -> None:

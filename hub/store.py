@@ -34,7 +34,7 @@ CREATE TABLE IF NOT EXISTS pending (
 CREATE TABLE IF NOT EXISTS rejections (ts REAL NOT NULL, device TEXT, round INTEGER, reason TEXT NOT NULL);
 """
 ROUND_COLUMNS_ADDED = (("kind", "TEXT"), ("stage", "INTEGER"), ("device_accuracy", "REAL"), ("device_loss", "REAL"),
-                      ("device_metrics", "TEXT"))  # run plans and reports (issue 11)
+                      ("device_metrics", "TEXT"), ("metrics", "TEXT"))  # run plans, reports, families (issue 11)
 ROUND_COLUMNS = ("round", "model_version", "accuracy", "loss", "participants", "selected", "bytes_up", "bytes_down",
                  "seconds", "weight_change", "train_loss", "completed_at") + tuple(c for c, _ in ROUND_COLUMNS_ADDED)
 
@@ -150,7 +150,8 @@ class RunStore:
                 row = {**record, "participants": json.dumps(record["participants"]),
                        "selected": json.dumps(record["selected"]), "completed_at": time.time(),
                        "kind": record.get("kind", "train"), "stage": int(record.get("stage") or 0),
-                       "device_metrics": json.dumps(record["device_metrics"]) if "device_metrics" in record else None}
+                       "device_metrics": json.dumps(record["device_metrics"]) if "device_metrics" in record else None,
+                       "metrics": json.dumps(record["metrics"]) if record.get("metrics") is not None else None}
                 db.execute(f"INSERT INTO rounds ({', '.join(ROUND_COLUMNS)}) VALUES ({', '.join('?' * len(ROUND_COLUMNS))})",
                            tuple(row.get(c) for c in ROUND_COLUMNS))
                 db.execute("DELETE FROM pending WHERE round = ?", (record["round"],))
@@ -173,6 +174,7 @@ class RunStore:
             rec["kind"] = rec["kind"] or "train"
             rec["stage"] = rec["stage"] or 0
             rec["device_metrics"] = json.loads(rec["device_metrics"]) if rec["device_metrics"] else None
+            rec["metrics"] = json.loads(rec["metrics"]) if rec["metrics"] else None
             out.append(rec)
         return out
 

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError, ModelFileError
+from .families import Family, get_family
 from .mpt_nets import build_mpt
 from .nets import MLP, Conv4, SplitMLP
 
@@ -23,10 +24,13 @@ Builder = Callable[[tuple[int, ...], int], nn.Module]
 class Registered:
     """A registered model: how to build it, and which of its tensors are private (fnmatch
     patterns on get_state names, e.g. 'head.*'). Private tensors never leave the device: the
-    hub sends, checks, aggregates and checkpoints only the shared ones (split_state)."""
+    hub sends, checks, aggregates and checkpoints only the shared ones (split_state). `family`
+    names its task family (families.py): the loss the trainer minimises and the metrics
+    evaluation reports."""
 
     build: Builder
     private: tuple[str, ...] = ()
+    family: str = "classification"
 
 
 MODELS: dict[str, Registered] = {
@@ -143,6 +147,11 @@ def private_patterns(name: str) -> tuple[str, ...]:
 def is_private(name: str, tensor: str) -> bool:
     """Whether tensor `tensor` of model `name` stays on the device."""
     return any(fnmatchcase(tensor, pattern) for pattern in _registered(name).private)
+
+
+def model_family(name: str) -> Family:
+    """The task family of model `name` (families.FAMILIES): its loss and metrics."""
+    return get_family(_registered(name).family)
 
 
 def split_state(name: str, state: Mapping[str, np.ndarray]) -> tuple[OrderedDict[str, np.ndarray], OrderedDict[str, np.ndarray]]:

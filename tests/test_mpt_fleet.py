@@ -215,6 +215,6 @@ def test_bnn_run_leaves_a_one_bit_file_with_the_hubs_accuracy(embedded_broker, t
     path = tmp_path / report["run_id"] / "final_model.bnn"
     assert report["files"]["bnn_model_bytes"] == path.stat().st_size < 198_800 // 8 + 4096  # 1 bit per weight
     model = build_from_mask_file(path)
-    _, accuracy = evaluate(model, torch.from_numpy(small_data.test.x), torch.from_numpy(small_data.test.y))
+    accuracy = evaluate(model, torch.from_numpy(small_data.test.x), torch.from_numpy(small_data.test.y))["accuracy"]
     assert report["final_accuracy"] > 0.3 and abs(accuracy - report["final_accuracy"]) < 1e-6, (
         accuracy, report["final_accuracy"])

@@ -142,7 +142,7 @@ def test_hub_no_eval_records_no_accuracy_and_loads_no_test_set(embedded_broker, 
     assert summary["rounds"] == 2 and summary["final_accuracy"] is None
     history = RunStore(tmp_path / "runs" / "blind").rounds()
     assert [r["round"] for r in history] == [1, 2]
-    assert all(r["accuracy"] is None and r["loss"] is None for r in history), history
+    assert all(r["accuracy"] is None and r["loss"] is None and r["metrics"] is None for r in history), history
     assert all(r["participants"] == ["dev000", "dev001"] for r in history)  # the rounds did train
 
 

@@ -561,7 +561,7 @@ def test_mlp_mpt_learns_synthetic_data_through_local_trainer():
     assert list(result.state) == list(start)  # only the scores travel
     model = build_model("mlp-mpt", ds.in_shape, ds.num_classes)
     set_state(model, result.state)
-    _, acc = evaluate(model, torch.from_numpy(ds.test.x), torch.from_numpy(ds.test.y))
+    acc = evaluate(model, torch.from_numpy(ds.test.x), torch.from_numpy(ds.test.y))["accuracy"]
     print("mlp-mpt accuracy after 2 local epochs:", acc)
     assert acc > 0.4, acc  # chance is 0.1
     # the trained masks still keep exactly 20 % per layer

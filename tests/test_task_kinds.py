@@ -193,6 +193,8 @@ def test_two_stage_plan_trains_then_evaluates_with_reports(broker_url, topic_pre
     assert [(r["round"], r["kind"], r["stage"]) for r in rounds] == [(1, "train", 0), (2, "train", 0), (3, "evaluate", 1)]
     assert [r["model_version"] for r in rounds] == [1, 2, 2]  # evaluating does not change the model
     assert rounds[1]["accuracy"] > 0.5  # it learned (chance is 0.1)
+    # every round also stores the model family's metrics (classification: loss and accuracy)
+    assert all(r["metrics"] == {"loss": r["loss"], "accuracy": r["accuracy"]} for r in rounds), rounds
     evaluation = rounds[2]
     devices = ["dev000", "dev001", "dev002"]
     assert evaluation["participants"] == devices and set(evaluation["device_metrics"]) == set(devices)

@@ -37,8 +37,8 @@ def train_central(dataset: Dataset, parts: list[np.ndarray], model: str, train: 
         cfg = TrainConfig.resolve(prof, {**round_train_settings(train, epoch, epochs), "epochs": 1})
         result = trainer.train(state, x, y, cfg, seed=seed * 7919 + epoch)
         state = {**result.state, **result.private}  # one central model: its private tensors too
-        loss, acc = evaluate(trainer.model, tx, ty)
-        curve.append({"epoch": epoch, "accuracy": acc, "loss": loss})
+        scores = evaluate(trainer.model, tx, ty, family=trainer.family)
+        curve.append({"epoch": epoch, "accuracy": scores.get("accuracy"), "loss": scores["loss"]})
     return {"epochs": epochs, "accuracy": curve[-1]["accuracy"] if curve else None,
             "best_accuracy": max((c["accuracy"] for c in curve), default=None), "curve": curve,
             "train_images": int(len(idx))}
