@@ -3,7 +3,6 @@ files of several processes and machines into one table without double counting."
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -15,15 +14,12 @@ from fedge.hub.sim.fleet import Fleet, FleetConfig
 from fedge.models.data import synthetic
 from fedge.models.partition import PartitionSpec
 
-ROOT = Path(__file__).resolve().parent.parent
+from .benchmark_module import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("paper003_bench", ROOT / "benchmarks" / "paper003.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("paper003.py")
 
 
 def _cell(method: str, seed: int, accuracy: list[float], ratio: float = 0.8) -> dict:

@@ -4,21 +4,16 @@ the per-transport summary; and the flag that says both transports gave the same 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from .benchmark_module import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("sign_uplink_bench", ROOT / "benchmarks" / "sign_uplink_mlp.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("sign_uplink_mlp.py")
 
 
 def _cell(method: str, seed: int, transport: str, accuracy: list[float]) -> dict:
