@@ -31,6 +31,14 @@ def _field(header: Mapping[str, Any], name: str, types: type | tuple[type, ...])
     return value
 
 
+def _num_samples(header: Mapping[str, Any]) -> int:
+    """An update's or report's example count: its weight in the fleet's means, so at least 1."""
+    num_samples = _field(header, "num_samples", int)
+    if num_samples < 1:
+        raise EnvelopeError(f"num_samples must be positive, got {num_samples}")
+    return int(num_samples)
+
+
 def _epoch(header: Mapping[str, Any]) -> int:
     """The run epoch of a model or task; absent (a hub from before epochs) reads as 0."""
     if "epoch" not in header:
@@ -77,6 +85,9 @@ def parse_model(env: Envelope) -> ModelMessage:
 
 
 # ----------------------------------------------------------------------------- task
+DEFAULT_TASK_KIND = "train"  # a task without `task_kind` (every hub before task kinds) means train
+
+
 @dataclass
 class TaskMessage:
     fleet: str
@@ -89,11 +100,9 @@ class TaskMessage:
     state: str  # "open" (train now) or "finished" (the run is over)
     codec: str | None = None  # update codec the hub asks for; None = the device's profile decides
     epoch: int = 0  # the run's epoch (models/wire/freshness.py); 0 = a hub from before epochs
-    kind: str = "train"  # what the device does with the model (TASK_KINDS); absent in old tasks: train
+    kind: str = DEFAULT_TASK_KIND  # what the device does with the model (TASK_KINDS)
     params: dict[str, Any] = field(default_factory=dict)  # the kind's parameters (train's are in `train`)
 
-
-DEFAULT_TASK_KIND = "train"
 
 
 def build_task_message(task: TaskMessage, signer: Signer | None = None) -> bytes:
@@ -154,9 +163,7 @@ def parse_update(env: Envelope) -> UpdateMessage:
     h = env.header
     if env.kind != "update":
         raise EnvelopeError(f"expected an update message, got kind {env.kind!r}")
-    num_samples = _field(h, "num_samples", int)
-    if num_samples < 1:
-        raise EnvelopeError(f"num_samples must be positive, got {num_samples}")
+    num_samples = _num_samples(h)
     metrics = h.get("metrics") or {}
     if not isinstance(metrics, dict):
         raise EnvelopeError("header field 'metrics' must be an object")
@@ -199,9 +206,7 @@ def parse_report(env: Envelope) -> ReportMessage:
     if env.body or "tensors" in h:
         raise EnvelopeError(f"a report carries no tensors, but this one has a {len(env.body)}-byte body"
                             f"{' and a tensor manifest' if 'tensors' in h else ''}")
-    num_samples = _field(h, "num_samples", int)
-    if num_samples < 1:
-        raise EnvelopeError(f"num_samples must be positive, got {num_samples}")
+    num_samples = _num_samples(h)
     metrics = _field(h, "metrics", dict)
     for name, value in metrics.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
