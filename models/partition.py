@@ -23,7 +23,8 @@ class PartitionSpec:
     """How to split. Fields used depend on `kind` (see docs/recipes.md)."""
 
     kind: str = "iid"
-    per_device: int | None = None  # iid/dominant: images per device (default: all data evenly)
+    # iid/dominant: images per device (default: all data evenly; dominant: at most what its labels allow)
+    per_device: int | None = None
     dominant_fraction: float = 0.55  # dominant: share of the device's own class
     classes_per_device: int = 2  # shards
     images_per_class: int = 20  # shards
@@ -47,6 +48,41 @@ def _take(pools: list[list[int]], c: int, n: int, device: int) -> list[int]:
     return taken
 
 
+def _dominant_counts(per: int, fraction: float, k: int) -> tuple[int, int]:
+    """Images of a device's own label and of each other label, for `per` images per device."""
+    n_dom = int(round(per * fraction))
+    return n_dom, (per - n_dom) // max(1, k - 1)
+
+
+def _dominant_shortfall(counts: np.ndarray, devices: int, per: int, fraction: float) -> tuple[int, int] | None:
+    """(class, images needed) of the first class the dominant split over `devices` x `per` runs
+    out of, or None if it fits: device d takes its own label d mod k and a share of all others."""
+    k = len(counts)
+    n_dom, n_other = _dominant_counts(per, fraction, k)
+    for c in range(k):
+        owners = len(range(c, devices, k))  # devices whose own label is c
+        need = owners * n_dom + (devices - owners) * n_other
+        if need > counts[c]:
+            return c, need
+    return None
+
+
+def _largest_dominant_size(counts: np.ndarray, devices: int, fraction: float) -> int:
+    """The most images per device the dominant split can give: the whole set over the devices
+    when that fits (10 devices on Fashion-MNIST: 6000 each), else less (3 devices: 9230 each,
+    since each device's own label has only 6000 images), never 0."""
+    lo, hi = 1, max(1, int(counts.sum()) // devices)
+    if _dominant_shortfall(counts, devices, hi, fraction) is None:
+        return hi
+    while lo < hi:  # the need grows with the size: bisect for the largest size that fits
+        mid = (lo + hi + 1) // 2
+        if _dominant_shortfall(counts, devices, mid, fraction) is None:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
 def partition(
     y: np.ndarray, num_devices: int, spec: PartitionSpec, seed: int = 0, num_classes: int | None = None
 ) -> list[np.ndarray]:
@@ -64,9 +100,19 @@ def partition(
         perm = rng.permutation(len(y))
         parts = [perm[i * per : (i + 1) * per] for i in range(num_devices)]
     elif kind == "dominant":
-        per = spec.per_device or len(y) // num_devices
-        n_dom = int(round(per * spec.dominant_fraction))
-        n_other = (per - n_dom) // max(1, k - 1)
+        counts = np.bincount(y, minlength=k)[:k] if len(y) else np.zeros(k, dtype=np.int64)
+        per = spec.per_device or _largest_dominant_size(counts, num_devices, spec.dominant_fraction)
+        short = _dominant_shortfall(counts, num_devices, per, spec.dominant_fraction)
+        if short is not None:
+            fits = _largest_dominant_size(counts, num_devices, spec.dominant_fraction)
+            advice = (f"use --per-device {fits} or less (without --per-device the largest size that fits is taken), "
+                      "or --partition iid or dirichlet"
+                      if _dominant_shortfall(counts, num_devices, fits, spec.dominant_fraction) is None
+                      else "too few images of that label for this many devices: use --partition iid or dirichlet")
+            raise PartitionError(f"dominant: {num_devices} devices x {per} images, {spec.dominant_fraction:.0%} of each "
+                                 f"device's own label, need {short[1]} images of class {short[0]} but the data has "
+                                 f"{int(counts[short[0]])}; {advice}")
+        n_dom, n_other = _dominant_counts(per, spec.dominant_fraction, k)
         pools = _by_class(y, k, rng)
         parts = []
         for d in range(num_devices):

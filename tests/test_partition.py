@@ -59,9 +59,26 @@ def test_partitions_are_reproducible_by_seed():
 
 def test_impossible_splits_say_why():
     y = _labels(per_class=100)
-    with pytest.raises(PartitionError, match="needs 550 images of class 0"):
+    with pytest.raises(PartitionError, match="need 1000 images of class 0 but the data has 100; use --per-device 100 or"):
         partition(y, 10, PartitionSpec("dominant", per_device=1000), seed=0)
     with pytest.raises(PartitionError, match="3 sizes given for 2 devices"):
         partition(y, 2, PartitionSpec("sizes", sizes=[1, 2, 3]))
     with pytest.raises(PartitionError, match="unknown partition"):
         partition(y, 2, PartitionSpec("alphabetical"))
+
+
+def test_dominant_default_fits_few_devices():
+    """Fewer devices than labels (the README's 3 Pis): without --per-device the split takes the
+    largest size the labels allow instead of failing (each device's own label has only 6000)."""
+    y = _labels()
+    for devices in (1, 3, 5):
+        parts = partition(y, devices, PartitionSpec("dominant"), seed=0)
+        counts = class_counts(y, parts, 10)
+        assert _disjoint(parts) and len(parts) == devices
+        for d, row in enumerate(counts):
+            assert row[d] == max(row) and row[d] / sum(row) == pytest.approx(0.55, abs=0.01)
+        assert max(c[0] for c in counts) <= 6000
+    assert [len(p) for p in partition(y, 3, PartitionSpec("dominant"), seed=0)] == [9227] * 3
+    assert [len(p) for p in partition(y, 10, PartitionSpec("dominant"), seed=0)] == [6000] * 10  # paper 001: unchanged
+    with pytest.raises(PartitionError, match="too few images of that label for this many devices"):
+        partition(y[:30], 40, PartitionSpec("dominant"))
