@@ -23,7 +23,14 @@ from fedge.models.registry import parameter_count
 from fedge.models.wire import EnvelopeError, Topics, decode
 from fedge.models.wire.envelope import DEFAULT_MAX_BYTES, Verifier
 from fedge.models.wire.freshness import Position, RunGuard, StaleMessage
-from fedge.models.wire.messages import ModelMessage, TaskMessage, parse_model, parse_task, status_payload
+from fedge.models.wire.messages import (
+    ModelMessage,
+    TaskMessage,
+    declined_record,
+    parse_model,
+    parse_task,
+    status_payload,
+)
 from fedge.models.wire.transport import BrokerConfig, LinkFactory, make_link
 
 from .pool import TrainingPool
@@ -80,11 +87,14 @@ class Agent:
         self._model: ModelMessage | None = None
         self._task: TaskMessage | None = None
         self._busy: set[tuple[str, int]] = set()
-        self._done: set[tuple[str, int]] = set()
+        self._done: set[tuple[str, int]] = set()  # (run, round) answered
+        # (run, round, deadline) refused or failed: a re-run of the round (new deadline) is tried again
+        self._declined: set[tuple[str, int, float]] = set()
         self._dead = False
         self._fits: set[str] = set()
         self._last_update: tuple[tuple[str, int], bytes] | None = None
         self._refused: dict[str, Any] | None = None  # the latest round refused, reported in the status
+        self._failed: dict[str, Any] | None = None  # the latest round whose job raised, reported in the status
         self.seconds_per_sample: float | None = None  # measured: one sample, one epoch (time budget)
         self.finished = threading.Event()
         self.training = threading.Event()  # set from job submit until the answer is sent (monitors, tests)
@@ -153,6 +163,8 @@ class Agent:
         }
         if self._refused is not None:
             info["refused"] = self._refused
+        if self._failed is not None:
+            info["failed"] = self._failed
         if self.guard.last_refusal:
             info["replays_refused"] = {"count": self.guard.refused, "last": self.guard.last_refusal}
         self.link.publish(self.topics.device_status(self.device_id), status_payload("online", **info), retain=True)
@@ -225,11 +237,11 @@ class Agent:
             if self._dead or task is None or task.state != "open" or self.device_id not in task.selected:
                 return
             key = (task.run, task.round)
-            if key in self._done or key in self._busy:
+            if key in self._done or key in self._busy or (task.run, task.round, task.deadline) in self._declined:
                 return
             handler = HANDLERS.get(task.kind)
             if handler is None:  # refused before the model is fetched: no download for it
-                self._done.add(key)
+                self._declined.add((task.run, task.round, task.deadline))
             else:
                 if time.time() > task.deadline:
                     log.info("%s: round %d already past its deadline, skipping", self.device_id, task.round)
@@ -239,7 +251,8 @@ class Agent:
                 if not need_model:
                     self._busy.add(key)
         if handler is None:
-            self._refuse(task, f"task kind {task.kind!r} is not one this device runs (it runs: {', '.join(HANDLERS)})")
+            self._decline(task, "refused", f"task kind {task.kind!r} is not one this device runs "
+                                           f"(it runs: {', '.join(HANDLERS)})")
             return
         if need_model:
             self.link.subscribe(self.topics.model, self._on_model)
@@ -248,10 +261,9 @@ class Agent:
             self._check_memory_budget(model.model)
             job = handler(self, task, model)
         except ConfigError as exc:  # ProfileError (memory budget) and Refused (task checks)
-            self._refuse(task, str(exc))
             with self._lock:
                 self._busy.discard(key)
-                self._done.add(key)
+            self._decline(task, "refused", str(exc))
             return
 
         def done(result: Any) -> None:
@@ -261,6 +273,7 @@ class Agent:
                 self._finish(task, result, job)
 
         self.training.set()
+        log.debug("%s: round %d: running the %s task", self.device_id, task.round, task.kind)
         self.pool.submit((model.model, self.in_shape, self.num_classes), job.work, done)
 
     def private_tensors(self, model_name: str) -> dict[str, np.ndarray]:
@@ -285,10 +298,10 @@ class Agent:
         if self._dead:
             return
         if isinstance(result, Refused):
-            self._refuse(task, str(result))
+            self._decline(task, "refused", str(result))
             return
         if isinstance(result, Exception):
-            log.error("%s: %s task of round %d failed: %s", self.device_id, task.kind, task.round, result)
+            self._decline(task, "failed", f"{type(result).__name__}: {result}")
             return
         payload = job.message(result)
         self.link.publish(self.topics.device_update(self.device_id), payload, qos=1)
@@ -300,13 +313,21 @@ class Agent:
                 self.rounds_trained += 1
             else:
                 self.reports_sent += 1
-        log.debug("%s: answered %s task of round %d (%d bytes)", self.device_id, task.kind, task.round, len(payload))
+        log.info("%s: round %d: %s, sent %d bytes", self.device_id, task.round, job.describe(result), len(payload))
 
-    def _refuse(self, task: TaskMessage, reason: str) -> None:
-        """Log why this round is not trained and say it in the (retained) status message, which
-        the hub logs: a refusing device is otherwise indistinguishable from a slow one."""
-        what = "train" if task.kind == "train" else f"run the {task.kind} task of"
-        log.error("%s: cannot %s round %d: %s", self.device_id, what, task.round, reason)
-        self._refused = {"run": task.run, "round": task.round, "reason": reason, "ts": time.time()}
+    def _decline(self, task: TaskMessage, kind: str, reason: str) -> None:
+        """Log why this attempt of the round gets no answer and say it in the (retained) status,
+        as `refused` (a check said no) or `failed` (the job raised): the hub logs it and stops
+        waiting for this device, which would otherwise look like a slow one until the deadline."""
+        with self._lock:
+            self._declined.add((task.run, task.round, task.deadline))
+        record = declined_record(task, reason)
+        if kind == "refused":
+            what = "train" if task.kind == "train" else f"run the {task.kind} task of"
+            log.error("%s: cannot %s round %d: %s", self.device_id, what, task.round, reason)
+            self._refused = record
+        else:
+            log.error("%s: %s task of round %d failed: %s", self.device_id, task.kind, task.round, reason)
+            self._failed = record
         if not self._dead:
             self._announce()

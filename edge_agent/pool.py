@@ -59,8 +59,8 @@ class TrainingPool:
                 if key not in trainers:
                     trainers[key] = LocalTrainer(key[0], key[1], key[2], device=self.device)
                 result: Any = job(trainers[key])
-            except Exception as exc:  # noqa: BLE001 - handed to the caller, worker survives
-                log.exception("training job failed")
+            except Exception as exc:  # noqa: BLE001 - handed to the caller (who reports it), worker survives
+                log.debug("training job failed", exc_info=True)  # the traceback: -v
                 result = exc
             try:
                 done(result)

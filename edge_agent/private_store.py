@@ -35,9 +35,9 @@ class PrivateStore:
     def load(self, model: str) -> dict[str, np.ndarray] | None:
         """The private tensors kept for `model`, or None (first round, or kept for another model)."""
         with self._lock:
-            if not self._loaded:
-                self._loaded = True
+            if not self._loaded:  # a file that cannot be read fails every round, not just the first
                 self._model, self._tensors = _read(self.path) if self.path is not None else (None, None)
+                self._loaded = True
             if self._tensors is None or self._model != model:
                 return None
             return {k: v.copy() for k, v in self._tensors.items()}

@@ -107,6 +107,23 @@ def check_model(tensors: Mapping[str, np.ndarray], version: int) -> None:
                           f"{nan} NaN and {int(finite.size - finite.sum()) - nan} Inf value(s)")
 
 
+def check_data_fits(meta: Mapping[str, Any], in_shape: tuple[int, ...], num_classes: int) -> None:
+    """Refuse a model this device's data cannot feed: examples of another shape (e.g. an
+    [N, H, W, C] file where fedge wants [N, C, H, W]) or another number of classes would fail
+    inside training, every round, with a size-mismatch error that names neither."""
+    want = meta.get("in_shape")
+    if isinstance(want, list) and all(isinstance(d, int) for d in want) and tuple(want) != tuple(in_shape):
+        hint = ""
+        if len(want) == 3 and tuple(in_shape) == (want[1], want[2], want[0]):
+            hint = "; the data is channels-last: store x as [N, C, H, W], e.g. x.transpose(0, 3, 1, 2)"
+        raise Refused(f"the model takes examples of shape {list(want)} (C, H, W) but this device's data holds "
+                      f"{list(in_shape)}{hint}")
+    classes = meta.get("num_classes")
+    if isinstance(classes, int) and not isinstance(classes, bool) and classes != num_classes:
+        raise Refused(f"the model has {classes} classes but this device runs with {num_classes} "
+                      f"(fedge agent --num-classes {classes})")
+
+
 def time_budget(profile: Profile) -> Callable[[float], None]:
     """A per-step check for the trainer: Refused once training has run past max_train_seconds."""
     limit = profile.max_train_seconds

@@ -9,6 +9,7 @@ refused with the list of the kinds this device runs (docs/protocol.md 4.2.2).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from fedge.models.registry import private_patterns
 from fedge.models.wire.messages import ModelMessage, TaskMessage, build_report_message, build_update_message
 
-from .task_checks import check_evaluate_params, check_model, check_train_settings, time_budget
+from .task_checks import check_data_fits, check_evaluate_params, check_model, check_train_settings, time_budget
 from .trainer import LocalTrainer, TrainConfig, TrainResult, job_seed, uplink_state
 
 if TYPE_CHECKING:
@@ -26,10 +27,12 @@ if TYPE_CHECKING:
 @dataclass
 class Job:
     """What the agent runs for one task: `work` on a pool worker, then `message` on its result
-    gives the payload published on the device's uplink topic."""
+    gives the payload published on the device's uplink topic, and `describe` the agent's log
+    line for the round (samples, loss, seconds)."""
 
     work: Callable[[LocalTrainer], Any]
     message: Callable[[Any], bytes]
+    describe: Callable[[Any], str]
 
 
 Handler = Callable[["Agent", TaskMessage, ModelMessage], Job]
@@ -39,6 +42,7 @@ def train(agent: Agent, task: TaskMessage, model: ModelMessage) -> Job:
     """`train`: local training from the received model; answers with an `update` (tensors in the
     codec the task asks for)."""
     check_train_settings(task.train, agent.profile, len(agent.y), agent.seconds_per_sample)
+    check_data_fits(model.meta, agent.in_shape, agent.num_classes)
     check_model(model.tensors, model.version)
     cfg = TrainConfig.resolve(agent.profile, task.train)
     seed = job_seed(agent.seed, task.round, agent.device_id)
@@ -63,7 +67,10 @@ def train(agent: Agent, task: TaskMessage, model: ModelMessage) -> Job:
             codec=task.codec or agent.profile.precision, key=agent.device_key,
         )
 
-    return Job(work, message)
+    def describe(result: TrainResult) -> str:
+        return f"trained on {result.num_samples} samples, loss {result.loss:.4f}, {result.seconds:.1f} s"
+
+    return Job(work, message, describe)
 
 
 def evaluate(agent: Agent, task: TaskMessage, model: ModelMessage) -> Job:
@@ -71,11 +78,16 @@ def evaluate(agent: Agent, task: TaskMessage, model: ModelMessage) -> Job:
     model (with this device's private tensors, if the model has any) on the local data; answers
     with a `report`, no tensors."""
     batch_size = check_evaluate_params(task.params)
+    check_data_fits(model.meta, agent.in_shape, agent.num_classes)
     check_model(model.tensors, model.version)
+    took: list[float] = []
 
     def work(trainer: LocalTrainer) -> dict[str, float]:
+        started = time.monotonic()
         private = agent.private_tensors(model.model) if private_patterns(model.model) else None
-        return trainer.evaluate(model.tensors, agent.x, agent.y, private=private, batch_size=batch_size)
+        metrics = trainer.evaluate(model.tensors, agent.x, agent.y, private=private, batch_size=batch_size)
+        took.append(time.monotonic() - started)
+        return metrics
 
     def message(metrics: dict[str, float]) -> bytes:
         return build_report_message(
@@ -84,7 +96,11 @@ def evaluate(agent: Agent, task: TaskMessage, model: ModelMessage) -> Job:
             key=agent.device_key,
         )
 
-    return Job(work, message)
+    def describe(metrics: dict[str, float]) -> str:
+        scores = ", ".join(f"{name} {value:.4f}" for name, value in metrics.items())
+        return f"evaluated on {len(agent.y)} samples, {scores}, {took[-1] if took else 0.0:.1f} s"
+
+    return Job(work, message, describe)
 
 
 HANDLERS: dict[str, Handler] = {"train": train, "evaluate": evaluate}

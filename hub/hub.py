@@ -34,6 +34,7 @@ from fedge.models.wire.messages import (
     UpdateMessage,
     build_model_message,
     build_task_message,
+    declined_in,
     parse_model,
     parse_report,
     parse_status,
@@ -46,7 +47,7 @@ from .admission import DUPLICATE, admission_reason
 from .config import HubConfig
 from .plan import Stage
 from .roster import Roster
-from .rounds import plan_position, round_train_settings, select_devices, stage_done
+from .rounds import RoundsFailed, plan_position, round_train_settings, select_devices, stage_done
 from .run_epoch import new_run_epoch
 from .store import RunStore
 from .strategies import weight_change
@@ -119,6 +120,8 @@ class Hub:
         self._roster = Roster(config.max_samples)
         self._task: TaskMessage | None = None
         self._accepted: dict[str, Accepted] = {}
+        self._declined: dict[str, tuple[str, str]] = {}  # device -> (refused|failed, reason), open attempt
+        self._last_declined: dict[str, tuple[str, str]] = {}  # the same, of the attempt closed last
         self._closed_rounds: dict[int, set[str]] = {}  # round -> devices counted in it
         self.rejections = 0
         self._current: tuple[bytes, bytes] | None = None  # open round's (model, task) payloads
@@ -182,7 +185,18 @@ class Hub:
             return
         with self._cond:
             self._roster.update(device, info)
+            self._note_declined(device, info)
             self._cond.notify_all()
+
+    def _note_declined(self, device: str, info: dict) -> None:
+        """A selected device that refused or failed this attempt of the open round (its status
+        says so, edge_agent/agent.py): the round stops waiting for it. Called under the lock."""
+        task = self._task
+        if task is None or device not in task.selected or device in self._accepted or device in self._declined:
+            return
+        said = declined_in(info, task)
+        if said is not None:
+            self._declined[device] = said
 
     def _reject(self, device: str | None, round_id: int | None, reason: str) -> None:
         self.rejections += 1
@@ -233,6 +247,8 @@ class Hub:
                 return
             self._accepted[upd.device] = Accepted.of(upd, len(payload))
             self._cond.notify_all()
+        log.debug("accepted %s from %s for round %d: %d samples, metrics %s, %d bytes", env.kind, upd.device,
+                  upd.round, upd.num_samples, upd.metrics, len(payload))
 
     def _admit(self, device: str | None, upd: UpdateMessage | ReportMessage) -> str | None:
         with self._cond:
@@ -264,22 +280,33 @@ class Hub:
                 self._cond.wait(remaining)
 
     def _wait_for_devices(self, needed: int) -> list[str]:
+        """Block until `needed` devices are online; says who is online when it starts waiting,
+        whenever that changes and every 30 s, so a hub waiting for devices is not silent."""
         end = time.time() + self.config.wait_devices_s
+        said: tuple[list[str], float] | None = None
         with self._cond:
             while len(self._roster) < needed and not self._stop.is_set():
                 remaining = end - time.time()
                 if remaining <= 0:
                     raise TimeoutError(
                         f"only {len(self._roster)} device(s) online after {self.config.wait_devices_s:.0f}s; "
-                        f"need {needed} (--min-devices)"
+                        f"need {needed} (--min-devices); start the agents with --fleet {self.config.fleet} and "
+                        f"--topic-prefix {self.config.prefix} on this broker, or give --wait-devices more time"
                     )
+                online = self._roster.online()
+                if said is None or said[0] != online or time.time() - said[1] >= 30:
+                    log.info("waiting for devices: %d of %d online (%s); giving up in %.0f s", len(online), needed,
+                             ", ".join(online) or "none yet", remaining)
+                    said = (online, time.time())
                 self._cond.wait(min(remaining, 1.0))
             return self._roster.online()
 
     def _select(self, online: list[str], round_id: int, attempt: int) -> list[str]:
         return select_devices(online, self.config.clients_per_round, self.config.seed, round_id, attempt)
 
-    def _open(self, round_id: int, attempt: int, stage: Stage, round_in_stage: int) -> TaskMessage:
+    def _open(self, round_id: int, attempt: int, stage: Stage, round_in_stage: int) -> TaskMessage | None:
+        """Open (or re-open, after a restart) the round's attempt; None if the hub was stopped
+        while it waited for devices."""
         resumed = self.store.get_open_round()
         if resumed and resumed[0] == round_id and attempt == 0:
             task = TaskMessage(**resumed[1])
@@ -289,6 +316,9 @@ class Hub:
                      len(self.store.pending(round_id)))
         else:
             online = self._wait_for_devices(max(self.config.min_devices, 1))
+            if self._stop.is_set():
+                log.info("shutting down while waiting for devices; round %d was not opened", round_id)
+                return None
             trains = stage.kind == "train"
             # a train stage's params override the run's train settings (e.g. a lower lr in a second stage)
             settings = {**self.config.train, **stage.params}
@@ -304,23 +334,44 @@ class Hub:
         with self._cond:
             self._task = task
             self._accepted = {}
+            self._declined = {}
             for device, payload in self.store.pending(round_id).items():
                 self._accepted[device] = Accepted.of(parse_answer(decode(payload)), len(payload))
+            for device in task.selected:  # statuses that came before the task (a resumed round)
+                status = self._roster.status(device)
+                if status is not None:
+                    self._note_declined(device, status)
             self._cond.notify_all()  # wake wait_for_round
+        log.info("round %d (%s) open: %d device(s) selected (%s), deadline in %.0f s", round_id, task.kind,
+                 len(task.selected), ", ".join(task.selected), task.deadline - time.time())
         return task
 
     def _collect(self, task: TaskMessage) -> dict[str, Accepted]:
+        """Wait for the round's answers until the quorum, the deadline, or until every selected
+        device has answered or said it will not (refused or failed); returns the accepted ones."""
         need = max(1, math.ceil(self.config.quorum * len(task.selected)))
+        selected = set(task.selected)
         with self._cond:
             while len(self._accepted) < need and not self._stop.is_set():
+                if selected <= set(self._accepted) | set(self._declined):
+                    break  # nobody left to wait for
                 remaining = task.deadline - time.time()
                 if remaining <= 0:
                     break
                 self._cond.wait(min(remaining, 0.5))
             accepted = dict(self._accepted)
+            declined = dict(self._declined)
             self._closed_rounds[task.round] = set(accepted)
             self._task = None
-        late = sorted(set(task.selected) - set(accepted))
+            self._last_declined = declined
+        if self._stop.is_set():
+            log.info("shutting down: round %d stays open with %d/%d answer(s); --resume continues it", task.round,
+                     len(accepted), len(task.selected))
+            return accepted
+        if declined:
+            log.warning("round %d: no answer from %s", task.round,
+                        "; ".join(f"{d} ({kind}: {reason})" for d, (kind, reason) in sorted(declined.items())))
+        late = sorted(selected - set(accepted) - set(declined))
         if late:
             log.info("round %d closed with %d/%d updates; ignored for this round: %s", task.round,
                      len(accepted), len(task.selected), ", ".join(late))
@@ -371,6 +422,8 @@ class Hub:
         while stage < len(stages) and not self._stop.is_set():
             started = time.time()
             task = self._open(round_id, attempt, stages[stage], done + 1)
+            if task is None:
+                return
             model_payload = self.model_payload(self.version, self.global_state)
             task_payload = build_task_message(task, self._signer)
             self._current = (model_payload, task_payload)
@@ -383,12 +436,14 @@ class Hub:
             if len(accepted) < self.config.min_updates:
                 self.store.discard_open_round(round_id)
                 attempt += 1
-                log.warning("round %d got %d update(s) < min_updates=%d; re-running it (attempt %d)",
-                            round_id, len(accepted), self.config.min_updates, attempt + 1)
                 with self._cond:
                     self._closed_rounds.pop(round_id, None)
                 if attempt > self.config.max_round_retries:
-                    raise RuntimeError(f"round {round_id} failed {attempt} times: no devices answered in time")
+                    said = "; ".join(f"{d} {kind}: {reason}" for d, (kind, reason) in sorted(self._last_declined.items()))
+                    raise RoundsFailed(f"round {round_id} failed {attempt} times: too few devices answered in time "
+                                       f"(min_updates={self.config.min_updates})" + (f"; {said}" if said else ""))
+                log.warning("round %d got %d update(s) < min_updates=%d; re-running it (attempt %d)",
+                            round_id, len(accepted), self.config.min_updates, attempt + 1)
                 continue
             record = self._complete(task, accepted, started, len(model_payload) + len(task_payload), stage)
             attempt = 0

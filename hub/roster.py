@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from fedge.models.wire.messages import DECLINED_KINDS
+
 log = logging.getLogger("fedge.hub")
 
 
@@ -23,13 +25,23 @@ class Roster:
     def online(self) -> list[str]:
         return sorted(self._online)
 
+    def status(self, device: str) -> dict[str, Any] | None:
+        """The latest status of an online device (None: offline or never seen)."""
+        return self._online.get(device)
+
     def update(self, device: str, info: dict[str, Any]) -> None:
         """Apply a parsed status message (an `online` one may join the device, `offline` drops it)."""
         if info["state"] != "online":
-            self._online.pop(device, None)
+            if self._online.pop(device, None) is not None:
+                log.info("device %s offline (%d online)", device, len(self._online))
             return
         if device not in self._online:
             self._join(device, info)
+            profile = info.get("profile") if isinstance(info.get("profile"), dict) else {}
+            log.info("device %s online: %s samples, profile %s (%d online)", device, info.get("num_samples"),
+                     profile.get("name", "?"), len(self._online) + 1)
+        else:
+            log.debug("status of %s: %s", device, info)
         self._log_refusal(device, info, self._online.get(device))
         self._online[device] = info
 
@@ -47,10 +59,12 @@ class Roster:
 
     @staticmethod
     def _log_refusal(device: str, info: dict[str, Any], before: dict[str, Any] | None) -> None:
-        """A device that refused a round says why in its status (edge_agent/task_checks.py)."""
-        refused = info.get("refused")
-        if isinstance(refused, dict) and (before is None or before.get("refused") != refused):
-            log.warning("device %s refused round %s: %s", device, refused.get("round"), refused.get("reason"))
+        """A device that refused a round (edge_agent/task_checks.py), or whose job for it failed,
+        says why in its status."""
+        for kind in DECLINED_KINDS:
+            record = info.get(kind)
+            if isinstance(record, dict) and (before is None or before.get(kind) != record):
+                log.warning("device %s %s round %s: %s", device, kind, record.get("round"), record.get("reason"))
 
     def sample_bound(self, device: str, claimed: int) -> str | None:
         """Why an update's num_samples (its weight in FedAvg) is not believable, or None."""

@@ -9,10 +9,16 @@ from typing import Any
 
 import numpy as np
 
+from fedge.models.errors import FedgeError
+
 from .config import HubConfig
 from .plan import Stage
 
 log = logging.getLogger("fedge.hub")
+
+
+class RoundsFailed(FedgeError, RuntimeError):
+    """A round got too few answers in every attempt; the message names the devices that said why."""
 
 
 def round_train_settings(train: dict[str, Any], round_id: int, rounds: int) -> dict[str, Any]:

@@ -154,3 +154,24 @@ def test_mqtt_size_table() -> None:
         largest = 268_435_455 - 2 - len(topic) - 2
         assert int(row[2].replace(",", "")) == largest < DEFAULT_MAX_BYTES
     assert f"{DEFAULT_MAX_BYTES:,}" in DOC
+
+
+def test_refused_and_failed_status_records_as_documented() -> None:
+    """§5: the devices' `refused` / `failed` records carry the documented fields, and the hub counts
+    one only for the attempt it names (run, round and the task's deadline)."""
+    from fedge.models.wire.messages import DECLINED_FIELDS, DECLINED_KINDS, TaskMessage, declined_in, declined_record
+
+    section = DOC[DOC.index("## 5. Status JSON"):DOC.index("## 6.")]
+    rows = {r[0].strip("`"): r for r in _table_rows("| field | type | required | meaning |")}  # §5's table
+    for kind in DECLINED_KINDS:
+        assert kind in rows and kind in section, kind
+    documented = tuple(re.findall(r'"(\w+)":', rows["refused"][3]))
+    assert documented == DECLINED_FIELDS
+    task = TaskMessage("f", "run-1", 3, 2, ["d"], 1764120000.25, {}, "open")
+    record = declined_record(task, "no")
+    assert tuple(record) == DECLINED_FIELDS
+    for kind in DECLINED_KINDS:
+        assert declined_in({"state": "online", kind: record}, task) == (kind, "no")
+    rerun = TaskMessage("f", "run-1", 3, 2, ["d"], 1764120300.5, {}, "open")  # the same round re-run: a new deadline
+    assert declined_in({"state": "online", "failed": record}, rerun) is None
+    assert declined_in({"state": "online", "failed": {**record, "deadline": None}}, task) is None

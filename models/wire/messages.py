@@ -232,3 +232,31 @@ def parse_status(payload: bytes) -> dict[str, Any]:
     if not isinstance(data, dict) or data.get("state") not in ("online", "offline"):
         raise EnvelopeError("status must be a JSON object with state 'online' or 'offline'")
     return data
+
+
+# The status fields in which a device says it will not answer a round: `refused` (a check said no
+# before the work started) and `failed` (the work itself raised). Both carry the same record.
+DECLINED_KINDS = ("refused", "failed")
+DECLINED_FIELDS = ("run", "round", "deadline", "reason", "ts")
+
+
+def declined_record(task: TaskMessage, reason: str) -> dict[str, Any]:
+    """The status record of a round this device will not answer. The task's `deadline` names the
+    attempt: a round the hub re-runs gets a new deadline, so an old record never ends a new attempt."""
+    return {"run": task.run, "round": int(task.round), "deadline": float(task.deadline), "reason": reason,
+            "ts": time.time()}
+
+
+def declined_in(status: Mapping[str, Any], task: TaskMessage) -> tuple[str, str] | None:
+    """(kind, reason) if this status says its device refused or failed exactly this attempt of the
+    task's round (same run, round and deadline), else None; malformed records are not believed."""
+    for kind in DECLINED_KINDS:
+        record = status.get(kind)
+        if not isinstance(record, dict):
+            continue
+        deadline = record.get("deadline")
+        if (record.get("run") == task.run and record.get("round") == task.round
+                and isinstance(deadline, (int, float)) and not isinstance(deadline, bool)
+                and float(deadline) == float(task.deadline)):
+            return kind, str(record.get("reason", ""))
+    return None
