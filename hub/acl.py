@@ -52,9 +52,12 @@ def device_user(fleet: str, device: str) -> str:
     return f"{check_name(device, 'device id')}@{check_name(fleet, 'fleet id')}"
 
 
+HUB_NAME = "hub"  # the hub's name in its MQTT username (hub@FLEET): never a device id
+
+
 def hub_user_of(fleet: str) -> str:
     """The default MQTT username of the fleet's hub."""
-    return f"hub@{check_name(fleet, 'fleet id')}"
+    return f"{HUB_NAME}@{check_name(fleet, 'fleet id')}"
 
 
 def device_rules(fleet: str, device: str, prefix: str = ROOT) -> list[tuple[str, str]]:
@@ -75,6 +78,9 @@ def mosquitto_acl(fleet: str, devices: Iterable[str], prefix: str = ROOT, hub_us
     base = Topics(check_name(fleet, "fleet id"), check_prefix(prefix)).base
     hub = check_user(hub_user if hub_user is not None else hub_user_of(fleet))
     names = list(dict.fromkeys(check_name(d, "device id") for d in devices))
+    clash = [d for d in names if device_user(fleet, d) == hub]
+    if clash:
+        raise ConfigError(f"device {clash[0]!r} would log in as {hub!r}, the hub's username; give it another id")
     lines = [
         f"# Mosquitto ACL for fedge fleet {fleet!r} under {prefix!r} (written by `fedge acl`).",
         "# Use with `allow_anonymous false` and a password_file. Only `user` blocks, no `pattern`",

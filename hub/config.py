@@ -56,6 +56,8 @@ class HubConfig:
 
     def check(self) -> None:
         """Refuse settings no run can work with, before anything is published or stored."""
+        if not self.plan and (isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or self.rounds < 1):
+            raise ConfigError(f"rounds must be a positive integer, got {self.rounds!r}: a run of no rounds trains nothing")
         if isinstance(self.max_samples, bool) or not isinstance(self.max_samples, int) or self.max_samples < 1:
             raise ConfigError(f"max_samples must be a positive integer, got {self.max_samples!r}")
         if self.model_codec not in MODEL_CODECS:

@@ -291,7 +291,7 @@ def test_messages_signed_for_another_fleet_are_refused(fleet_a, keys, tmp_path, 
         assert "fleet" in follower.last_error and live.peek() is None
         assert not _trained(fleet_a, current, timeout=2.0)
         assert agent.guard.newest is None  # nothing of the other fleet moved the device's position
-        _publish(hub, t.model, current.model())  # control: its own fleet's model is served
+        _publish(hub, t.model, current.model(1))  # control: its own fleet's (trained) model is served
         assert live.wait_for(lambda p: p is not None, 20)
     finally:
         follower.stop()
@@ -318,26 +318,28 @@ def test_serve_does_not_roll_back_to_a_replayed_model(fleet_a, keys, tmp_path):
 
     live, follower = follow()
     try:
-        _publish(hub, t.model, current.model(0))
-        assert live.wait_for(lambda p: p is not None, 20)
+        _publish(hub, t.model, current.model(0))  # a run's untrained version 0 is never served
+        assert _wait(lambda: follower.ignored >= 1) and live.peek() is None
         _publish(hub, t.model, current.model(1))
         assert _wait(lambda: serving(live) == (current.run_id, 1))
-        for replay, why in ((earlier.model(0), "earlier run"), (current.model(0), "older than the accepted")):
+        for replay, why in ((earlier.model(1), "earlier run"), (current.model(0), "older than the accepted")):
             rejected = follower.rejected
             _publish(hub, t.model, replay)
             assert _wait(lambda r=rejected: follower.rejected > r), follower.status()
             assert why in follower.last_error
             assert serving(live) == (current.run_id, 1)
-        assert live.swaps == 2
+        assert live.swaps == 1
     finally:
         follower.stop()
-    # after a restart the retained replay is still refused; a new run is followed
+    # after a restart the retained replay is still refused; a new run is followed from its first trained version
     live, follower = follow()
     try:
         assert _wait(lambda: follower.rejected >= 1) and live.peek() is None
         newer = fleet_a["run"]()
         _publish(hub, t.model, newer.model(0))
-        assert _wait(lambda: serving(live) == (newer.run_id, 0))
+        assert _wait(lambda: follower.ignored >= 1) and live.peek() is None
+        _publish(hub, t.model, newer.model(1))
+        assert _wait(lambda: serving(live) == (newer.run_id, 1))
     finally:
         follower.stop()
 

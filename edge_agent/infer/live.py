@@ -23,6 +23,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import onnx
 
 log = logging.getLogger("fedge.infer")
+UNTRAINED_VERSION = 0  # a run's model before its first round: the seeded initialisation, never served
 
 
 class NoModelYet(FedgeError, RuntimeError):
@@ -82,9 +83,10 @@ class ModelFollower:
     Accepts a model only in the order of models/wire/freshness.py: a newer run (higher epoch)
     or a higher version of the current run; an earlier run or an older version is refused as a
     replay (counted, reason in status), the same version again is ignored (the retained message
-    re-delivered after a reconnect). `guard_file` keeps the newest accepted (epoch, run,
-    version) across restarts. With `verifier`, only models signed by the hub's Ed25519 key are
-    accepted. A message that fails to decode, verify or build is logged and counted; the
+    re-delivered after a reconnect). Version 0 of a run, its untrained initial model, is never
+    served: the previous model keeps serving until the run's first trained version. `guard_file`
+    keeps the newest accepted (epoch, run, version) across restarts. With `verifier`, only models
+    signed by the hub's Ed25519 key are accepted. A message that fails to decode, verify or build is logged and counted; the
     previous model keeps serving.
     """
 
@@ -127,6 +129,13 @@ class ModelFollower:
                 if reason is not None:
                     raise StaleMessage(reason)
                 if position == self.guard.newest and self.live.peek() is not None:
+                    self.ignored += 1
+                    return False
+                if msg.version == UNTRAINED_VERSION:  # a new run's seeded initial model: nothing learnt yet
+                    if position != self.guard.newest:
+                        log.info("run %s started; keeps serving %s until its first trained version", msg.run,
+                                 "the current model" if self.live.peek() is not None else "nothing")
+                    self.guard.admit(position)  # the new run is the hub's now: the old one's models are replays
                     self.ignored += 1
                     return False
                 current = self.live.peek()

@@ -114,7 +114,11 @@ class Predictor:
         head = path.open("rb").read(4)
         if head == b"FEDG":
             return cls.from_envelope(path.read_bytes(), threads, verifier=verifier)
-        sess = ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
+        try:
+            sess = ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
+        except Exception as exc:  # noqa: BLE001 - onnxruntime's errors (InvalidProtobuf, Fail, ...) share no base
+            raise InferenceError(f"{path}: not an ONNX model onnxruntime can load (neither .onnx nor a .fedge model "
+                                 f"message): {str(exc).splitlines()[0][:300]}") from None
         return cls(sess, {"file": str(path)})
 
     # -- inference ---------------------------------------------------------------------

@@ -13,25 +13,35 @@ from pathlib import Path
 import numpy as np
 
 from fedge.cli.common import add_broker_args, add_logging_args, broker_from_args, setup_logging, stop_event_on_signals
+from fedge.models.errors import ConfigError
 
 log = logging.getLogger("fedge.agent")
 
 
 def load_local_data(spec: str, num_classes: int = 10):  # noqa: ANN201 - returns models.data.Split
-    """--data: a .npz written by `fedge partition` (x, y), an idx folder, or 'synthetic'."""
+    """--data: a .npz written by `fedge partition` (x, y), an idx folder, or 'synthetic'; checked
+    here, at start, so bad data stops the agent with a message instead of failing every round."""
     from fedge.models.data import DataError, Split, load_idx_dataset, synthetic  # noqa: PLC0415
 
     if spec == "synthetic":
+        log.warning("--data synthetic: training on generated data (a demo, never for a real fleet)")
         return synthetic(n_train=1000, num_classes=num_classes).train
     path = Path(spec)
     if path.is_dir():
-        return load_idx_dataset(path).train
+        data = load_idx_dataset(path).train
+        check_examples(spec, data.x, data.y, num_classes)
+        return data
     if not path.exists():
         raise DataError(f"--data {spec}: no such file or folder")
     if path.suffix != ".npz":
         raise DataError(f"--data {spec}: expected a .npz file from `fedge partition`, an idx folder or 'synthetic'")
+    if not zipfile.is_zipfile(path):  # numpy would guess a pickle and suggest allow_pickle
+        with path.open("rb") as f:
+            head = f.read(16)
+        raise DataError(f"--data {spec}: not a readable .npz (a .npz is a zip of arrays x and y, as `fedge partition` "
+                        f"writes with numpy.savez; this file starts with {head!r})")
     try:
-        with np.load(path) as npz:
+        with np.load(path, allow_pickle=False) as npz:
             found = list(npz.files)
             arrays = {k: npz[k] for k in ("x", "y") if k in found}
     except (ValueError, OSError, zipfile.BadZipFile) as exc:  # a truncated or foreign file
@@ -39,14 +49,34 @@ def load_local_data(spec: str, num_classes: int = 10):  # noqa: ANN201 - returns
     missing = {"x", "y"} - set(arrays)
     if missing:
         raise DataError(f"--data {spec}: missing arrays {sorted(missing)} (found {found})")
+    if arrays["x"].dtype.kind not in "fiu" or arrays["y"].dtype.kind not in "iu":
+        raise DataError(f"--data {spec}: x must hold numbers and y integer labels, got {arrays['x'].dtype} and "
+                        f"{arrays['y'].dtype}")
     x, y = arrays["x"].astype(np.float32), arrays["y"].astype(np.int64)
     if x.ndim == 3:
         x = x[:, None]
     if x.ndim != 4 or len(x) != len(y) or len(y) == 0:
         raise DataError(f"--data {spec}: x must be [N,C,H,W] (or [N,H,W]) with one label per image, got {x.shape}, {y.shape}")
+    check_examples(spec, x, y, num_classes)
+    return Split(x, y)
+
+
+def check_examples(spec: str, x: np.ndarray, y: np.ndarray, num_classes: int) -> None:
+    """Refuse data no round can train on: labels outside the task, NaN/Inf values, and images
+    stored channels-last ([N, H, W, C]; every model takes [N, C, H, W])."""
+    from fedge.models.data import DataError  # noqa: PLC0415
+
     if y.min() < 0 or y.max() >= num_classes:
         raise DataError(f"--data {spec}: labels must be in [0, {num_classes}), found {y.min()}..{y.max()}")
-    return Split(x, y)
+    bad = int(np.count_nonzero(~np.isfinite(x)))
+    if bad:
+        raise DataError(f"--data {spec}: x holds {bad} NaN or Inf value(s) (first in example "
+                        f"{int(np.flatnonzero(~np.isfinite(x).reshape(len(x), -1).all(axis=1))[0])}); "
+                        f"training on them makes every update NaN")
+    c, h, w = x.shape[1:]
+    if w in (1, 3) and c not in (1, 3) and c == h:
+        raise DataError(f"--data {spec}: x is {list(x.shape)}, which looks channels-last ([N, H, W, C] with {w} "
+                        f"channel(s)); fedge wants [N, C, H, W]: save x.transpose(0, 3, 1, 2)")
 
 
 def default_device_id() -> str:
@@ -72,8 +102,9 @@ def add_agent_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     )
     add_broker_args(parser, required=False)
     parser.add_argument("--profile", default="rpi4", help="built-in profile name or a YAML file (default: %(default)s)")
-    parser.add_argument("--data", default="synthetic",
-                        help="local training data: .npz from `fedge partition`, an idx folder, or 'synthetic'")
+    parser.add_argument("--data", metavar="FILE",
+                        help="local training data (required): a .npz from `fedge partition` (x [N,C,H,W] float32, "
+                             "y int labels), an idx folder, or 'synthetic' for generated demo data")
     parser.add_argument("--num-classes", type=int, default=10, help="label count of the fleet's task")
     parser.add_argument("--device-id", default=default_device_id(), help="this device's id (default: hostname)")
     parser.add_argument("--seed", type=int, default=0, help="base seed for local shuffling")
@@ -107,7 +138,10 @@ def run_agent(args: argparse.Namespace) -> int:
 
     setup_logging(args)
     if not args.broker:
-        raise SystemExit("fedge agent: --broker (or FEDGE_BROKER) is required, e.g. --broker mqtt://hub.local:1883")
+        raise ConfigError("--broker (or FEDGE_BROKER) is required, e.g. --broker mqtt://hub.local:1883")
+    if not args.data:  # never a silent default: a real device must not join a fleet with generated data
+        raise ConfigError("--data is required: the .npz from `fedge partition` (or your own x/y .npz, or an idx "
+                          "folder) this device trains on; --data synthetic trains on generated data for a demo")
     profile = load_profile(args.profile)
     torch.set_num_threads(min(profile.threads, os.cpu_count() or 1))
     data = load_local_data(args.data, args.num_classes)

@@ -8,15 +8,20 @@ import os
 import signal
 import threading
 
+from fedge.models.wire.topics import ROOT
 from fedge.models.wire.transport import BrokerConfig
 
 
-def add_broker_args(parser: argparse.ArgumentParser, required: bool = True, default: str | None = None) -> None:
+def add_broker_args(parser: argparse.ArgumentParser, required: bool = True, default: str | None = None,
+                    env: bool = True, fleet_default: str | None = "default") -> None:
+    """The broker flags of every command that talks MQTT (hub, agent, agent serve), spelled the
+    same everywhere. `env=False`: --broker is only what the command line says (serve follows a
+    hub only when asked); `fleet_default=None`: --fleet has no default."""
     group = parser.add_argument_group("broker connection")
     group.add_argument(
-        "--broker", required=required and default is None, default=default or os.environ.get("FEDGE_BROKER"),
-        help="MQTT broker URL: mqtt://[user[:pass]@]host[:port] or mqtts://... for TLS "
-             "(env FEDGE_BROKER)",
+        "--broker", required=required and default is None,
+        default=default or (os.environ.get("FEDGE_BROKER") if env else None),
+        help="MQTT broker URL: mqtt://[user[:pass]@]host[:port] or mqtts://... for TLS" + (" (env FEDGE_BROKER)" if env else ""),
     )
     group.add_argument("--username", help="MQTT username (overrides the URL's)")
     group.add_argument("--password", default=os.environ.get("FEDGE_MQTT_PASSWORD"),
@@ -24,8 +29,9 @@ def add_broker_args(parser: argparse.ArgumentParser, required: bool = True, defa
     group.add_argument("--ca-file", help="CA certificate (PEM) that signed the broker's certificate; implies TLS")
     group.add_argument("--cert-file", help="client certificate (PEM) for brokers that require one")
     group.add_argument("--key-file", help="private key (PEM) of --cert-file")
-    group.add_argument("--fleet", default="default", help="fleet id: one hub and its devices (default: %(default)s)")
-    group.add_argument("--topic-prefix", default="fedge/v1", help="topic root (default: %(default)s)")
+    group.add_argument("--fleet", default=fleet_default,
+                       help="fleet id: one hub and its devices" + (" (default: %(default)s)" if fleet_default else ""))
+    group.add_argument("--topic-prefix", default=ROOT, help="topic root (default: %(default)s)")
 
 
 def broker_from_args(args: argparse.Namespace) -> BrokerConfig:
@@ -36,14 +42,19 @@ def broker_from_args(args: argparse.Namespace) -> BrokerConfig:
 
 
 def add_logging_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="more log output: -v adds fedge's debug lines (each update, status and task), "
+                             "-vv also the libraries'")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
 
 
 def setup_logging(args: argparse.Namespace) -> None:
-    level = logging.WARNING if getattr(args, "quiet", False) else (
-        logging.DEBUG if getattr(args, "verbose", 0) > 1 else logging.INFO)
+    """INFO by default; -v: fedge's own DEBUG lines; -vv: everyone's; -q: warnings only."""
+    verbose = getattr(args, "verbose", 0)
+    level = logging.WARNING if getattr(args, "quiet", False) else (logging.DEBUG if verbose > 1 else logging.INFO)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    if verbose == 1 and not getattr(args, "quiet", False):
+        logging.getLogger("fedge").setLevel(logging.DEBUG)
     for noisy in ("amqtt", "transitions", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 

@@ -15,7 +15,7 @@ from fedge.hub.plan import parse_plan
 from fedge.hub.strategies import STRATEGIES
 from fedge.hub.task_kinds import TASK_KINDS
 from fedge.models.data import DATASETS, DEFAULT_FASHION_ROOT
-from fedge.models.errors import ConfigError
+from fedge.models.errors import ConfigError, FedgeError
 from fedge.models.partition import PARTITIONERS, PartitionSpec
 from fedge.models.wire.codecs import ALL_CODECS, MODEL_CODECS
 
@@ -32,10 +32,10 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _add_round_args(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("rounds (defaults come from the recipe, else fedge's defaults)")
+def _add_round_args(parser: argparse.ArgumentParser, title: str) -> None:
+    g = parser.add_argument_group(title)
     g.add_argument("--model", help="model name (mlp, conv4, ...)")
-    g.add_argument("--rounds", type=int, help="maximum number of rounds")
+    g.add_argument("--rounds", type=_positive_int, help="maximum number of rounds (at least 1)")
     g.add_argument("--plan", metavar="KIND:ROUNDS,...",
                    help="the run as stages, in order, instead of --rounds: e.g. train:20,evaluate:1 trains 20 rounds, "
                         "then every selected device evaluates the final model on its own data and reports loss and "
@@ -138,20 +138,64 @@ def add_hub_parser(subparsers: argparse._SubParsersAction) -> None:
         epilog="example: fedge hub --broker mqtt://localhost --model mlp --rounds 30 --min-devices 4",
     )
     add_broker_args(p, required=False)
-    _add_round_args(p)
-    p.add_argument("--min-devices", type=int, default=1, help="online devices needed before a round starts")
-    p.add_argument("--wait-devices", type=float, default=600, help="seconds to wait for --min-devices")
+    _add_round_args(p, f"rounds (unset: fedge's defaults, e.g. {HUB_DEFAULTS.rounds} rounds, deadline "
+                       f"{HUB_DEFAULTS.deadline_s:g} s, quorum {HUB_DEFAULTS.quorum:g}, all online devices per round)")
+    p.add_argument("--min-devices", type=int, default=1,
+                   help="online devices needed before a round starts (default: %(default)s)")
+    p.add_argument("--wait-devices", type=float, default=600,
+                   help="seconds to wait for --min-devices before giving up; the hub logs who is online "
+                        "meanwhile (default: %(default)s)")
     p.add_argument("--dataset", default="fashion-mnist", choices=DATASETS, help="server test set for evaluation")
     p.add_argument("--data-root", help=f"dataset folder (fashion-mnist default: {DEFAULT_FASHION_ROOT})")
     p.add_argument("--no-eval", action="store_true", help="do not evaluate (no test set on the server)")
-    p.add_argument("--in-shape", default="1,28,28", help="model input shape with --no-eval (C,H,W)")
+    p.add_argument("--in-shape", help="model input shape with --no-eval (C,H,W; default 1,28,28, or the "
+                                      "resumed run's)")
     p.add_argument("--runs-dir", default="runs", help="where runs/<id>/ is written (default: %(default)s)")
     p.add_argument("--run-id", help="name of a new run (default: hub-<timestamp>)")
-    p.add_argument("--resume", metavar="RUN", help="continue run RUN (id under --runs-dir, or its folder)")
+    p.add_argument("--resume", metavar="RUN",
+                   help="continue run RUN: its id under --runs-dir (give the same --runs-dir as the run), or its "
+                        "folder; the hub prints the exact command when it starts")
     p.add_argument("--keys-dir", help="keys folder from `fedge keys init/enroll`: sign models and tasks, "
                                       "accept only updates tagged with an enrolled device's key")
     add_logging_args(p)
     p.set_defaults(func=run_hub)
+
+
+def _find_run(args: argparse.Namespace) -> Path:
+    """--resume RUN: a run folder, or a run id under --runs-dir; ConfigError naming where it looked."""
+    given = Path(args.resume)
+    run_dir = given if given.is_dir() else Path(args.runs_dir) / args.resume
+    if (run_dir / "run.sqlite").exists():
+        return run_dir
+    runs_dir = Path(args.runs_dir)
+    there = sorted(d.name for d in runs_dir.glob("*") if (d / "run.sqlite").exists()) if runs_dir.is_dir() else []
+    seen = f"runs there: {', '.join(there[-5:])}" if there else "no runs there"
+    raise ConfigError(f"--resume {args.resume}: no run store at {run_dir / 'run.sqlite'} ({seen}); give the "
+                      f"--runs-dir the run was started with, or the run's folder")
+
+
+def resume_command(args: argparse.Namespace, run_dir: Path) -> str:
+    """The command that continues this run from any folder: the same broker and evaluation
+    flags, the run folder's absolute --runs-dir (never a password: that stays in
+    FEDGE_MQTT_PASSWORD or --password)."""
+    import shlex  # noqa: PLC0415 - only here
+
+    broker = broker_from_args(args)
+    words = ["fedge", "hub", "--broker", broker.url]
+    if broker.username:
+        words += ["--username", broker.username]
+    for flag, value in (("--ca-file", args.ca_file), ("--cert-file", args.cert_file), ("--key-file", args.key_file)):
+        if value:
+            words += [flag, str(Path(value).resolve())]
+    if args.no_eval:
+        words.append("--no-eval")
+    else:
+        if args.dataset != "fashion-mnist":
+            words += ["--dataset", args.dataset]
+        if args.data_root:
+            words += ["--data-root", str(Path(args.data_root).resolve())]
+    words += ["--runs-dir", str(run_dir.parent.resolve()), "--resume", run_dir.name]
+    return shlex.join(words)
 
 
 def run_hub(args: argparse.Namespace) -> int:
@@ -164,17 +208,15 @@ def run_hub(args: argparse.Namespace) -> int:
 
     setup_logging(args)
     if not args.broker:
-        raise SystemExit("fedge hub: --broker (or FEDGE_BROKER) is required, e.g. --broker mqtt://localhost:1883")
+        raise ConfigError("--broker (or FEDGE_BROKER) is required, e.g. --broker mqtt://localhost:1883")
     if args.resume:
-        run_dir = Path(args.resume) if Path(args.resume).is_dir() else Path(args.runs_dir) / args.resume
-        if not (run_dir / "run.sqlite").exists():
-            raise SystemExit(f"fedge hub --resume: no run store at {run_dir / 'run.sqlite'}")
+        run_dir = _find_run(args)
         store = RunStore(run_dir)
         cfg = HubConfig.from_json(store.get_meta("config"))
         if args.rounds is not None:
             if cfg.plan:
-                raise SystemExit(f"fedge hub --resume --rounds: run {run_dir.name} follows a plan "
-                                 f"({', '.join(f'{st.kind}:{st.rounds}' for st in cfg.stages())}); --rounds does not apply")
+                raise ConfigError(f"--resume --rounds: run {run_dir.name} follows a plan "
+                                  f"({', '.join(f'{st.kind}:{st.rounds}' for st in cfg.stages())}); --rounds does not apply")
             cfg.rounds = args.rounds
             store.set_meta("config", cfg.to_json())
         if args.keys_dir:
@@ -187,22 +229,30 @@ def run_hub(args: argparse.Namespace) -> int:
         cfg.keys_dir = str(Path(args.keys_dir).resolve()) if args.keys_dir else None
         run_dir = Path(args.runs_dir) / (args.run_id or new_run_id("hub"))
         if (run_dir / "run.sqlite").exists():
-            raise SystemExit(f"fedge hub: run {run_dir} exists; use --resume {run_dir.name} or another --run-id")
+            raise ConfigError(f"run {run_dir} exists; use --resume {run_dir.name} or another --run-id")
         store = None
     test_x = test_y = None
     if not args.no_eval:
         ds = load_dataset(args.dataset, args.data_root, download=True)
         test_x, test_y = ds.test.x, ds.test.y
         cfg.in_shape, cfg.num_classes = ds.in_shape, ds.num_classes
-    else:
-        cfg.in_shape = _ints("--in-shape", args.in_shape)
+    elif args.in_shape or not args.resume:  # a resumed run keeps its own input shape
+        cfg.in_shape = _ints("--in-shape", args.in_shape or "1,28,28")
     store = store or RunStore(run_dir)
     hub = Hub(cfg, broker_from_args(args), store, test_x, test_y)
+    again = resume_command(args, run_dir)
+    log.info("run %s in %s/; to continue it after a crash or stop: %s", run_dir.name, run_dir, again)
     stop = stop_event_on_signals()
     import threading  # noqa: PLC0415
 
     threading.Thread(target=lambda: (stop.wait(), hub.stop()), daemon=True).start()
-    history = hub.run()
+    try:
+        history = hub.run()
+    except (FedgeError, TimeoutError):
+        print(f"run {run_dir.name} is kept; continue it with: {again}", file=sys.stderr)
+        raise
+    if stop.is_set():
+        print(f"hub stopped after {len(history)} round(s); continue with: {again}", file=sys.stderr)
     files, _ = write_final_model(run_dir, hub) if history and not stop.is_set() else ({}, None)
     summary = {"run_dir": str(run_dir), "rounds": len(history),
                "final_accuracy": history[-1]["accuracy"] if history else None, **summarise(history), "files": files}
@@ -254,7 +304,7 @@ def add_fleet_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--runs-dir", help="where runs/<id>/ is written (default runs)")
     p.add_argument("--run-id", help="name of the run folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _add_round_args(p)
+    _add_round_args(p, "rounds (defaults come from the recipe, else fedge's defaults)")
     add_logging_args(p)
     p.set_defaults(func=run_fleet)
 
@@ -301,8 +351,8 @@ def run_fleet(args: argparse.Namespace) -> int:
     from fedge.hub.sim.fleet import Fleet  # noqa: PLC0415
 
     setup_logging(args)
-    if not args.verbose:
-        logging.getLogger("fedge").setLevel(logging.WARNING)  # the progress bar tells the story
+    if args.verbose < 2 and not args.quiet:  # the progress bar tells the story; -v: the hub's and devices' lines
+        logging.getLogger("fedge").setLevel(logging.INFO if args.verbose else logging.WARNING)
     cfg = fleet_config_from_args(args)
     stop = stop_event_on_signals()
     with Fleet(cfg) as fleet:
@@ -332,18 +382,26 @@ def add_partition_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Write one .npz (x, y) per device, for `fedge agent --data FILE` on real hardware, "
                     "plus partition.json with the class counts per device.",
     )
-    p.add_argument("--dataset", default="fashion-mnist", choices=DATASETS)
-    p.add_argument("--data-root")
-    p.add_argument("--devices", type=int, default=10)
-    p.add_argument("--partition", default="iid", choices=PARTITIONERS)
-    p.add_argument("--per-device", type=int)
-    p.add_argument("--dominant-fraction", type=float, default=0.55)
-    p.add_argument("--classes-per-device", type=int, default=2)
-    p.add_argument("--images-per-class", type=int, default=20)
-    p.add_argument("--alpha", type=float, default=0.5)
-    p.add_argument("--sizes", help="comma-separated images per device (partition sizes)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--dataset", default="fashion-mnist", choices=DATASETS, help="dataset to split (default: %(default)s)")
+    p.add_argument("--data-root", help=f"dataset folder (fashion-mnist default: {DEFAULT_FASHION_ROOT})")
+    p.add_argument("--devices", type=_positive_int, default=10, help="number of device files (default: %(default)s)")
+    p.add_argument("--partition", default="iid", choices=PARTITIONERS,
+                   help="iid: a uniform random share each; dominant: each device mostly one label (see "
+                        "--dominant-fraction); shards: a few labels each; dirichlet: label shares drawn with --alpha; "
+                        "sizes: --sizes images each (default: %(default)s)")
+    p.add_argument("--per-device", type=_positive_int,
+                   help="iid, dominant: images per device (default: the training set split evenly; dominant: the "
+                        "largest size its labels allow)")
+    p.add_argument("--dominant-fraction", type=float, default=0.55,
+                   help="dominant: share of each device's images with its own label (default: %(default)s)")
+    p.add_argument("--classes-per-device", type=int, default=2, help="shards: labels per device (default: %(default)s)")
+    p.add_argument("--images-per-class", type=int, default=20,
+                   help="shards: images of each of its labels per device (default: %(default)s)")
+    p.add_argument("--alpha", type=float, default=0.5,
+                   help="dirichlet: concentration; small values give each device few labels (default: %(default)s)")
+    p.add_argument("--sizes", help="sizes: comma-separated images per device, one per device (e.g. 100,500,200)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split (default: %(default)s)")
+    p.add_argument("--out", required=True, help="output folder for devNNN.npz and partition.json")
     p.set_defaults(func=run_partition)
 
 
@@ -362,5 +420,7 @@ def run_partition(args: argparse.Namespace) -> int:
         np.savez_compressed(out / f"dev{i:03d}.npz", x=ds.train.x[idx], y=ds.train.y[idx])
     counts = class_counts(ds.train.y, parts, ds.num_classes)
     (out / "partition.json").write_text(json.dumps({f"dev{i:03d}": c for i, c in enumerate(counts)}, indent=1))
-    print(f"wrote {len(parts)} device files to {out}{os.sep}")
+    sizes = sorted(len(idx) for idx in parts)
+    each = f"{sizes[0]} images each" if sizes[0] == sizes[-1] else f"{sizes[0]}-{sizes[-1]} images each"
+    print(f"wrote {len(parts)} device files to {out}{os.sep} ({each}; class counts in {out / 'partition.json'})")
     return 0

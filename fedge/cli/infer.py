@@ -15,6 +15,7 @@ torch, export does (lazily).
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import sys
@@ -22,6 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from fedge.cli.common import add_broker_args, broker_from_args
 from fedge.models.errors import FedgeError
 
 
@@ -48,9 +50,10 @@ def _add_common_infer(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads (default 1)")
     p.add_argument("--labels", default=None,
                    help="class names: 'fashion-mnist' or a comma-separated list (default: class numbers only)")
-    p.add_argument("--hub-key", default=None,
-                   help="the hub's public key (hub_ed25519.pub, or the keys folder): .fedge models and "
-                        "followed models must carry its signature")
+    p.add_argument("--hub-public-key", metavar="FILE", dest="hub_public_key", default=None,
+                   help="the hub's public key (hub_ed25519.pub, or the keys folder), as for `fedge agent`: "
+                        ".fedge models and followed models must carry its signature")
+    p.add_argument("--hub-key", dest="hub_public_key", help=argparse.SUPPRESS)  # the old spelling
 
 
 # ----------------------------------------------------------------------------- predict
@@ -78,12 +81,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     labels = _labels(args.labels)
     try:
-        predictor = Predictor.load(args.model, threads=args.threads, verifier=_verifier(args.hub_key))
+        predictor = Predictor.load(args.model, threads=args.threads, verifier=_verifier(args.hub_public_key))
         x, names = load_inputs(args.inputs, predictor.in_shape,
                                FASHION_MEAN if args.mean is None else args.mean, FASHION_STD if args.std is None else args.std)
         pred = predictor.predict(x)
     except (FedgeError, OSError) as exc:
-        print(f"fedge agent predict: {exc}", file=sys.stderr)
+        print(f"fedge agent predict: error: {exc}", file=sys.stderr)
         return 2
     for name, cls, conf in zip(names, pred.classes.tolist(), pred.confidence.tolist()):
         label = labels[cls] if labels and cls < len(labels) else None
@@ -104,10 +107,10 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
                     '{"inputs": [...]} or a raw .npy body (Content-Type: application/x-npy).',
     )
     p.add_argument("--model", default=None, help="initial .onnx or .fedge model (optional with --broker)")
-    p.add_argument("--broker", default=None, help="mqtt://host:port or mqtts://... of the fleet's broker")
-    p.add_argument("--fleet", default=None, help="fleet id whose global model to follow (required with --broker)")
-    p.add_argument("--prefix", default=None, help="topic prefix (default fedge/v1)")
-    p.add_argument("--ca-file", default=None, help="CA certificate for mqtts://")
+    # the same broker flags as `fedge hub` and `fedge agent`; --broker only from the command line here, and
+    # --fleet (no default) names the fleet whose global model is followed
+    add_broker_args(p, required=False, env=False, fleet_default=None)
+    p.add_argument("--prefix", dest="topic_prefix", help=argparse.SUPPRESS)  # the old spelling of --topic-prefix
     p.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default 127.0.0.1: local clients only)")
     p.add_argument("--port", type=int, default=None, help="HTTP port (default 8765; 0 = any free port)")
     p.add_argument("--save", default=None,
@@ -115,7 +118,7 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--seen-file", default=None,
                    help="where the newest accepted (run epoch, run, version) is kept so a replayed older model "
                         "is refused after a restart (default: fedge-serve-seen-FLEET.json next to --save, "
-                        "else next to --hub-key; neither: kept in memory only)")
+                        "else next to --hub-public-key; neither: kept in memory only)")
     _add_common_infer(p)
     p.set_defaults(func=cmd_serve)
     return p
@@ -131,15 +134,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from fedge.models.wire.keys import KeyFileError  # noqa: PLC0415 - torch-free
 
     try:
-        verifier = _verifier(args.hub_key)
+        verifier = _verifier(args.hub_public_key)
     except KeyFileError as exc:
-        print(f"fedge agent serve: {exc}", file=sys.stderr)
+        print(f"fedge agent serve: error: {exc}", file=sys.stderr)
         return 2
     if not args.model and not args.broker:
-        print("fedge agent serve: give --model, --broker (with --fleet), or both", file=sys.stderr)
+        print("fedge agent serve: error: give --model, --broker (with --fleet), or both", file=sys.stderr)
         return 2
     if args.broker and not args.fleet:
-        print("fedge agent serve: --broker needs --fleet", file=sys.stderr)
+        print("fedge agent serve: error: --broker needs --fleet", file=sys.stderr)
         return 2
     live = LiveModel()
     initial = args.model or (args.save if args.save and Path(args.save).is_file() else None)
@@ -147,29 +150,35 @@ def cmd_serve(args: argparse.Namespace) -> int:
         try:
             live.swap(Predictor.load(initial, threads=args.threads, verifier=verifier))
         except (FedgeError, OSError) as exc:
-            print(f"fedge agent serve: {exc}", file=sys.stderr)
+            print(f"fedge agent serve: error: {exc}", file=sys.stderr)
             return 2
     follower = None
     if args.broker:
         from fedge.models.wire.freshness import default_guard_path  # noqa: PLC0415 - torch-free
 
-        beside = args.save or args.hub_key
+        beside = args.save or args.hub_public_key
         seen = args.seen_file or (default_guard_path(beside, "serve", args.fleet) if beside else None)
         try:
             follower = ModelFollower(live, fleet=args.fleet, verifier=verifier, threads=args.threads,
                                      save_to=args.save, guard_file=seen)
         except ValueError as exc:
-            print(f"fedge agent serve: {exc}", file=sys.stderr)
+            print(f"fedge agent serve: error: {exc}", file=sys.stderr)
             return 2
-        from fedge.models.wire.transport import BrokerConfig  # noqa: PLC0415 - torch-free
-
         try:
-            follower.connect(BrokerConfig.from_url(args.broker, ca_file=args.ca_file), prefix=args.prefix)
+            follower.connect(broker_from_args(args), prefix=args.topic_prefix)
         except (FedgeError, OSError) as exc:  # OSError includes ConnectionError
-            print(f"fedge agent serve: {exc}", file=sys.stderr)
+            print(f"fedge agent serve: error: {exc}", file=sys.stderr)
             return 2
     port = DEFAULT_PORT if args.port is None else args.port
-    server = make_server(live, args.host, port, follower=follower, labels=_labels(args.labels))
+    try:
+        server = make_server(live, args.host, port, follower=follower, labels=_labels(args.labels))
+    except OSError as exc:  # the port is taken, or the address is not this machine's
+        print(f"fedge agent serve: error: cannot listen on {args.host}:{port}: {exc.strerror or exc}"
+              f"{'; another program (another serve?) uses it: pick one with --port' if exc.errno == errno.EADDRINUSE else ''}",
+              file=sys.stderr)
+        if follower is not None:
+            follower.stop()
+        return 2
     host, port = server.server_address[:2]
     print(f"serving predictions on http://{host}:{port} (GET /health, POST /predict); Ctrl-C stops", flush=True)
     stop = threading.Event()
@@ -249,7 +258,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         summary = export(args.source, out=args.out, runs_dir=args.runs_dir, int8=args.int8, calibration=calib,
                          builder=args.builder, in_shape=tuple(args.in_shape), num_classes=args.num_classes, seed=args.seed)
     except (FedgeError, OSError) as exc:
-        print(f"fedge export: {exc}", file=sys.stderr)
+        print(f"fedge export: error: {exc}", file=sys.stderr)
         return 2
     if args.json:
         print(summary_json(summary))

@@ -96,10 +96,15 @@ def run_keys_init(args: argparse.Namespace) -> int:
 
 
 def run_keys_enroll(args: argparse.Namespace) -> int:
+    from fedge.hub.acl import HUB_NAME  # noqa: PLC0415 - with the command, like the rest
     from fedge.models.wire.keys import HUB_PUBLIC, enroll_device  # noqa: PLC0415
 
     folder = Path(args.dir)
     devices = list(dict.fromkeys(check_name(d, "device id") for d in args.devices))
+    if HUB_NAME in devices:  # the hub is not enrolled: it has the key pair of `fedge keys init`
+        raise ConfigError(f"{HUB_NAME!r} is not a device id: the hub's keys come from `fedge keys init --dir {folder}`, "
+                          f"and a device called {HUB_NAME!r} would log in as {HUB_NAME}@FLEET, the hub's MQTT username; "
+                          f"enroll each device by its own id (nothing was written)")
     existing = [d for d in devices if (folder / "devices" / f"{d}.key").exists()]
     if existing and not args.force:
         raise ConfigError(f"already enrolled: {', '.join(existing)}; pass --force to rotate their keys "

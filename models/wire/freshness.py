@@ -105,7 +105,8 @@ class RunGuard:
                 data = {}
             data[self.fleet] = pos.as_json()
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_suffix(self.path.suffix + ".tmp")
+            # a temporary name of this process: agents started beside one data folder share the file
+            tmp = self.path.with_suffix(f"{self.path.suffix}.{os.getpid()}.tmp")
             tmp.write_text(json.dumps(data, sort_keys=True) + "\n")
             os.replace(tmp, self.path)
         except (OSError, ValueError) as exc:

@@ -110,6 +110,12 @@ class BrokerConfig:
         return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
 
 
+# CONNACK refusals that retrying does not cure: unsupported protocol, client id not valid, bad user
+# name or password, not authorized (MQTT 5 codes, to which paho maps the 3.1.1 return codes 1, 2, 4, 5).
+# `start` fails on them at once; a reconnect later keeps retrying (the password file may be reloaded).
+PERMANENT_REFUSALS = frozenset({132, 133, 134, 135})
+
+
 class MqttLink:
     """A paho client with a persistent session, automatic reconnect and topic handlers.
 
@@ -160,6 +166,7 @@ class MqttLink:
         self.client.on_subscribe = self._handle_subscribe
         self.client.on_connect_fail = self._handle_connect_fail
         self.last_error: str | None = None
+        self._refused = threading.Event()  # the broker answered the first connect with a permanent refusal
         self._stopping = False
 
     # -- lifecycle -------------------------------------------------------------------
@@ -174,7 +181,13 @@ class MqttLink:
         end = time.monotonic() + timeout
         self.client.connect_async(self.config.host, self.config.port, keepalive=self.config.keepalive)
         self.client.loop_start()
-        if not (self._connected.wait(timeout) and self._subscribed.wait(max(0.0, end - time.monotonic()))):
+        while not self._connected.wait(0.05) and not self._refused.is_set() and time.monotonic() < end:
+            pass
+        if self._refused.is_set():  # retrying cannot help: fail now, with the broker's reason
+            self.client.loop_stop()
+            raise ConnectionError(f"{self.client_id}: {self.config.url} refused the login (check the username, the "
+                                  f"password or FEDGE_MQTT_PASSWORD, and the broker's password file): {self.last_error}")
+        if not (self._connected.is_set() and self._subscribed.wait(max(0.0, end - time.monotonic()))):
             self.client.loop_stop()
             reason = f": {self.last_error}" if self.last_error else ""
             raise ConnectionError(f"{self.client_id}: no connection to {self.config.url} within {timeout}s{reason}")
@@ -224,6 +237,8 @@ class MqttLink:
         if reason_code.is_failure:
             self.last_error = str(reason_code)
             log.warning("%s: broker refused connection: %s", self.client_id, reason_code)
+            if reason_code.value in PERMANENT_REFUSALS:
+                self._refused.set()
             return
         self._subscribed.clear()
         with self._lock:
