@@ -165,7 +165,8 @@ def _patched_profiles(monkeypatch, exc: BaseException) -> None:
 
 
 @pytest.mark.parametrize("exc", [ConfigError("--flag 3: must be even"), DataError("x.npz: truncated"),
-                                 ConnectionError("no broker at mqtt://127.0.0.1:1")])
+                                 ConnectionError("no broker at mqtt://127.0.0.1:1"),
+                                 PermissionError(13, "Permission denied", "/var/lib/fedge")])
 def test_fedge_and_connection_errors_are_one_line_and_exit_2(monkeypatch, capsys, exc):
     from fedge.cli import main
 

@@ -91,12 +91,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from fedge.models.errors import FedgeError  # noqa: PLC0415
 
-    # fedge's own errors and an unreachable broker or missing file are the user's to fix: one
-    # line and exit 2. Anything else (TypeError, KeyError, a ValueError from deep inside a
-    # library...) is a bug and keeps its traceback.
+    # fedge's own errors and an unreachable broker, a missing file or a folder the user may not
+    # write (e.g. --runs-dir /var/lib/fedge/runs before it was created for them) are the user's to
+    # fix: one line and exit 2. Anything else (TypeError, KeyError, a ValueError from deep inside
+    # a library...) is a bug and keeps its traceback.
     try:
         return int(args.func(args) or 0)
-    except (FedgeError, ConnectionError, TimeoutError, FileNotFoundError) as exc:
+    except (FedgeError, ConnectionError, TimeoutError, FileNotFoundError, PermissionError) as exc:
         print(f"fedge {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
