@@ -1,5 +1,6 @@
 """What a device refuses from above: round settings outside its profile's limits, models with
-non-finite weights, training that runs past its time budget, and bad `evaluate` parameters.
+non-finite weights or built for other inputs than its data, training that runs past its time
+budget, and bad `evaluate` parameters.
 
 A signature proves a task came from the hub, not that it is sane: a buggy or compromised hub
 can still ask for lr NaN, epochs -1 (an unchanged model sent back with full weight) or
@@ -105,6 +106,24 @@ def check_model(tensors: Mapping[str, np.ndarray], version: int) -> None:
             nan = int(np.isnan(tensor).sum())
             raise Refused(f"model version {version} has non-finite weights: tensor {name!r} holds "
                           f"{nan} NaN and {int(finite.size - finite.sum()) - nan} Inf value(s)")
+
+
+def check_input(meta: Mapping[str, Any], in_shape: tuple[int, ...], num_classes: int) -> None:
+    """Refuse a model built for other inputs or labels than this device's data: its `meta`
+    names the input shape [C, H, W] (any channel count, e.g. 6 for a pair of RGB images) and
+    the class count the hub built it for. Absent entries (older hubs) are not checked."""
+    shape = meta.get("in_shape")
+    if shape is not None:
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
+            raise Refused(f"model meta 'in_shape' must be a list of whole numbers, got {shape!r}")
+        if tuple(shape) != tuple(in_shape):
+            raise Refused(f"the model takes inputs {list(shape)}, this device's data is {list(in_shape)} "
+                          f"(channels, height, width); the fleet's data and the hub's --in-shape/--dataset must agree")
+    classes = meta.get("num_classes")
+    if classes is not None and (isinstance(classes, bool) or not isinstance(classes, int) or classes < 1):
+        raise Refused(f"model meta 'num_classes' must be a positive integer, got {classes!r}")
+    if classes is not None and classes != num_classes:
+        raise Refused(f"the model has {classes} classes, this device's task has {num_classes} (--num-classes)")
 
 
 def time_budget(profile: Profile) -> Callable[[float], None]:

@@ -1,6 +1,7 @@
 """The task kinds a device runs: one handler per kind, all in one registry (HANDLERS).
 
-A handler gets the round's task and the model it names, checks them (raising Refused, which
+A handler gets the round's task and the model it names (its spec already checked by the
+agent: `model.spec` is a valid ModelSpec), checks them (raising Refused, which
 the agent reports in its status), and returns a Job: the work, run on a TrainingPool worker
 with the worker's LocalTrainer, and how its result becomes the envelope sent back (an
 `update` with tensors, or a `report` with numbers only). A task kind not in HANDLERS is
@@ -46,10 +47,10 @@ def train(agent: Agent, task: TaskMessage, model: ModelMessage) -> Job:
     budget = time_budget(agent.profile)
 
     def work(trainer: LocalTrainer) -> TrainResult:
-        private = agent.private_tensors(model.model) if private_patterns(model.model) else None
+        private = agent.private_tensors(model.spec) if private_patterns(model.spec) else None
         result = trainer.train(tensors, agent.x, agent.y, cfg, seed, after_step=budget, private=private)
         if result.private:
-            agent.private.save(model.model, result.private)
+            agent.private.save(model.spec, result.private)
         agent.seconds_per_sample = result.seconds / max(1, cfg.epochs * len(agent.y))
         result.state = uplink_state(trainer, result, task.codec, tensors)
         return result
@@ -74,7 +75,7 @@ def evaluate(agent: Agent, task: TaskMessage, model: ModelMessage) -> Job:
     check_model(model.tensors, model.version)
 
     def work(trainer: LocalTrainer) -> dict[str, float]:
-        private = agent.private_tensors(model.model) if private_patterns(model.model) else None
+        private = agent.private_tensors(model.spec) if private_patterns(model.spec) else None
         return trainer.evaluate(model.tensors, agent.x, agent.y, private=private, batch_size=batch_size)
 
     def message(metrics: dict[str, float]) -> bytes:

@@ -24,9 +24,11 @@ from fedge.models.registry import (
     get_state,
     is_private,
     model_family,
+    model_spec,
     set_state,
     split_state,
 )
+from fedge.models.spec import ModelSpec
 from fedge.models.supermask import model_masks
 from fedge.models.wire.codecs import UPDATE_CARRIES
 
@@ -84,13 +86,13 @@ def estimate_training_mb(num_params: int, batch_size: int, in_numel: int, optimi
 class LocalTrainer:
     """Holds one model instance and trains it on whatever partition a job brings."""
 
-    def __init__(self, model_name: str, in_shape: tuple[int, ...], num_classes: int, device: str = "cpu") -> None:
+    def __init__(self, spec: ModelSpec | str, in_shape: tuple[int, ...], num_classes: int, device: str = "cpu") -> None:
         if device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("profile asks for device 'cuda' but torch sees no CUDA GPU; use a cpu profile")
         self.device = torch.device(device)
-        self.model = build_model(model_name, in_shape, num_classes).to(self.device)
-        self.model_name = model_name
-        self.family = model_family(model_name)  # its loss and metrics (classification, segmentation)
+        self.spec = model_spec(spec)
+        self.model = build_model(self.spec, in_shape, num_classes).to(self.device)
+        self.family = model_family(self.spec)  # its loss and metrics (classification, segmentation)
         self.num_params = count_parameters(self.model)
 
     def train(
@@ -131,7 +133,7 @@ class LocalTrainer:
                         _release(opt)
                         raise
         _release(opt)
-        trained, kept = split_state(self.model_name, get_state(model))
+        trained, kept = split_state(self.spec, get_state(model))
         return TrainResult(
             state=trained,
             num_samples=n,
@@ -150,10 +152,10 @@ class LocalTrainer:
         return evaluate(self.model, x.to(self.device), y.to(self.device), batch_size=batch_size, family=self.family)
 
 
-def initial_private(model_name: str, in_shape: tuple[int, ...], num_classes: int, seed: int) -> dict[str, np.ndarray]:
+def initial_private(spec: ModelSpec, in_shape: tuple[int, ...], num_classes: int, seed: int) -> dict[str, np.ndarray]:
     """A device's private tensors before its first round: those of the model built with `seed`
     (the same seeded initialisation as the hub's model, for the same seed)."""
-    return dict(split_state(model_name, get_state(build_model(model_name, in_shape, num_classes, seed=seed)))[1])
+    return dict(split_state(spec, get_state(build_model(spec, in_shape, num_classes, seed=seed)))[1])
 
 
 Proximal = tuple[float, list[torch.nn.Parameter], list[torch.Tensor]]  # (mu, parameters, their anchors)
@@ -194,8 +196,8 @@ def uplink_state(trainer: LocalTrainer, result: TrainResult, codec: str | None,
     Only shared tensors: a model's private ones (registry.split_state) never leave the device."""
     carries = UPDATE_CARRIES.get(codec or "", "state")
     if carries == "mask":
-        return {k: v for k, v in model_masks(trainer.model).items() if not is_private(trainer.model_name, k)}
+        return {k: v for k, v in model_masks(trainer.model).items() if not is_private(trainer.spec, k)}
     if carries == "sign":
         return {k: v - np.asarray(received[k], dtype=np.float32) for k, v in result.state.items()
-                if not is_private(trainer.model_name, k)}
-    return {k: v for k, v in result.state.items() if not is_private(trainer.model_name, k)}
+                if not is_private(trainer.spec, k)}
+    return {k: v for k, v in result.state.items() if not is_private(trainer.spec, k)}

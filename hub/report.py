@@ -14,7 +14,8 @@ import torch
 
 from fedge.models.export import export_run
 from fedge.models.mpt_nets import save_mask_file
-from fedge.models.registry import set_state
+from fedge.models.registry import model_options, set_state
+from fedge.models.spec import ModelSpec
 
 if TYPE_CHECKING:  # pragma: no cover
     from .hub import Hub
@@ -30,8 +31,10 @@ def machine_info() -> dict[str, Any]:
 
 
 def _jsonable(obj: Any) -> Any:
-    if dataclasses.is_dataclass(obj):
-        return {k: _jsonable(v) for k, v in dataclasses.asdict(obj).items()}
+    if isinstance(obj, ModelSpec):
+        return obj.to_json()
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: _jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, dict):
         return {k: _jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -87,7 +90,7 @@ def _write_one_bit_file(run_dir: Path, hub: Hub) -> Path | None:
 
     set_state(hub.model, hub.global_state)
     path = run_dir / ("final_model.mask" if variant.startswith("mpt") else "final_model.bnn")
-    save_mask_file(hub.model, path, model_name=hub.config.model.partition("@")[0])
+    save_mask_file(hub.model, path, model_name=hub.config.model.name)  # the file stores the options itself
     return path
 
 
@@ -122,6 +125,8 @@ def write_run_report(
          "images_per_device": [sum(c) for c in partition_counts]}, indent=1))
     report: dict[str, Any] = {
         "run_id": hub.run_id,
+        # the spec (registered name, options set away from their defaults) and every option's value
+        "model": {**hub.config.model.to_json(), "all_options": model_options(hub.config.model)},
         "final_accuracy": final[1],
         "final_loss": final[0],
         "central_accuracy": central["accuracy"] if central else None,

@@ -19,6 +19,7 @@ from fedge.models.errors import ConfigError
 from fedge.models.evaluate import evaluate
 from fedge.models.families import CLASSIFICATION, SEGMENTATION, get_family, segmentation_metrics
 from fedge.models.registry import MODELS, Registered, build_model, get_state, model_family, model_names, set_state
+from fedge.models.spec import ModelSpec
 
 TRUTH = torch.zeros(1, 1, 4, 4)
 TRUTH[0, 0, 1:3, 1:3] = 1.0  # 4 positive pixels of 16
@@ -86,7 +87,7 @@ def test_segmentation_rejects_a_mask_that_does_not_fit_the_output() -> None:
 
 def test_every_registered_model_is_classification_and_unknown_families_are_named() -> None:
     assert all(model_family(name) is CLASSIFICATION for name in model_names())
-    assert model_family("conv4-mpt@0.5") is CLASSIFICATION
+    assert model_family(ModelSpec("conv4-mpt", {"prune_ratio": 0.5})) is CLASSIFICATION
     with pytest.raises(ConfigError, match="unknown model family 'contrastve'"):
         get_family("contrastve")
 

@@ -9,7 +9,15 @@ import os
 import sys
 from pathlib import Path
 
-from fedge.cli.common import add_broker_args, add_logging_args, broker_from_args, setup_logging, stop_event_on_signals
+from fedge.cli.common import (
+    MODEL_OPTION_HELP,
+    add_broker_args,
+    add_logging_args,
+    broker_from_args,
+    model_spec_from_args,
+    setup_logging,
+    stop_event_on_signals,
+)
 from fedge.hub.config import HubConfig
 from fedge.hub.plan import parse_plan
 from fedge.hub.strategies import STRATEGIES
@@ -34,7 +42,8 @@ def _positive_int(text: str) -> int:
 
 def _add_round_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("rounds (defaults come from the recipe, else fedge's defaults)")
-    g.add_argument("--model", help="model name (mlp, conv4, ...)")
+    g.add_argument("--model", help="registered model name (mlp, conv4, conv4-mpt, ...; `fedge models` lists them)")
+    g.add_argument("--model-option", action="append", metavar="NAME=VALUE", help=MODEL_OPTION_HELP)
     g.add_argument("--rounds", type=int, help="maximum number of rounds")
     g.add_argument("--plan", metavar="KIND:ROUNDS,...",
                    help="the run as stages, in order, instead of --rounds: e.g. train:20,evaluate:1 trains 20 rounds, "
@@ -81,7 +90,9 @@ def _add_round_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _apply_round_args(cfg, args: argparse.Namespace) -> None:  # noqa: ANN001 - HubConfig
-    mapping = {"model": "model", "rounds": "rounds", "clients_per_round": "clients_per_round",
+    if getattr(args, "model", None) or getattr(args, "model_option", None):
+        cfg.model = model_spec_from_args(args.model or cfg.model, args.model_option)
+    mapping = {"rounds": "rounds", "clients_per_round": "clients_per_round",
                "deadline": "deadline_s", "quorum": "quorum", "min_updates": "min_updates",
                "target_accuracy": "target_accuracy", "min_weight_change": "min_weight_change",
                "strategy": "strategy", "update_codec": "update_codec", "model_codec": "model_codec",
@@ -135,7 +146,8 @@ def add_hub_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Track online devices, run rounds (select, deadline, quorum, stop rule), aggregate, "
                     "evaluate on a server test set, and persist every round in runs/<id>/ "
                     "(SQLite + checkpoints) so `--resume` continues after a crash.",
-        epilog="example: fedge hub --broker mqtt://localhost --model mlp --rounds 30 --min-devices 4",
+        epilog="examples: fedge hub --broker mqtt://localhost --model mlp --rounds 30 --min-devices 4;  "
+               "fedge hub --broker mqtt://localhost --model conv4-mpt --model-option prune_ratio=0.9",
     )
     add_broker_args(p, required=False)
     _add_round_args(p)
@@ -221,7 +233,8 @@ def add_fleet_parser(subparsers: argparse._SubParsersAction) -> None:
                     "runs/<id>/run.json (with the transport), final_model.fedge, partition.json and accuracy.png.",
         epilog="examples:\n  fedge fleet                          # 10 devices, Fashion-MNIST, 10 rounds\n"
                "  fedge fleet --recipe paper001        # paper 001 (30 rounds + centralised baseline)\n"
-               "  fedge fleet --broker mqtt://127.0.0.1:1883 --devices 20 --partition dirichlet --alpha 0.3",
+               "  fedge fleet --broker mqtt://127.0.0.1:1883 --devices 20 --partition dirichlet --alpha 0.3\n"
+               "  fedge fleet --model conv4-mpt --model-option prune_ratio=0.9 --model-option seed=7",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--recipe", help="a paper's experiment design (paper001, paper003); flags below override it")

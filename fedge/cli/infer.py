@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from fedge.cli.common import MODEL_OPTION_HELP, model_spec_from_args
 from fedge.models.errors import FedgeError
 
 
@@ -54,6 +55,14 @@ def _add_common_infer(p: argparse.ArgumentParser) -> None:
 
 
 # ----------------------------------------------------------------------------- predict
+def _floats(text: str) -> tuple[float, ...]:
+    """'0.5' or '0.48,0.46,0.41' (one per channel)."""
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected numbers separated by commas, e.g. 0.5 or 0.48,0.46,0.41") from None
+
+
 def add_predict_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "predict", help="classify .npy arrays or images with an ONNX model (no torch needed)",
@@ -65,8 +74,11 @@ def add_predict_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("--model", required=True, help=".onnx file or .fedge model message")
     p.add_argument("inputs", nargs="+", help=".npy arrays and/or image files")
-    p.add_argument("--mean", type=float, default=None, help="normalisation mean for pixels (default: Fashion-MNIST 0.2860)")
-    p.add_argument("--std", type=float, default=None, help="normalisation std for pixels (default: Fashion-MNIST 0.3530)")
+    p.add_argument("--mean", type=_floats, default=None,
+                   help="normalisation mean for pixels: one value for every channel or one per channel, comma-separated "
+                        "(default: Fashion-MNIST 0.2860)")
+    p.add_argument("--std", type=_floats, default=None,
+                   help="normalisation std for pixels, like --mean (default: Fashion-MNIST 0.3530)")
     p.add_argument("--json", action="store_true", help="print one JSON object per input instead of a table")
     _add_common_infer(p)
     p.set_defaults(func=cmd_predict)
@@ -205,9 +217,11 @@ def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
         "export", help="export a run's final model (or a model) to ONNX, optionally int8",
         description="Export to ONNX (dynamic batch axis, opset 17), check it with onnx.checker and against torch. "
                     "RUN_OR_MODEL: a run folder (uses final_model.fedge or its newest checkpoint), a run id under "
-                    "--runs-dir, a .fedge model message, or a registry model name (fresh seeded weights).",
+                    "--runs-dir, a .fedge model message, or a registry model name (fresh seeded weights) with "
+                    "its --model-option flags.",
     )
     p.add_argument("source", metavar="RUN_OR_MODEL")
+    p.add_argument("--model-option", action="append", metavar="NAME=VALUE", help=MODEL_OPTION_HELP)
     p.add_argument("--out", default=None, help="output .onnx (default: next to the source, or ./<model>.onnx)")
     p.add_argument("--runs-dir", default="runs", help="where run ids are looked up (default runs)")
     p.add_argument("--int8", choices=("dynamic", "static"), default=None,
@@ -241,12 +255,26 @@ def _calibration(args: argparse.Namespace, n: int):  # noqa: ANN202
     return ds.train.x[:n]
 
 
+def _export_source(args: argparse.Namespace) -> Any:
+    """RUN_OR_MODEL as export() takes it: a run or file path as given, a model name with its
+    --model-option flags (or the old NAME@RATIO shorthand) as a ModelSpec."""
+    from fedge.models.errors import ConfigError  # noqa: PLC0415
+
+    on_disk = Path(args.source).exists() or (Path(args.runs_dir) / args.source).is_dir()
+    if on_disk:
+        if args.model_option:
+            raise ConfigError(f"--model-option sets an option of a model name, not of the run or file {args.source}")
+        return args.source
+    return model_spec_from_args(args.source, args.model_option) if "@" in args.source or args.model_option \
+        else args.source
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from fedge.models.export import export, summary_json  # noqa: PLC0415
 
     try:
         calib = _calibration(args, args.calib_size) if args.int8 == "static" else None
-        summary = export(args.source, out=args.out, runs_dir=args.runs_dir, int8=args.int8, calibration=calib,
+        summary = export(_export_source(args), out=args.out, runs_dir=args.runs_dir, int8=args.int8, calibration=calib,
                          builder=args.builder, in_shape=tuple(args.in_shape), num_classes=args.num_classes, seed=args.seed)
     except (FedgeError, OSError) as exc:
         print(f"fedge export: {exc}", file=sys.stderr)

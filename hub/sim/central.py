@@ -18,12 +18,14 @@ from fedge.edge_agent.trainer import LocalTrainer, TrainConfig
 from fedge.hub.rounds import round_train_settings
 from fedge.models.data import Dataset
 from fedge.models.evaluate import evaluate
-from fedge.models.registry import build_model, get_state
+from fedge.models.registry import build_model, get_state, model_spec
+from fedge.models.spec import ModelSpec
 
 
-def train_central(dataset: Dataset, parts: list[np.ndarray], model: str, train: dict, epochs: int, seed: int = 0,
+def train_central(dataset: Dataset, parts: list[np.ndarray], model: ModelSpec | str, train: dict, epochs: int, seed: int = 0,
                   profile: str = "sim", progress: bool = False, curve: list[dict] | None = None) -> dict[str, Any]:
     """Train epoch by epoch; each epoch's test accuracy is appended to `curve` as it ends."""
+    model = model_spec(model)
     prof = replace(load_profile(profile), model=model)
     idx = np.concatenate(parts)
     device = torch.device(prof.device)

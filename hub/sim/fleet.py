@@ -32,6 +32,7 @@ from fedge.hub.store import RunStore
 from fedge.models.data import Dataset, load_dataset
 from fedge.models.errors import ConfigError
 from fedge.models.partition import PartitionSpec, class_counts, partition
+from fedge.models.registry import model_spec
 from fedge.models.wire import Topics
 from fedge.models.wire.inproc import InprocBroker
 from fedge.models.wire.keys import HUB_PRIVATE, device_key, enroll_device, hub_verifier, init_hub_keys
@@ -99,6 +100,7 @@ class Fleet:
         hub.in_shape = ds.in_shape
         hub.num_classes = ds.num_classes
         hub.eval_device = load_profile(cfg.profile).device
+        hub.model = model_spec(hub.model)  # a bad model, option or value fails here, before any device starts
         self.parts = partition(ds.train.y, cfg.devices, cfg.partition, seed=cfg.seed, num_classes=ds.num_classes)
         if cfg.transport not in TRANSPORTS:
             raise ConfigError(f"transport {cfg.transport!r}: choose one of {', '.join(TRANSPORTS)}")
