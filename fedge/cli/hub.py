@@ -251,7 +251,8 @@ def add_fleet_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--fleet", help="fleet id (topic level)")
     p.add_argument("--topic-prefix", help="topic root (default fedge/v1)")
     p.add_argument("--devices", type=int, help="number of virtual devices (default 10)")
-    p.add_argument("--dataset", choices=DATASETS, help="fashion-mnist (default), mnist, cifar10, synthetic")
+    p.add_argument("--dataset", choices=DATASETS,
+                   help="fashion-mnist (default), mnist, cifar10, synthetic, synthetic-pairs (6-channel image pairs)")
     p.add_argument("--data-root", help="dataset folder")
     p.add_argument("--partition", choices=PARTITIONERS, help="how data is split over devices (default dominant)")
     p.add_argument("--per-device", type=int, help="images per device (iid, dominant)")
