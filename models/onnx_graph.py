@@ -280,6 +280,32 @@ def _infer(template: Template, proto: onnx.ModelProto, in_shape: tuple[int, ...]
     return inferred
 
 
+def _fold_transposes(proto: onnx.ModelProto) -> None:
+    """Transpose(initializer) -> the transposed initializer, as ONNX Runtime would fold it at load.
+
+    A template keeps torch's state_dict layout (bias-free Linear exports as MatMul(x, Transpose(W)));
+    folded here, the filled file has the layout torch's folded export has, so int8 quantisation
+    (which quantises a MatMul only when its weight is an initializer) treats both alike."""
+    graph = proto.graph
+    inits = {i.name: i for i in graph.initializer}
+    uses: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    keep = []
+    for node in graph.node:
+        source = node.input[0] if node.op_type == "Transpose" and node.input else ""
+        if source in inits and uses.get(source) == 1:
+            perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+            arr = numpy_helper.to_array(inits[source])
+            inits[source].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(np.transpose(arr, perm)), node.output[0]))
+        else:
+            keep.append(node)
+    if len(keep) != len(graph.node):
+        del graph.node[:]
+        graph.node.extend(keep)
+
+
 def fill(
     template: Template, tensors: Mapping[str, np.ndarray], in_shape: Sequence[int], num_classes: int,
     options: Mapping[str, Any] | None = None, meta: Mapping[str, Any] | None = None, check: bool = True,
@@ -308,6 +334,7 @@ def fill(
             init.CopyFrom(numpy_helper.from_array(dense[template.slots[init.name]], init.name))
     _set_dims(proto.graph.input[0], ["batch", *in_shape])
     out = _dims(_infer(template, proto, in_shape).graph.output[0])
+    _fold_transposes(proto)
     if len(out) < 2 or out[1] != int(num_classes):
         raise GraphError(f"{model}: the last layer gives {out[1] if len(out) > 1 else '?'} outputs per sample "
                          f"but num_classes is {num_classes}")
@@ -369,7 +396,8 @@ def from_model_message(
     msg: Any, num_classes: int | None = None, in_shape: tuple[int, ...] | None = None, templates: str | Path | None = None,
 ) -> onnx.ModelProto:
     """Build from a parsed `models.wire.messages.ModelMessage`: its meta supplies in_shape and
-    num_classes (the arguments fill in or override them) and may set `prune_ratio`."""
+    num_classes (the arguments fill in or override them) and may set `prune_ratio` (used where
+    the model has one)."""
     meta = dict(msg.meta or {})
     shape = in_shape or meta.get("in_shape")
     classes = num_classes or meta.get("num_classes")
@@ -377,7 +405,9 @@ def from_model_message(
         raise GraphError("model message has no valid meta 'in_shape'; pass in_shape explicitly")
     if not isinstance(classes, int) or isinstance(classes, bool) or classes < 1:
         raise GraphError("model message has no valid meta 'num_classes'; pass num_classes explicitly")
-    options = {k: meta[k] for k in MESSAGE_OPTIONS if k in meta}
+    # meta options the model does not have are ignored (a hub may describe every run alike)
+    known = load_template(msg.model, templates).options
+    options = {k: meta[k] for k in MESSAGE_OPTIONS if k in meta and k in known}
     return build_onnx(
         msg.model, msg.tensors, tuple(shape), classes, options=options, templates=templates,
         meta={"run": msg.run, "version": int(msg.version), "fleet": msg.fleet},

@@ -162,6 +162,7 @@ def test_every_registered_model_served_from_the_wire_matches_torch(name: str) ->
     ("conv4-mpt@0.5", (1, 28, 28), 10, {}),
     ("mlp-mpt", (2, 9, 9), 3, {"prune_ratio": 0.95}),
     ("conv4", (3, 17, 23), 5, {}),
+    ("mlp", (1, 28, 28), 10, {"prune_ratio": 0.5}),  # an option the model does not have: ignored
 ])
 def test_templates_take_any_shape_and_the_message_prune_ratio(name: str, shape: tuple[int, ...], classes: int,
                                                               meta: dict) -> None:
@@ -185,6 +186,10 @@ def test_mpt_export_through_the_graph_builder(tmp_path: Path) -> None:
         assert summary["max_abs_diff"] <= PARITY_ATOL and summary["class_agreement"] == 1.0
         assert Predictor.load(tmp_path / f"{name}.onnx").describe()["builder"] == "template"
     assert cli_main(["export", "conv4-mpt11", "--builder", "graph", "--out", str(tmp_path / "m11.onnx"), "--json"]) == 0
+    # the filled graph has torch's folded weight layout (no Transpose of a weight), so int8 quantises it
+    summary = export("mlp-mpt", out=tmp_path / "q.onnx", builder="graph", int8="dynamic")
+    assert "Transpose" not in {n.op_type for n in onnx.load(str(tmp_path / "q.onnx")).graph.node}
+    assert summary["int8_bytes"] < 0.35 * summary["bytes"]
 
 
 def test_fill_names_the_bad_tensor_or_option() -> None:
