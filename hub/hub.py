@@ -15,7 +15,7 @@ import logging
 import math
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -42,12 +42,13 @@ from fedge.models.wire.messages import (
 )
 from fedge.models.wire.transport import BrokerConfig, LinkFactory, make_link
 
-from .admission import DUPLICATE, admission_reason
+from .admission import DUPLICATE, Reason, admission_reason
 from .config import HubConfig
 from .plan import Stage
 from .roster import Roster
 from .rounds import plan_position, round_train_settings, select_devices, stage_done
 from .run_epoch import new_run_epoch
+from .status import LiveState, status_dict
 from .store import RunStore
 from .strategies import weight_change
 from .task_kinds import TASK_KINDS
@@ -121,6 +122,9 @@ class Hub:
         self._accepted: dict[str, Accepted] = {}
         self._closed_rounds: dict[int, set[str]] = {}  # round -> devices counted in it
         self.rejections = 0
+        self.rejected_by: Counter[str] = Counter()  # rejection code -> count, since this hub started
+        self.accepted_answers = 0  # updates and reports accepted into rounds, since this hub started
+        self._phase = "starting"  # what the round loop is doing, for status(): one of status.PHASES
         self._current: tuple[bytes, bytes] | None = None  # open round's (model, task) payloads
         self._signer = hub_signer(config.keys_dir) if config.keys_dir else None
         self._stop = threading.Event()
@@ -184,8 +188,10 @@ class Hub:
             self._roster.update(device, info)
             self._cond.notify_all()
 
-    def _reject(self, device: str | None, round_id: int | None, reason: str) -> None:
+    def _reject(self, device: str | None, round_id: int | None, reason: Reason) -> None:
         self.rejections += 1
+        with self._cond:
+            self.rejected_by[reason.code] += 1
         log.warning("rejected update from %s (round %s): %s", device or "?", round_id, reason)
         try:
             self.store.reject(device, round_id, reason)
@@ -200,7 +206,8 @@ class Hub:
             if self.config.keys_dir:
                 key = device_key(self.config.keys_dir, device) if device else None
                 if key is None:
-                    self._reject(device, None, f"device {device!r} is not enrolled (no key in {self.config.keys_dir})")
+                    self._reject(device, None, Reason("not_enrolled",
+                                                      f"device {device!r} is not enrolled (no key in {self.config.keys_dir})"))
                     return
             env = decode(payload, max_bytes=self.config.max_payload, key=key)
             round_id = env.header.get("round") if isinstance(env.header.get("round"), int) else None
@@ -219,10 +226,10 @@ class Hub:
                 self._reject(device, round_id, reason)
                 return
         except EnvelopeError as exc:
-            self._reject(device, round_id, str(exc))
+            self._reject(device, round_id, Reason("bad_envelope", str(exc)))
             return
         except Exception as exc:  # noqa: BLE001 - the hub never crashes on what a device sends
-            self._reject(device, round_id, f"unexpected {type(exc).__name__}: {exc}")
+            self._reject(device, round_id, Reason("error", f"unexpected {type(exc).__name__}: {exc}"))
             return
         with self._cond:
             task = self._task
@@ -232,9 +239,11 @@ class Hub:
                 log.info("duplicate update from %s for round %d ignored", device, upd.round)
                 return
             self._accepted[upd.device] = Accepted.of(upd, len(payload))
+            self.accepted_answers += 1
+            self._roster.seen(upd.device)
             self._cond.notify_all()
 
-    def _admit(self, device: str | None, upd: UpdateMessage | ReportMessage) -> str | None:
+    def _admit(self, device: str | None, upd: UpdateMessage | ReportMessage) -> Reason | None:
         with self._cond:
             return admission_reason(
                 upd, device, fleet=self.config.fleet, run_id=self.run_id, strategy=self.config.strategy, task=self._task,
@@ -247,6 +256,15 @@ class Hub:
         self._stop.set()
         with self._cond:
             self._cond.notify_all()
+
+    def status(self) -> dict:
+        """A JSON-ready snapshot of the run for the status page and /metrics (hub/status.py):
+        the live state copied under the round lock, the history read from the run store."""
+        with self._cond:
+            live = LiveState(phase=self._phase, task=self._task, answered=sorted(self._accepted),
+                             devices=self._roster.devices(), accepted_answers=self.accepted_answers,
+                             rejected_by=dict(self.rejected_by))
+        return status_dict(self.config, self.run_id, live, self.store)
 
     def wait_for_round(self, round_id: int, timeout: float, min_updates: int = 0) -> TaskMessage:
         """Block until round `round_id` is open and holds at least `min_updates` accepted updates;
@@ -267,6 +285,7 @@ class Hub:
         end = time.time() + self.config.wait_devices_s
         with self._cond:
             while len(self._roster) < needed and not self._stop.is_set():
+                self._phase = "waiting for devices"
                 remaining = end - time.time()
                 if remaining <= 0:
                     raise TimeoutError(
@@ -303,6 +322,7 @@ class Hub:
         self.store.open_round(round_id, asdict(task))
         with self._cond:
             self._task = task
+            self._phase = "collecting"
             self._accepted = {}
             for device, payload in self.store.pending(round_id).items():
                 self._accepted[device] = Accepted.of(parse_answer(decode(payload)), len(payload))
@@ -320,6 +340,7 @@ class Hub:
             accepted = dict(self._accepted)
             self._closed_rounds[task.round] = set(accepted)
             self._task = None
+            self._phase = "closing round"
         late = sorted(set(task.selected) - set(accepted))
         if late:
             log.info("round %d closed with %d/%d updates; ignored for this round: %s", task.round,
@@ -351,6 +372,8 @@ class Hub:
         try:
             self._loop()
         finally:
+            with self._cond:
+                self._phase = "finished" if self.store.get_meta("status") == "finished" else "stopped"
             self.link.stop(final=(self.topics.hub_status, status_payload("offline", role="hub", run=self.run_id)))
         return self.store.rounds()
 

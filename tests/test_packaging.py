@@ -39,7 +39,8 @@ def test_wheel_holds_only_the_fedge_namespace(wheel: Path) -> None:
             module = f"{installed}/{init.relative_to(REPO / folder).as_posix()}"
             assert module in names, f"{module} is missing from the wheel: add its package to pyproject.toml"
     for module in ("fedge/models/wire/envelope.py", "fedge/hub/hub.py", "fedge/hub/sim/fleet.py",
-                   "fedge/edge_agent/agent.py", "fedge/cli/__init__.py", "fedge/firmware_profiles/rpi4.yaml"):
+                   "fedge/edge_agent/agent.py", "fedge/cli/__init__.py", "fedge/firmware_profiles/rpi4.yaml",
+                   "fedge/hub/status_page.html"):
         assert module in names, module
     # the graph templates a torch-free device fills (package data): one per template in the checkout
     for template in (REPO / "models" / "onnx_templates").glob("*.onnx"):

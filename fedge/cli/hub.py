@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from fedge.cli.common import add_broker_args, add_logging_args, broker_from_args, setup_logging, stop_event_on_signals
+from fedge.cli.status import add_status_args, status_server
 from fedge.hub.config import HubConfig
 from fedge.hub.plan import parse_plan
 from fedge.hub.strategies import STRATEGIES
@@ -150,6 +151,7 @@ def add_hub_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", metavar="RUN", help="continue run RUN (id under --runs-dir, or its folder)")
     p.add_argument("--keys-dir", help="keys folder from `fedge keys init/enroll`: sign models and tasks, "
                                       "accept only updates tagged with an enrolled device's key")
+    add_status_args(p)
     add_logging_args(p)
     p.set_defaults(func=run_hub)
 
@@ -202,7 +204,8 @@ def run_hub(args: argparse.Namespace) -> int:
     import threading  # noqa: PLC0415
 
     threading.Thread(target=lambda: (stop.wait(), hub.stop()), daemon=True).start()
-    history = hub.run()
+    with status_server(args, hub):
+        history = hub.run()
     files, _ = write_final_model(run_dir, hub) if history and not stop.is_set() else ({}, None)
     summary = {"run_dir": str(run_dir), "rounds": len(history),
                "final_accuracy": history[-1]["accuracy"] if history else None, **summarise(history), "files": files}
@@ -255,6 +258,7 @@ def add_fleet_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--run-id", help="name of the run folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_round_args(p)
+    add_status_args(p)
     add_logging_args(p)
     p.set_defaults(func=run_fleet)
 
@@ -310,7 +314,8 @@ def run_fleet(args: argparse.Namespace) -> int:
         import threading  # noqa: PLC0415
 
         threading.Thread(target=lambda: (stop.wait(), hub.stop()), daemon=True).start()
-        report = fleet.run(hub)
+        with status_server(args, hub):
+            report = fleet.run(hub)
     keys = ("run_id", "final_accuracy", "device_accuracy", "central_accuracy", "federated_over_central", "rounds_completed",
             "uplink_bytes_per_device", "downlink_bytes_per_device", "seconds_per_round", "wall_time_s")
     print(json.dumps({k: report.get(k) for k in keys}, indent=1))
