@@ -281,7 +281,8 @@ class ContrastiveFamily(Family):
             xb = x[start : start + chunk]
             z = model(self.views(xb, gen))
             loss_sum += float(nt_xent(z[: len(xb)], z[len(xb) :], self.temperature)[0]) * len(xb)
-        features = torch.cat([embed(model, x[s : s + batch_size]) for s in range(0, len(x), batch_size)])
+        chunks = [embed(model, x[s : s + batch_size]) for s in range(0, len(x), batch_size)]
+        features = torch.cat(chunks) if chunks else x.new_zeros(0, 1)  # an empty set: the probe says why it cannot score
         return {"loss": loss_sum / max(1, len(x)),
                 "probe_accuracy": linear_probe_accuracy(features, y, self.probe_ridge, self.eval_seed)}
 
