@@ -51,7 +51,7 @@ from .run_epoch import new_run_epoch
 from .status import LiveState, status_dict
 from .store import RunStore
 from .strategies import weight_change
-from .task_kinds import TASK_KINDS
+from .task_kinds import TASK_KINDS, weighted_mean
 
 log = logging.getLogger("fedge.hub")
 
@@ -105,6 +105,7 @@ class Hub:
         self.strategy = config.make_strategy()
         self.on_round = on_round
         self.model = build_model(config.model, config.in_shape, config.num_classes, seed=config.seed)
+        self.family = model_family(config.model)  # its metrics and headline: records, logs, the stop rule
         # only the shared tensors: the model's private ones (its per-device head) never reach the hub
         self.reference, private = split_state(config.model, get_state(self.model))
         self.private_names = frozenset(private)
@@ -347,13 +348,8 @@ class Hub:
                      len(accepted), len(task.selected), ", ".join(late))
         return accepted
 
-    def evaluate(self, state: OrderedDict[str, np.ndarray], full: bool = False) -> tuple[float | None, float | None]:
-        """Test loss and accuracy of the global model (None where the family has no accuracy)."""
-        scores = self.metrics(state, full)
-        return scores.get("loss"), scores.get("accuracy")
-
     def metrics(self, state: OrderedDict[str, np.ndarray], full: bool = False) -> dict[str, float]:
-        """The model family's test metrics of the global model (loss, accuracy for classification);
+        """The model family's test metrics of the global model (`family.metric_names`);
         empty without test data, or for a model with private tensors: the hub has the shared part
         only, no device's head, and a score with a head no device uses would not be the fleet's
         (docs/protocol.md 6.6)."""
@@ -361,7 +357,7 @@ class Hub:
             return {}
         set_state(self.model, state)
         n = len(self.test_y) if (full or not self.config.eval_size) else min(self.config.eval_size, len(self.test_y))
-        return evaluate(self.model, self.test_x[:n], self.test_y[:n], family=model_family(self.config.model))
+        return evaluate(self.model, self.test_x[:n], self.test_y[:n], family=self.family)
 
     def run(self) -> list[dict]:
         """Run (or resume) rounds until a stop rule fires; returns the full round history."""
@@ -453,11 +449,13 @@ class Hub:
         self.store.complete_round(record)
         if new_state is not None:
             self.global_state, self.version = new_state, record["model_version"]
-            log.info("round %d: %d updates, accuracy %s, change %.4f", task.round, len(accepted),
-                     f"{record['accuracy']:.4f}" if record["accuracy"] is not None else "n/a", record["weight_change"])
+            score = (record["metrics"] or {}).get(self.family.headline)
+            log.info("round %d: %d updates, %s %s, change %.4f", task.round, len(accepted), self.family.headline,
+                     f"{score:.4f}" if score is not None else "n/a", record["weight_change"])
         else:
-            log.info("round %d (%s): %d reports, device accuracy %s", task.round, task.kind, len(accepted),
-                     f"{record['device_accuracy']:.4f}" if record.get("device_accuracy") is not None else "n/a")
+            score = weighted_mean({d: (a.num_samples, a.metrics) for d, a in accepted.items()}, self.family.headline)
+            log.info("round %d (%s): %d reports, device %s %s", task.round, task.kind, len(accepted), self.family.headline,
+                     f"{score:.4f}" if score is not None else "n/a")
         return record
 
     def _aggregate(self, accepted: dict[str, Accepted]) -> tuple[OrderedDict[str, np.ndarray], dict]:

@@ -15,7 +15,7 @@ from torch import nn
 from .errors import ConfigError, ModelFileError
 from .families import Family, get_family
 from .mpt_nets import build_mpt
-from .nets import MLP, Conv4, SplitMLP
+from .nets import MLP, ContrastiveMLP, Conv4, SplitMLP
 
 Builder = Callable[[tuple[int, ...], int], nn.Module]
 
@@ -58,6 +58,8 @@ MODELS: dict[str, Registered] = {
     )),
     # the MLP with a per-device classifier: the encoder is federated, each device keeps its head
     "mlp-private-head": Registered(lambda in_shape, num_classes: SplitMLP(in_shape, num_classes), private=("head.*",)),
+    # paper 002's self-supervised backbone: the MLP encoder under a projection head, trained with NT-Xent
+    "mlp-contrastive": Registered(lambda in_shape, num_classes: ContrastiveMLP(in_shape, num_classes), family="contrastive"),
 }
 
 
