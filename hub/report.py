@@ -185,6 +185,8 @@ def write_final_model(run_dir: Path, hub: Hub) -> tuple[dict[str, Any], dict[str
     if hub.private_names:  # the hub holds the shared tensors only: no complete model to export
         onnx = {"skipped": f"{hub.config.model} keeps {', '.join(sorted(hub.private_names))} on each device; "
                            f"final_model.fedge holds only the shared tensors"}
+    elif hub.family.name == "contrastive":  # models/export.py refuses it: a projection is no prediction
+        onnx = {"skipped": f"{hub.config.model} outputs a projection for its training loss, not a prediction to serve"}
     elif not os.environ.get("FEDGE_NO_ONNX"):
         onnx = export_run(run_dir)
         files["onnx"] = onnx.get("onnx")

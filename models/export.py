@@ -144,7 +144,11 @@ def export_state(
     """Export wire tensors of registry model `model_name` ("torch": via torch.onnx; "graph": by
     filling the model's shipped graph template, torch-free, as a device does). The family
     (models/families.py) goes into the metadata either way."""
-    info = {"model": model_name, "family": model_family(model_name).name, **dict(meta or {})}
+    family = model_family(model_name).name
+    if family == "contrastive":  # its output is the training loss's projection; the predictor would read it as classes
+        raise ExportError(f"{model_name} is a contrastive model: its output is a projection, not a prediction a device "
+                          f"could serve; load its encoder into a model with a head (e.g. mlp-private-head) and export that")
+    info = {"model": model_name, "family": family, **dict(meta or {})}
     if builder == "graph":
         proto = onnx_graph.build_onnx(model_name, tensors, in_shape, num_classes, meta=info)
         path = Path(path)

@@ -129,3 +129,11 @@ def test_target_score_is_the_old_target_accuracy() -> None:
         cfg = HubConfig()
         _apply_round_args(cfg, parser.parse_args([flag, "0.8"]))
         assert cfg.target_score == 0.8, flag
+
+
+def test_a_contrastive_model_is_not_exported_as_a_predictor(tmp_path: Path) -> None:
+    """Its output is a projection; ONNX export (and so the predictor) refuses it with the reason."""
+    from fedge.models.export import ExportError, export
+
+    with pytest.raises(ExportError, match="projection, not a prediction"):
+        export("mlp-contrastive", out=tmp_path / "ssl.onnx")

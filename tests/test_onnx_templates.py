@@ -31,6 +31,7 @@ from fedge.models.onnx_templates.build import (
     TemplateBuildError,
     build_template,
     dense_form,
+    served_models,
     state_off_ties,
     template_differences,
     write_templates,
@@ -54,7 +55,7 @@ def _x(shape: tuple[int, ...], n: int = 64, seed: int = 0) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- the shipped templates
-@pytest.mark.parametrize("name", model_names())
+@pytest.mark.parametrize("name", served_models())
 def test_shipped_template_matches_what_torch_exports_today(name: str) -> None:
     """Fails when an architecture changed (or a model was registered) without
     `python -m fedge.models.onnx_templates.build`; the build itself proves the fresh template
@@ -146,7 +147,7 @@ def _served(name: str, shape: tuple[int, ...] = SHAPE, classes: int = 10, **meta
     return torch_logits(model, x), pred.logits(x), has_binary_activations(model)
 
 
-@pytest.mark.parametrize("name", model_names())
+@pytest.mark.parametrize("name", served_models())
 def test_every_registered_model_served_from_the_wire_matches_torch(name: str) -> None:
     ref, got, binary = _served(name)
     agree = float((ref.argmax(1) == got.argmax(1)).mean())
@@ -224,7 +225,14 @@ def test_template_loader_refuses_a_file_that_is_no_template(tmp_path: Path) -> N
     (tmp_path / "mlp-mpt.onnx").write_bytes(b"garbage")
     with pytest.raises(onnx_graph.GraphError, match="not a readable ONNX file"):
         onnx_graph.load_template("mlp-mpt", tmp_path)
-    assert onnx_graph.supported_models() == model_names()
+    assert onnx_graph.supported_models() == served_models()
+
+
+def test_a_contrastive_model_gets_no_template_and_says_why() -> None:
+    contrastive = [name for name in model_names() if MODELS[name].family == "contrastive"]
+    assert contrastive and not set(contrastive) & set(served_models())
+    with pytest.raises(TemplateBuildError, match="no prediction a device could serve"):
+        build_template(contrastive[0])
 
 
 # ----------------------------------------------------------------------------- segmentation

@@ -46,12 +46,21 @@ from fedge.models.supermask_numpy import materialise
 #: (in_shape, num_classes) a template is exported at, and the probe it is compared with, by family.
 REFERENCE = {"classification": ((1, 28, 28), 10), "segmentation": ((1, 28, 28), 1)}
 PROBE = {"classification": ((3, 32, 32), 7), "segmentation": ((3, 20, 24), 1)}
+#: Families whose output a device serves as predictions. A contrastive model's output is a
+#: projection for its training loss, no prediction: it gets no template (its encoder serves
+#: through a model with a head, e.g. mlp-private-head).
+SERVED_FAMILIES = tuple(REFERENCE)
 #: Binary-activation models cannot match torch exactly (sign ties); their classes must agree this often.
 BINARY_AGREEMENT = 0.9
 
 
 class TemplateBuildError(ModelFileError):
     """A model whose graph cannot become a template (or whose template does not reproduce torch)."""
+
+
+def served_models() -> list[str]:
+    """The registered models that get a template: those of a family in SERVED_FAMILIES."""
+    return [name for name in model_names() if MODELS[name].family in SERVED_FAMILIES]
 
 
 class _Under(nn.Module):
@@ -183,6 +192,9 @@ def build_template(
     if name not in MODELS:
         raise TemplateBuildError(f"unknown model {name!r}; registered: {', '.join(model_names())}")
     registered = MODELS[name]
+    if registered.family not in SERVED_FAMILIES:
+        raise TemplateBuildError(f"{name} is a {registered.family} model: its output is no prediction a device could "
+                                 f"serve, so it gets no template (served families: {', '.join(SERVED_FAMILIES)})")
     ref_shape, ref_classes = reference or REFERENCE[registered.family]
     probe_shape, probe_classes = probe or PROBE[registered.family]
     model = build_model(name, ref_shape, ref_classes, seed=0)
@@ -229,9 +241,9 @@ def template_differences(shipped: onnx.ModelProto, fresh: onnx.ModelProto) -> li
 
 
 def write_templates(names: Sequence[str] | None = None, directory: str | Path = TEMPLATE_DIR) -> list[Path]:
-    """Build and write the templates of `names` (default: every registered model)."""
+    """Build and write the templates of `names` (default: every served registered model)."""
     out = []
-    for name in names or model_names():
+    for name in names or served_models():
         path = Path(directory) / f"{name}{SUFFIX}"
         path.parent.mkdir(parents=True, exist_ok=True)
         onnx.save(build_template(name), str(path))
@@ -241,14 +253,14 @@ def write_templates(names: Sequence[str] | None = None, directory: str | Path = 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fedge.models.onnx_templates.build", description=__doc__.split("\n\n")[0])
-    parser.add_argument("models", nargs="*", help="registered model names (default: all)")
+    parser.add_argument("models", nargs="*", help="registered model names (default: every classification and segmentation model)")
     parser.add_argument("--dir", default=str(TEMPLATE_DIR), help=f"template folder (default {TEMPLATE_DIR})")
     parser.add_argument("--check", action="store_true", help="only compare the shipped templates with a fresh build")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     stale = []
     try:
-        for name in args.models or model_names():
+        for name in args.models or served_models():
             path = Path(args.dir) / f"{name}{SUFFIX}"
             if args.check:
                 why = ["missing"] if not path.is_file() else template_differences(onnx.load(str(path)), build_template(name))
