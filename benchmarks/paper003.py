@@ -32,7 +32,7 @@ from fedge.hub.sim.recipes import PAPER003_METHODS, paper003  # noqa: E402
 from fedge.hub.store import RunStore  # noqa: E402
 from fedge.models.data import load_dataset  # noqa: E402
 from fedge.models.partition import partition  # noqa: E402
-from fedge.models.registry import build_model, count_parameters  # noqa: E402
+from fedge.models.registry import build_model, count_parameters, model_family  # noqa: E402
 
 
 def model_bytes(spec, in_shape, num_classes) -> tuple[int, float, int]:  # noqa: ANN001 - spec: ModelSpec
@@ -102,7 +102,7 @@ def run_method(method: str, seed: int, args, ds, prune_ratio: float = 0.8) -> di
             if not rounds:
                 raise
             print(f"{method} seed {seed}: stopped after {len(rounds)} of {args.rounds} rounds (kept as partial)")
-        sizes = summarise(rounds)
+        sizes = summarise(rounds, model_family(cfg.hub.model))
         out.update(accuracy=[r["accuracy"] for r in rounds], rounds_done=len(rounds),
                    uplink=sizes["uplink_bytes_per_device"], downlink=sizes["downlink_bytes_per_device"])
     out["ran_on"] = _ran_on(args.profile)

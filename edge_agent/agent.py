@@ -20,6 +20,7 @@ import torch
 
 from fedge.models.data import Split
 from fedge.models.errors import ConfigError
+from fedge.models.partition import label_counts
 from fedge.models.registry import model_spec, parameter_count
 from fedge.models.spec import ModelSpec
 from fedge.models.wire import EnvelopeError, Topics, decode
@@ -67,7 +68,7 @@ class Agent:
         self.in_shape = tuple(int(d) for d in data.x.shape[1:])
         self.x = torch.from_numpy(np.ascontiguousarray(data.x))
         self.y = torch.from_numpy(np.ascontiguousarray(data.y))
-        self.class_counts = np.bincount(data.y, minlength=num_classes).astype(int).tolist()
+        self.class_counts = label_counts(data.y, num_classes)
         self.pool = pool
         self.seed = seed
         self.max_payload = max_payload

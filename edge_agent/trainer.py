@@ -67,7 +67,7 @@ class TrainResult:
     state: dict[str, np.ndarray]
     num_samples: int
     loss: float
-    accuracy: float  # the family's running score: right / scored predictions (examples or pixels)
+    accuracy: float  # the family's running score: right / scored predictions (examples, pixels or contrastive views)
     seconds: float
     private: dict[str, np.ndarray] = field(default_factory=dict)  # trained private tensors: they stay here
 
@@ -92,7 +92,7 @@ class LocalTrainer:
         self.device = torch.device(device)
         self.spec = model_spec(spec)
         self.model = build_model(self.spec, in_shape, num_classes).to(self.device)
-        self.family = model_family(self.spec)  # its loss and metrics (classification, segmentation)
+        self.family = model_family(self.spec)  # its training step and metrics (families.FAMILIES)
         self.num_params = count_parameters(self.model)
 
     def train(
@@ -120,7 +120,7 @@ class LocalTrainer:
             order = torch.randperm(n, generator=gen)
             for begin in range(0, n, cfg.batch_size):
                 idx = order[begin : begin + cfg.batch_size]
-                loss, hits, count = _step(model, opt, x[idx].to(self.device), y[idx].to(self.device), prox,
+                loss, hits, count = _step(model, opt, x[idx].to(self.device), y[idx].to(self.device), gen, prox,
                                           self.family)
                 total_loss += loss * len(idx)
                 correct += hits
@@ -146,7 +146,7 @@ class LocalTrainer:
 
     def evaluate(self, state: Mapping[str, np.ndarray], x: torch.Tensor, y: torch.Tensor,
                  private: Mapping[str, np.ndarray] | None = None, batch_size: int = 256) -> dict[str, float]:
-        """The family's metrics (loss, accuracy for classification) of the received `state` plus
+        """The family's metrics (`family.metric_names`) of the received `state` plus
         this device's `private` tensors on (x, y): the `evaluate` task kind; nothing is trained."""
         set_state(self.model, {**state, **(private or {})})
         return evaluate(self.model, x.to(self.device), y.to(self.device), batch_size=batch_size, family=self.family)
@@ -162,14 +162,14 @@ Proximal = tuple[float, list[torch.nn.Parameter], list[torch.Tensor]]  # (mu, pa
 
 
 def _step(model: torch.nn.Module, opt: torch.optim.Optimizer, xb: torch.Tensor, yb: torch.Tensor,
-          prox: Proximal | None = None, family: Family = CLASSIFICATION) -> tuple[float, int, int]:
-    """One SGD/Adam step on the family's loss; returns (batch data loss, right predictions,
-    scored predictions: examples, or pixels for segmentation). With `prox`, the
+          gen: torch.Generator, prox: Proximal | None = None, family: Family = CLASSIFICATION) -> tuple[float, int, int]:
+    """One SGD/Adam step on the family's loss (`family.step`: the loss of the output, or for
+    the contrastive family of two augmented views drawn from `gen`); returns (batch data loss,
+    right predictions, scored predictions: examples, pixels or views). With `prox`, the
     FedProx term mu/2 sum ||p - anchor||^2 joins the loss that is minimised (not the one
     reported). Gradients are cleared before forward, so last step's are not held through it."""
     opt.zero_grad(set_to_none=True)
-    logits = model(xb)
-    loss = family.loss(logits, yb)
+    loss, right, scored = family.step(model, xb, yb, gen)
     if prox is None:
         loss.backward()
     else:
@@ -177,7 +177,7 @@ def _step(model: torch.nn.Module, opt: torch.optim.Optimizer, xb: torch.Tensor, 
         drift = sum(((p - a) ** 2).sum() for p, a in zip(params, anchors))
         (loss + 0.5 * mu * drift).backward()
     opt.step()
-    return (float(loss.detach()), *family.hits(logits, yb))
+    return float(loss.detach()), right, scored
 
 
 def _release(opt: torch.optim.Optimizer) -> None:

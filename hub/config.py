@@ -32,7 +32,9 @@ class HubConfig:
     quorum: float = 1.0  # fraction of the selected whose updates close the round early
     min_updates: int = 1  # fewer at the deadline: the round is re-run with a new selection
     max_round_retries: int = 3
-    target_accuracy: float | None = None
+    # stop a train stage once the global model's headline metric (its family's: accuracy, f1,
+    # probe_accuracy) reaches this; runs stored before families called it target_accuracy
+    target_score: float | None = None
     min_weight_change: float | None = None
     strategy: str = "fedavg"
     # the strategy's constructor options, e.g. {"server_momentum": 0.9} (hub/strategies/, option_names)
@@ -92,5 +94,7 @@ class HubConfig:
         data = dict(data)
         data["in_shape"] = tuple(data.get("in_shape", (1, 28, 28)))
         data["model"] = ModelSpec.from_json(data.get("model", "mlp"))  # checked by check(), as every config is
+        if "target_accuracy" in data:  # a run stored before task families
+            data.setdefault("target_score", data.pop("target_accuracy"))
         known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in data.items() if k in known})

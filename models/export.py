@@ -8,12 +8,13 @@ torch.export/dynamo exporter, which requires the extra `onnxscript` package (not
 dependency, not installed) and gains nothing for these static feed-forward nets. The
 legacy TorchScript exporter produces a plain Flatten/Gemm/Conv/MaxPool graph with a
 dynamic batch axis that ONNX Runtime matches to ~1e-7. It emits a DeprecationWarning,
-which we silence here; if a future torch removes it, `builder="graph"` (the torch-free
-graph builder in models.onnx_graph) exports the registered models without it.
+which we silence here. The same exporter writes the graph templates
+(models/onnx_templates/build.py) that `builder="graph"` and the devices fill without torch.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -38,6 +39,7 @@ from .registry import (
     build_model,
     get_state,
     mask_file_spec,
+    model_family,
     model_names,
     model_spec,
     private_patterns,
@@ -80,6 +82,33 @@ def has_binary_activations(model: nn.Module) -> bool:
 
 
 # ----------------------------------------------------------------------------- export
+def torch_onnx(model: nn.Module, in_shape: tuple[int, ...], opset: int = OPSET, fold: bool = True) -> onnx.ModelProto:
+    """torch.onnx.export (the legacy exporter, dynamic batch axis) of an eval-mode dense model, in memory.
+
+    fold=True (export_onnx): constant folding and the exporter's eval-mode fusions (Conv+BatchNorm,
+    pre-transposed Linear weights): the file a run ships. fold=False (graph templates): every
+    initializer is a state_dict tensor under its own name, untransposed and unfused, so a
+    template's slots map one to one onto tensors; ONNX Runtime folds the same at session start.
+    """
+    was_training = model.training
+    model.eval()
+    dummy = torch.zeros(2, *in_shape, dtype=torch.float32)
+    buf = io.BytesIO()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            torch.onnx.export(
+                model, (dummy,), buf, dynamo=False, export_params=True, do_constant_folding=fold,
+                training=torch.onnx.TrainingMode.EVAL if fold else torch.onnx.TrainingMode.PRESERVE,
+                input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], opset_version=opset,
+                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            )
+    finally:
+        model.train(was_training)
+    return onnx.load_model_from_string(buf.getvalue())
+
+
 def export_onnx(
     model: nn.Module, path: str | os.PathLike, in_shape: tuple[int, ...] = (1, 28, 28),
     meta: Mapping[str, Any] | None = None, opset: int = OPSET, check: bool = True,
@@ -92,24 +121,15 @@ def export_onnx(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model = materialize_if_needed(model)
+    proto = torch_onnx(model, in_shape, opset)
+    info = {"in_shape": [int(d) for d in in_shape], "builder": "torch.onnx(dynamo=False)"}
     was_training = model.training
     model.eval()
-    dummy = torch.zeros(2, *in_shape, dtype=torch.float32)
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", category=DeprecationWarning)
-            warnings.filterwarnings("ignore", category=FutureWarning)
-            torch.onnx.export(
-                model, (dummy,), str(path), dynamo=False, export_params=True, do_constant_folding=True,
-                input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], opset_version=opset,
-                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-            )
+        with torch.no_grad():
+            info["num_classes"] = int(model(torch.zeros(1, *in_shape)).shape[1])
     finally:
         model.train(was_training)
-    proto = onnx.load(str(path))
-    info = {"in_shape": [int(d) for d in in_shape], "builder": "torch.onnx(dynamo=False)"}
-    with torch.no_grad():
-        info["num_classes"] = int(model(dummy[:1]).shape[-1])
     info.update(dict(meta or {}))
     onnx_graph.set_metadata(proto, info)
     proto.producer_name = "fedge.export"
@@ -124,9 +144,15 @@ def export_state(
     num_classes: int = 10, meta: Mapping[str, Any] | None = None, builder: str = "torch",
 ) -> Path:
     """Export wire tensors of `model` (a ModelSpec or registered name; "torch": via torch.onnx;
-    "graph": via the torch-free builder, registered dense models only)."""
+    "graph": by filling the model's shipped graph template, torch-free, as a device does). The
+    family (models/families.py) goes into the metadata either way."""
     spec = model_spec(model)
-    info = {"model": spec.name, **({"model_options": spec.options_dict()} if spec.options else {}), **dict(meta or {})}
+    family = model_family(spec).name
+    if family == "contrastive":  # its output is the training loss's projection; the predictor would read it as classes
+        raise ExportError(f"{spec.name} is a contrastive model: its output is a projection, not a prediction a device "
+                          f"could serve; load its encoder into a model with a head (e.g. mlp-private-head) and export that")
+    info = {"model": spec.name, "family": family, **({"model_options": spec.options_dict()} if spec.options else {}),
+            **dict(meta or {})}
     if builder == "graph":
         proto = onnx_graph.build_onnx(spec.name, tensors, in_shape, num_classes, meta=info)
         path = Path(path)

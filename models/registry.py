@@ -21,7 +21,7 @@ from .errors import ConfigError, ModelFileError
 from .families import Family, get_family
 from .maskfile import MaskFile, MaskFileError
 from .mpt_nets import build_mpt
-from .nets import MLP, Conv4, SplitMLP
+from .nets import MLP, ContrastiveMLP, Conv4, SplitMLP
 from .spec import ModelSpec, Option, OptionValue, split_option_text
 
 Builder = Callable[..., nn.Module]  # (in_shape, num_classes, **options) -> model
@@ -88,6 +88,8 @@ MODELS: dict[str, Registered] = {
     "mlp-bnn": Registered(_mpt("mlp", "bnn-1/32", "mlp-bnn"), options=(HIDDEN,)),
     # the MLP with a per-device classifier: the encoder is federated, each device keeps its head
     "mlp-private-head": Registered(SplitMLP, private=("head.*",), options=(HIDDEN,)),
+    # paper 002's self-supervised backbone: the MLP encoder under a projection head, trained with NT-Xent
+    "mlp-contrastive": Registered(ContrastiveMLP, family="contrastive", options=(HIDDEN,)),
 }
 
 

@@ -2,9 +2,10 @@
 
 Each check runs in a fresh interpreter (this pytest process has torch loaded already):
 the whole path (.fedge model message -> torch-free ONNX graph -> ONNX Runtime, the
-predict CLI, the hot-swapping follower and the HTTP endpoint) runs, then the script
-reports every torch* module in sys.modules. A second run blocks `import torch` outright,
-as on a device where torch is not installed.
+predict CLI, the hot-swapping follower and the HTTP endpoint; MPT model messages, whose
+scores are materialised with numpy into the model's graph template, against logits torch
+computed in this process) runs, then the script reports every torch* module in sys.modules.
+A second run blocks `import torch` outright, as on a device where torch is not installed.
 """
 
 from __future__ import annotations
@@ -13,6 +14,9 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
+
+import pytest
 
 SCRIPT = textwrap.dedent(
     r'''
@@ -93,16 +97,55 @@ SCRIPT = textwrap.dedent(
     server.shutdown()
     server.server_close()
 
+    # 4. MPT models from the wire: scores (not weights) materialised with numpy, graph templates filled;
+    # the expected logits were computed by torch in the test process
+    mpt = {}
+    for name in json.loads((Path(sys.argv[2]) / "mpt.json").read_text()):
+        envelope = Path(sys.argv[2]) / f"{name}.fedge"
+        xm = np.load(Path(sys.argv[2]) / f"{name}.x.npy")
+        want = np.load(Path(sys.argv[2]) / f"{name}.logits.npy")
+        served = Predictor.load(envelope)
+        follow = ModelFollower(LiveModel(), fleet="fleet")
+        swapped = follow.handle(envelope.read_bytes())
+        rc_mpt = main(["predict", "--model", str(envelope), str(Path(sys.argv[2]) / f"{name}.x.npy"), "--json"])
+        mpt[name] = {"diff": float(np.abs(served.logits(xm) - want).max()), "swapped": swapped, "cli_rc": rc_mpt,
+                     "followed_diff": float(np.abs(follow.live.get().logits(xm) - want).max()),
+                     "describe": served.describe()}
+
     print("RESULT " + json.dumps({
-        "diff_a": diff_a, "cli_rc": rc, "classes": classes,
+        "diff_a": diff_a, "cli_rc": rc, "classes": classes, "mpt": mpt,
         "torch_modules": sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "torchvision")),
     }))
     '''
 )
 
 
-def _run(mode: str) -> dict:
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, mode], capture_output=True, text=True, timeout=120)
+MPT_MODELS = ("mlp-mpt", "conv4-mpt")
+
+
+@pytest.fixture(scope="module")
+def mpt_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """MPT model messages (scores on the wire) and torch's logits for them, made here, where torch is."""
+    import numpy as np
+
+    from fedge.models.export import torch_logits
+    from fedge.models.registry import build_model, get_state
+    from fedge.models.wire.messages import build_model_message
+
+    out = tmp_path_factory.mktemp("mpt")
+    for name in MPT_MODELS:
+        model = build_model(name, (1, 28, 28), 10, seed=2).eval()
+        (out / f"{name}.fedge").write_bytes(build_model_message(
+            "fleet", "run-m", 1, name, get_state(model), meta={"in_shape": [1, 28, 28], "num_classes": 10}))
+        x = np.random.default_rng(3).normal(size=(16, 1, 28, 28)).astype(np.float32)
+        np.save(out / f"{name}.x.npy", x)
+        np.save(out / f"{name}.logits.npy", torch_logits(model, x))
+    (out / "mpt.json").write_text(json.dumps(list(MPT_MODELS)))
+    return out
+
+
+def _run(mode: str, mpt: Path) -> dict:
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, mode, str(mpt)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert line, proc.stdout[-2000:]
@@ -115,15 +158,20 @@ def _check(result: dict) -> None:
     (v1, got1, want1), (v2, got2, want2) = result["classes"]
     assert (v1, v2) == (1, 2)
     assert got1 == want1 and got2 == want2 and got1 != got2  # the hot swap really changed the model
+    assert sorted(result["mpt"]) == sorted(MPT_MODELS)
+    for name, served in result["mpt"].items():
+        assert served["diff"] <= 1e-4 and served["followed_diff"] <= 1e-4, (name, served)
+        assert served["swapped"] and served["cli_rc"] == 0, (name, served)
+        assert served["describe"]["builder"] == "template" and served["describe"]["prune_ratio"] == 0.8
 
 
-def test_inference_path_leaves_torch_out_of_sys_modules() -> None:
-    result = _run("plain")
+def test_inference_path_leaves_torch_out_of_sys_modules(mpt_dir: Path) -> None:
+    result = _run("plain", mpt_dir)
     assert result["torch_modules"] == [], f"the inference path imported {result['torch_modules']}"
     _check(result)
 
 
-def test_inference_path_works_where_torch_is_not_installed() -> None:
-    result = _run("block")
+def test_inference_path_works_where_torch_is_not_installed(mpt_dir: Path) -> None:
+    result = _run("block", mpt_dir)
     assert result["torch_modules"] == []
     _check(result)

@@ -1,6 +1,7 @@
 """One round engine: the same small fleet over real MQTT and over the in-memory transport ends
-with the same global model, bit for bit, for every strategy x uplink codec (fp32 full state,
-1-bit sign, 1-bit mask, MPT scores), since both run the same hub, agents, envelopes and codecs."""
+with the same global model, bit for bit, for every strategy x uplink codec (fp32 and fp16 full
+states for the float rules, 1-bit sign, 1-bit mask, MPT scores), since both run the same hub,
+agents, envelopes and codecs."""
 
 from __future__ import annotations
 
@@ -11,18 +12,40 @@ import pytest
 
 from fedge.hub.config import HubConfig
 from fedge.hub.sim.fleet import Fleet, FleetConfig
-from fedge.hub.strategies import make_strategy
+from fedge.hub.strategies import STRATEGIES, make_strategy
 from fedge.models.errors import ConfigError
 from fedge.models.partition import PartitionSpec
 from fedge.models.wire import decode
+from fedge.models.wire.codecs import CODECS
 from fedge.models.wire.messages import parse_model
 
-CASES = {  # strategy -> model; each strategy's own uplink codec (Strategy.codec)
-    "fedavg": "mlp",
-    "sign-delta": "mlp-mpt",
-    "mpt-score-avg": "mlp-mpt",
-    "mpt-mask": "mlp-mpt",
+# strategy -> (model, options). A strategy with its own codec (Strategy.codec: sign1, mask1) runs
+# with it; every other one runs with each float uplink codec (fp32, fp16)
+STRATEGY_MODELS: dict[str, tuple[str, dict]] = {
+    "fedavg": ("mlp", {}),
+    "median": ("mlp", {}),
+    "trimmed-mean": ("mlp", {"trim_fraction": 0.34}),  # trims one of the three updates at each end
+    "krum": ("mlp", {"byzantine": 0}),
+    "multi-krum": ("mlp", {"byzantine": 1}),
+    "fedavgm": ("mlp", {"server_momentum": 0.9}),
+    "fedadam": ("mlp", {"server_lr": 0.01}),
+    "fedprox": ("mlp", {"proximal_mu": 0.1}),
+    "sign-delta": ("mlp-mpt", {}),
+    "mpt-score-avg": ("mlp-mpt", {}),
+    "mpt-mask": ("mlp-mpt", {}),
 }
+
+
+def _codecs(strategy: str) -> list[str]:
+    own = make_strategy(strategy, STRATEGY_MODELS[strategy][1]).codec
+    return [own] if own is not None else list(CODECS)
+
+
+CASES = [(strategy, codec) for strategy in STRATEGY_MODELS for codec in _codecs(strategy)]
+
+
+def test_every_registered_strategy_is_in_the_matrix():
+    assert set(STRATEGY_MODELS) == set(STRATEGIES)
 
 
 @pytest.fixture(autouse=True)
@@ -30,10 +53,11 @@ def _no_onnx(monkeypatch):
     monkeypatch.setenv("FEDGE_NO_ONNX", "1")  # the exported model is not what is compared
 
 
-def _run(transport: str, strategy: str, tmp_path, data, broker: str | None = None, prefix: str = "fedge/v1",
-         keys_dir: str | None = None) -> tuple[dict, dict[str, np.ndarray]]:
-    hub = HubConfig(fleet="same", prefix=prefix, model=CASES[strategy], rounds=2, deadline_s=60, strategy=strategy,
-                    seed=3, keys_dir=keys_dir,
+def _run(transport: str, strategy: str, codec: str, tmp_path, data, broker: str | None = None,
+         prefix: str = "fedge/v1", keys_dir: str | None = None) -> tuple[dict, dict[str, np.ndarray]]:
+    model, options = STRATEGY_MODELS[strategy]
+    hub = HubConfig(fleet="same", prefix=prefix, model=model, rounds=2, deadline_s=60, strategy=strategy,
+                    strategy_options=options, update_codec=codec, seed=3, keys_dir=keys_dir,
                     train={"optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "epochs": 1, "batch_size": 32})
     cfg = FleetConfig(devices=3, dataset="synthetic", partition=PartitionSpec("iid", per_device=200),
                       transport=transport, broker=broker, runs_dir=str(tmp_path / transport), progress=False,
@@ -45,12 +69,12 @@ def _run(transport: str, strategy: str, tmp_path, data, broker: str | None = Non
     return report, final
 
 
-@pytest.mark.parametrize("strategy", list(CASES))
-def test_inproc_and_mqtt_give_the_same_global_model(strategy, embedded_broker, topic_prefix, tmp_path, small_data):
+@pytest.mark.parametrize(("strategy", "codec"), CASES, ids=[f"{s}-{c}" for s, c in CASES])
+def test_inproc_and_mqtt_give_the_same_global_model(strategy, codec, embedded_broker, topic_prefix, tmp_path, small_data):
     keys = str(tmp_path / "keys") if strategy == "fedavg" else None  # signed models/tasks, tagged updates
-    over_mqtt, mqtt_state = _run("mqtt", strategy, tmp_path, small_data, broker=embedded_broker, prefix=topic_prefix,
-                                 keys_dir=keys)
-    in_memory, inproc_state = _run("inproc", strategy, tmp_path, small_data, keys_dir=keys)
+    over_mqtt, mqtt_state = _run("mqtt", strategy, codec, tmp_path, small_data, broker=embedded_broker,
+                                 prefix=topic_prefix, keys_dir=keys)
+    in_memory, inproc_state = _run("inproc", strategy, codec, tmp_path, small_data, keys_dir=keys)
     assert list(mqtt_state) == list(inproc_state)
     for name in mqtt_state:
         assert np.array_equal(mqtt_state[name], inproc_state[name]), f"{strategy}: {name} differs"
@@ -63,9 +87,10 @@ def test_inproc_and_mqtt_give_the_same_global_model(strategy, embedded_broker, t
     assert over_mqtt["rounds"][-1]["weight_change"] > 0
     assert json.loads((tmp_path / "inproc" / in_memory["run_id"] / "run.json").read_text())["transport"] == "inproc"
     assert over_mqtt["transport"] == "mqtt"
-    if make_strategy(strategy).codec in ("sign1", "mask1"):  # the 1-bit uplink really is cut on both transports
-        for report in (over_mqtt, in_memory):
-            assert report["uplink_bytes_per_device"] < report["downlink_bytes_per_device"] / 16
+    for report in (over_mqtt, in_memory):  # the codec really ran on both transports (fp32 model downlink)
+        ratio = report["uplink_bytes_per_device"] / report["downlink_bytes_per_device"]
+        expected = {"fp32": (0.9, 1.1), "fp16": (0.45, 0.55)}.get(codec, (0.0, 1 / 16))  # 1-bit: under 1/16
+        assert expected[0] < ratio < expected[1], f"{strategy} {codec}: uplink/downlink {ratio:.3f}"
 
 
 def test_inproc_refuses_a_broker_url(tmp_path, small_data):

@@ -65,9 +65,11 @@ def _floats(text: str) -> tuple[float, ...]:
 
 def add_predict_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
-        "predict", help="classify .npy arrays or images with an ONNX model (no torch needed)",
-        description="Classify inputs with ONNX Runtime. --model takes an .onnx file or a fedge model "
-                    "message (.fedge, e.g. runs/<id>/final_model.fedge), whose graph is rebuilt without torch. "
+        "predict", help="classify (or segment) .npy arrays or images with an ONNX model (no torch needed)",
+        description="Classify inputs with ONNX Runtime (a segmentation model prints each input's share of positive "
+                    "pixels, and its mask with --json). --model takes an .onnx file or a fedge model "
+                    "message (.fedge, e.g. runs/<id>/final_model.fedge; MPT and BNN models too), whose graph "
+                    "template is filled without torch. "
                     "Inputs: .npy float32 arrays shaped like the model input or a batch [N, C, H, W] "
                     "(already normalised), .npy uint8 pixels, or images (.png, .jpg; needs Pillow), which are "
                     "scaled to [0,1] and normalised with --mean/--std.",
@@ -97,6 +99,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
     except (FedgeError, OSError) as exc:
         print(f"fedge agent predict: {exc}", file=sys.stderr)
         return 2
+    if pred.mask is not None:  # segmentation: the share of positive pixels per input (the mask itself with --json)
+        for name, mask, share, conf in zip(names, pred.mask, pred.positive_fraction.tolist(), pred.confidence.tolist()):
+            if args.json:
+                print(json.dumps({"input": name, "positive_fraction": round(share, 6), "confidence": round(conf, 6),
+                                  "mask": mask.astype(int).tolist()}))
+            else:
+                print(f"{name}\t{share:.4f}\t{conf:.4f}")
+        return 0
     for name, cls, conf in zip(names, pred.classes.tolist(), pred.confidence.tolist()):
         label = labels[cls] if labels and cls < len(labels) else None
         if args.json:
@@ -231,7 +241,8 @@ def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--calib-size", type=int, default=512, help="calibration samples (default 512)")
     p.add_argument("--data-root", default=None, help="dataset folder for --calib fashion-mnist")
     p.add_argument("--builder", choices=("torch", "graph"), default="torch",
-                   help="torch: torch.onnx legacy exporter (default); graph: fedge's torch-free graph builder")
+                   help="torch: torch.onnx legacy exporter (default); graph: fill the model's shipped graph "
+                        "template without torch, as a device does")
     p.add_argument("--in-shape", type=_shape, default=(1, 28, 28), help="input shape for a model name (default 1,28,28)")
     p.add_argument("--num-classes", type=int, default=10, help="classes for a model name (default 10)")
     p.add_argument("--seed", type=int, default=0, help="init seed for a model name (default 0)")

@@ -176,6 +176,7 @@ class Fleet:
         """Run the hub to completion (or resume it), then write runs/<id>/ and return run.json."""
         started = time.time()
         hub = hub or self.make_hub()
+        headline = hub.family.headline
         bar = None
         if self.cfg.progress:
             bar = tqdm(total=hub.config.total_rounds(), desc=f"fleet {self.run_id}", unit="round", initial=hub.store.last_round())
@@ -185,9 +186,9 @@ class Fleet:
             if stop_after is not None and record["round"] >= stop_after and stop_after < hub.config.total_rounds():
                 hub.stop()  # the loop ends after this round; the run stays resumable
             if bar is not None:
-                acc = record.get("accuracy")
-                bar.set_postfix(acc=f"{acc:.3f}" if acc is not None else "n/a",
-                                up=f"{record['bytes_up'] / 2**20:.1f}MiB", down=f"{record['bytes_down'] / 2**20:.1f}MiB")
+                score = (record.get("metrics") or {}).get(headline)
+                bar.set_postfix({headline: f"{score:.3f}" if score is not None else "n/a",
+                                 "up": f"{record['bytes_up'] / 2**20:.1f}MiB", "down": f"{record['bytes_down'] / 2**20:.1f}MiB"})
                 bar.update(1)
 
         hub.on_round = on_round
@@ -196,11 +197,11 @@ class Fleet:
         finally:
             if bar is not None:
                 bar.close()
-        final_loss, final_acc = hub.evaluate(hub.global_state, full=True)
+        final = hub.metrics(hub.global_state, full=True)
         train_rounds = sum(1 for r in history if r.get("kind", "train") == "train")
         central = self.train_central(hub.config, epochs=train_rounds) if self.cfg.central else None
         return write_run_report(
-            run_dir=self.run_dir, hub=hub, history=history, final=(final_loss, final_acc), central=central,
+            run_dir=self.run_dir, hub=hub, history=history, final=final, central=central,
             partition_counts=class_counts(self.dataset.train.y, self.parts, self.dataset.num_classes),
             fleet_config=self.cfg, wall_time=time.time() - started,
         )
