@@ -144,17 +144,17 @@ def export_state(
     num_classes: int = 10, meta: Mapping[str, Any] | None = None, builder: str = "torch",
 ) -> Path:
     """Export wire tensors of `model` (a ModelSpec or registered name; "torch": via torch.onnx;
-    "graph": by filling the model's shipped graph template, torch-free, as a device does). The
-    family (models/families.py) goes into the metadata either way."""
+    "graph": by filling the model's shipped graph template with the spec's options, torch-free,
+    as a device does). The model's name, options (`model_options`, the spec's: those off their
+    defaults) and family (models/families.py) go into the metadata either way."""
     spec = model_spec(model)
     family = model_family(spec).name
     if family == "contrastive":  # its output is the training loss's projection; the predictor would read it as classes
         raise ExportError(f"{spec.name} is a contrastive model: its output is a projection, not a prediction a device "
                           f"could serve; load its encoder into a model with a head (e.g. mlp-private-head) and export that")
-    info = {"model": spec.name, "family": family, **({"model_options": spec.options_dict()} if spec.options else {}),
-            **dict(meta or {})}
+    info = {"model": spec.name, "model_options": spec.options_dict(), "family": family, **dict(meta or {})}
     if builder == "graph":
-        proto = onnx_graph.build_onnx(spec.name, tensors, in_shape, num_classes, meta=info)
+        proto = onnx_graph.build_onnx(spec, tensors, in_shape, num_classes, meta=info)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         onnx.save(proto, str(path))

@@ -2,16 +2,19 @@
 
 A device that only serves predictions receives the global model as a fedge envelope of kind
 "model" (the same message the trainers get: tensors named like the torch state_dict, header
-field "model" the registry name, meta "in_shape" and "num_classes"). It needs an ONNX graph to
+fields "model" the registry name and "model_options" its options (a ModelSpec, models/spec.py),
+meta "in_shape" and "num_classes"). It needs an ONNX graph to
 run them in, and must not re-describe each architecture by hand. So every registered model has a
 **graph template** (models/onnx_templates/<model>.onnx, package data): the graph torch exported
 once from the model's dense form, with the weight initializers emptied, and in its metadata
 (``fedge.template``) the slot table: which dense tensor each initializer takes, how each dense
 tensor is made from the wire tensors (models/supermask_numpy.py: MPT scores and BNN latent
 weights are materialised here), the wire tensors' shapes (``None`` where a dimension follows
-in_shape / num_classes), the model's family and options. `fill` checks every received tensor,
-materialises, fills the initializers, sets the input dims from in_shape and checks the result by
-ONNX shape inference; the device needs numpy and onnx, never torch.
+in_shape / num_classes or a shape option), the model's family and its registered options
+(`TemplateOption`: each option's declaration, and whether the fill applies it, e.g. prune_ratio
+and seed, or it only sets tensor sizes, e.g. hidden). `fill` checks the options and every received
+tensor, materialises, fills the initializers, sets the input dims from in_shape and checks the
+result by ONNX shape inference; the device needs numpy and onnx, never torch.
 
 The templates are written by models/onnx_templates/build.py (torch side), which also proves each
 one against torch; tests/test_onnx_templates.py fails when a shipped template no longer matches
@@ -38,8 +41,9 @@ from onnx import numpy_helper
 from fedge.models.wire.envelope import DEFAULT_MAX_BYTES, decode
 from fedge.models.wire.messages import parse_model
 
-from .errors import ModelFileError
+from .errors import ConfigError, ModelFileError
 from .onnx_templates import SUFFIX, TEMPLATE_DIR
+from .spec import ModelSpec, Option, OptionValue, unknown_option
 from .supermask_numpy import MaterialiseError, materialise
 
 # opset 17 / IR 8: understood by every onnxruntime since 1.13 (late 2022), so an older
@@ -50,10 +54,10 @@ INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 META_PREFIX = "fedge."
 TEMPLATE_KEY = "template"  # metadata fedge.template: the slot table (JSON)
-TEMPLATE_FORMAT = 1
-#: Model options a message may set, in its meta or as the legacy name suffix ("conv4-mpt@0.9");
-#: the seed of the frozen weights is not one of them (it is part of the registered model).
-MESSAGE_OPTIONS = ("prune_ratio",)
+TEMPLATE_FORMAT = 2  # 2: the model's options are declared in the template (1: prune_ratio only, seed fixed)
+#: How a template takes a model option: FILL, the fill applies it (supermask_numpy: prune_ratio,
+#: seed); SHAPE, it only sets tensor sizes (an MLP's `hidden`), which the wire tensors carry.
+FILL, SHAPE = "fill", "shape"
 
 
 class GraphError(ModelFileError):
@@ -76,6 +80,31 @@ class WireTensor:
 
 
 @dataclass(frozen=True)
+class TemplateOption:
+    """An option of the template's model: its registered declaration (spec.Option: type, default,
+    range) and how the template takes it (`role` FILL or SHAPE). `dims` of a SHAPE option: the
+    (wire tensor, axis) whose size is the option's value, so a header that says hidden=64 over
+    tensors of width 200 is refused."""
+
+    option: Option
+    role: str
+    dims: tuple[tuple[str, int], ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.option.to_json(), "role": self.role, "dims": [list(d) for d in self.dims]}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> TemplateOption:
+        if data.get("role") not in (FILL, SHAPE):
+            raise ValueError(f"option role must be {FILL!r} or {SHAPE!r}, got {data.get('role')!r}")
+        try:
+            option = Option.from_json(data)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        return cls(option, str(data["role"]), tuple((str(t), int(a)) for t, a in data.get("dims", ())))
+
+
+@dataclass(frozen=True)
 class Template:
     """A model's graph with empty weight slots, and how to fill them (see the module docstring)."""
 
@@ -85,7 +114,7 @@ class Template:
     slots: dict[str, str]  # initializer name -> dense tensor name
     wire: tuple[WireTensor, ...]  # in state order
     recipe: dict[str, dict[str, Any]]  # dense tensor name -> how it is made (supermask_numpy)
-    options: dict[str, Any]  # the model's options with its registry defaults (prune_ratio, seed)
+    options: tuple[TemplateOption, ...]  # every option the model is registered with
     private: tuple[str, ...]  # fnmatch patterns of tensors that never leave a trainer
     in_rank: int  # len(in_shape)
 
@@ -100,7 +129,8 @@ class Template:
                 model=str(info["model"]), family=str(info["family"]), proto=proto, slots=dict(info["slots"]),
                 wire=tuple(WireTensor(str(w["name"]), tuple(None if d is None else int(d) for d in w["shape"]))
                            for w in info["wire"]),
-                recipe={str(k): dict(v) for k, v in info["recipe"].items()}, options=dict(info["options"]),
+                recipe={str(k): dict(v) for k, v in info["recipe"].items()},
+                options=tuple(TemplateOption.from_json(o) for o in info["options"]),
                 private=tuple(info["private"]), in_rank=int(info["in_rank"]),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
@@ -116,15 +146,35 @@ class Template:
         """The slot table as stored in fedge.template."""
         return {"format": TEMPLATE_FORMAT, "model": self.model, "family": self.family, "in_rank": self.in_rank,
                 "slots": self.slots, "wire": [{"name": w.name, "shape": list(w.shape)} for w in self.wire],
-                "recipe": self.recipe, "options": self.options, "private": list(self.private)}
+                "recipe": self.recipe, "options": [o.to_json() for o in self.options], "private": list(self.private)}
 
     def wire_names(self) -> list[str]:
         return [w.name for w in self.wire]
 
+    def option_values(self, given: Mapping[str, Any] | None = None) -> dict[str, OptionValue]:
+        """Every option of the model, `given` (a message's model_options) checked against its
+        declaration and set over the defaults. GraphError naming an option the model does not
+        have (and the ones it has) or a bad value: the registry's words (spec.unknown_option)."""
+        declared = {o.option.name: o.option for o in self.options}
+        values: dict[str, OptionValue] = {name: option.default for name, option in declared.items()}
+        for key, value in dict(given or {}).items():
+            try:
+                if key not in declared:
+                    raise unknown_option(self.model, key, declared.values())
+                values[key] = declared[key].check(self.model, value)
+            except ConfigError as exc:
+                raise GraphError(str(exc)) from None
+        return values
+
+    def canonical(self, values: Mapping[str, OptionValue]) -> dict[str, OptionValue]:
+        """The options of `values` that differ from the defaults: what a ModelSpec of them holds."""
+        return {o.option.name: values[o.option.name] for o in self.options
+                if o.option.name in values and values[o.option.name] != o.option.default}
+
 
 def make_template(
     graph: onnx.ModelProto, model: str, family: str, slots: Mapping[str, str], wire: Sequence[WireTensor],
-    recipe: Mapping[str, Mapping[str, Any]], options: Mapping[str, Any], private: Sequence[str], in_rank: int,
+    recipe: Mapping[str, Mapping[str, Any]], options: Sequence[TemplateOption], private: Sequence[str], in_rank: int,
     extra_meta: Mapping[str, Any] | None = None,
 ) -> onnx.ModelProto:
     """A template from an exported graph: the slot initializers emptied (dims kept, data gone),
@@ -142,15 +192,22 @@ def make_template(
     _set_dims(proto.graph.output[0], ["batch", *(f"out_{i}" for i in range(1, out_rank))])
     del proto.metadata_props[:]
     template = Template(model, family, proto, dict(slots), tuple(wire), {k: dict(v) for k, v in recipe.items()},
-                        dict(options), tuple(private), int(in_rank))
+                        tuple(options), tuple(private), int(in_rank))
     set_metadata(proto, {TEMPLATE_KEY: template.info(), **dict(extra_meta or {})})
     return proto
 
 
 # ----------------------------------------------------------------------------- finding templates
+_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
 def template_path(model: str, templates: str | Path | None = None) -> Path:
-    """Where the template of registry model `model` (a "name@ratio" suffix ignored) lives."""
-    return Path(templates or TEMPLATE_DIR) / f"{split_model_name(model)[0]}{SUFFIX}"
+    """Where the template of registered model `model` lives; a name that could leave the folder
+    (it comes from a message header) is a GraphError."""
+    if not isinstance(model, str) or not _MODEL_NAME.fullmatch(model):
+        hint = " (options are not part of the name: they travel in the header's model_options)" if "@" in str(model) else ""
+        raise GraphError(f"model {model!r} is no registered model name{hint}")
+    return Path(templates or TEMPLATE_DIR) / f"{model}{SUFFIX}"
 
 
 def supported_models(templates: str | Path | None = None) -> list[str]:
@@ -179,17 +236,6 @@ def _load_template(path: str, mtime_ns: int) -> Template:  # noqa: ARG001 - mtim
     return Template.from_proto(proto, path)
 
 
-def split_model_name(name: str) -> tuple[str, dict[str, Any]]:
-    """("conv4-mpt", {"prune_ratio": 0.9}) from the legacy "conv4-mpt@0.9"; (name, {}) otherwise."""
-    base, sep, suffix = str(name).partition("@")
-    if not sep:
-        return base, {}
-    try:
-        return base, {"prune_ratio": float(suffix)}
-    except ValueError:
-        raise GraphError(f"model name {name!r}: the part after '@' must be a prune ratio such as 0.9") from None
-
-
 # ----------------------------------------------------------------------------- filling
 def _checked_wire(template: Template, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The received tensors as float32, each checked against the template by name, shape and finiteness."""
@@ -216,13 +262,18 @@ def _checked_wire(template: Template, tensors: Mapping[str, np.ndarray]) -> dict
     return out
 
 
-def _options(template: Template, given: Mapping[str, Any] | None) -> dict[str, Any]:
-    options = dict(template.options)
-    for key, value in dict(given or {}).items():
-        if key not in template.options:
-            raise GraphError(f"{template.model}: takes no option {key!r} (its options: {sorted(template.options) or 'none'})")
-        options[key] = value
-    return options
+def _check_shape_options(template: Template, values: Mapping[str, OptionValue], wire: Mapping[str, np.ndarray]) -> None:
+    """A SHAPE option's value must be the size the wire tensors have where it sets one."""
+    for entry in template.options:
+        if entry.role != SHAPE:
+            continue
+        value = values[entry.option.name]
+        for tensor, axis in entry.dims:
+            size = wire[tensor].shape[axis]
+            if size != value:
+                raise GraphError(f"{template.model}: option {entry.option.name}={value}, but tensor {tensor!r} is "
+                                 f"{size} wide along axis {axis} (shape {list(wire[tensor].shape)}); "
+                                 f"the header's model_options and the tensors describe different models")
 
 
 def _set_dims(value: onnx.ValueInfoProto, dims: Sequence[int | str]) -> None:
@@ -312,19 +363,22 @@ def fill(
 ) -> onnx.ModelProto:
     """The runnable ONNX model: input "input" [batch, *in_shape] -> output "logits" [batch, num_classes, ...].
 
-    `tensors` are the wire tensors (state_dict names); `options` override the template's model
-    options (prune_ratio); `meta` lands in metadata_props as fedge.<key>. GraphError on any mismatch,
-    naming the tensor."""
+    `tensors` are the wire tensors (state_dict names); `options` the model's options (a spec's,
+    the header's model_options; defaults for the rest): FILL options reach the materialiser,
+    SHAPE options must match the tensors' sizes, any other is refused. `meta` lands in
+    metadata_props as fedge.<key>. GraphError on any mismatch, naming the tensor or option."""
     model = template.model
     in_shape = tuple(int(d) for d in in_shape)
     if len(in_shape) != template.in_rank or any(d < 1 for d in in_shape):
         raise GraphError(f"{model}: in_shape must be {template.in_rank} positive dimensions, got {list(in_shape)}")
     if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
         raise GraphError(f"{model}: num_classes must be a positive integer, got {num_classes!r}")
+    values = template.option_values(options)
     wire = _checked_wire(template, tensors)
-    opts = _options(template, options)
+    _check_shape_options(template, values, wire)
     try:
-        dense = materialise(template.recipe, wire, template.slots.values(), opts)
+        dense = materialise(template.recipe, wire, template.slots.values(),
+                            {o.option.name: values[o.option.name] for o in template.options if o.role == FILL})
     except MaterialiseError as exc:
         raise GraphError(f"{model}: {exc}") from None
     proto = onnx.ModelProto()
@@ -339,9 +393,8 @@ def fill(
         raise GraphError(f"{model}: the last layer gives {out[1] if len(out) > 1 else '?'} outputs per sample "
                          f"but num_classes is {num_classes}")
     _set_dims(proto.graph.output[0], ["batch", *(d if isinstance(d, int) else f"out_{i}" for i, d in enumerate(out[1:], 1))])
-    info: dict[str, Any] = {"model": model, "family": template.family, "in_shape": list(in_shape),
-                            "num_classes": int(num_classes), "builder": "template"}
-    info.update({k: opts[k] for k in MESSAGE_OPTIONS if k in opts})
+    info: dict[str, Any] = {"model": model, "model_options": template.canonical(values), "family": template.family,
+                            "in_shape": list(in_shape), "num_classes": int(num_classes), "builder": "template"}
     info.update(dict(meta or {}))
     del proto.metadata_props[:]
     set_metadata(proto, info)
@@ -355,18 +408,18 @@ def fill(
 
 
 def build_onnx(
-    model: str, tensors: Mapping[str, np.ndarray], in_shape: tuple[int, ...] = (1, 28, 28), num_classes: int = 10,
-    meta: Mapping[str, Any] | None = None, check: bool = True, options: Mapping[str, Any] | None = None,
+    model: ModelSpec | str, tensors: Mapping[str, np.ndarray], in_shape: tuple[int, ...] = (1, 28, 28),
+    num_classes: int = 10, meta: Mapping[str, Any] | None = None, check: bool = True,
     templates: str | Path | None = None,
 ) -> onnx.ModelProto:
-    """The ONNX model of registry model `model` (a legacy "name@ratio" sets the prune ratio) from
-    its wire tensors, via its template. Raises GraphError on any mismatch."""
-    template = load_template(model, templates)
-    opts = {**split_model_name(model)[1], **dict(options or {})}
-    proto = fill(template, tensors, in_shape, num_classes, options=opts, meta=meta, check=check)
-    if model != template.model:
-        set_metadata(proto, {"model": model})
-    return proto
+    """The ONNX model of `model` (a ModelSpec: registered name and options; a plain name means
+    the defaults) from its wire tensors, via the name's template. Raises GraphError on any mismatch."""
+    try:
+        spec = model if isinstance(model, ModelSpec) else ModelSpec(model)
+    except ConfigError as exc:
+        raise GraphError(str(exc)) from None
+    template = load_template(spec.name, templates)
+    return fill(template, tensors, in_shape, num_classes, options=spec.options_dict(), meta=meta, check=check)
 
 
 def set_metadata(proto: onnx.ModelProto, info: Mapping[str, Any]) -> None:
@@ -395,9 +448,9 @@ def get_metadata(props: Mapping[str, str]) -> dict[str, Any]:
 def from_model_message(
     msg: Any, num_classes: int | None = None, in_shape: tuple[int, ...] | None = None, templates: str | Path | None = None,
 ) -> onnx.ModelProto:
-    """Build from a parsed `models.wire.messages.ModelMessage`: its meta supplies in_shape and
-    num_classes (the arguments fill in or override them) and may set `prune_ratio` (used where
-    the model has one)."""
+    """Build from a parsed `models.wire.messages.ModelMessage`: its header's model and
+    model_options (`msg.spec`) pick and set up the template, its meta supplies in_shape and
+    num_classes (the arguments fill in or override them)."""
     meta = dict(msg.meta or {})
     shape = in_shape or meta.get("in_shape")
     classes = num_classes or meta.get("num_classes")
@@ -405,11 +458,12 @@ def from_model_message(
         raise GraphError("model message has no valid meta 'in_shape'; pass in_shape explicitly")
     if not isinstance(classes, int) or isinstance(classes, bool) or classes < 1:
         raise GraphError("model message has no valid meta 'num_classes'; pass num_classes explicitly")
-    # meta options the model does not have are ignored (a hub may describe every run alike)
-    known = load_template(msg.model, templates).options
-    options = {k: meta[k] for k in MESSAGE_OPTIONS if k in meta and k in known}
+    try:
+        spec = msg.spec
+    except ConfigError as exc:  # an empty model name
+        raise GraphError(str(exc)) from None
     return build_onnx(
-        msg.model, msg.tensors, tuple(shape), classes, options=options, templates=templates,
+        spec, msg.tensors, tuple(shape), classes, templates=templates,
         meta={"run": msg.run, "version": int(msg.version), "fleet": msg.fleet},
     )
 

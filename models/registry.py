@@ -22,7 +22,7 @@ from .families import Family, get_family
 from .maskfile import MaskFile, MaskFileError
 from .mpt_nets import build_mpt
 from .nets import MLP, ContrastiveMLP, Conv4, SplitMLP
-from .spec import ModelSpec, Option, OptionValue, split_option_text
+from .spec import ModelSpec, Option, OptionValue, split_option_text, unknown_option
 
 Builder = Callable[..., nn.Module]  # (in_shape, num_classes, **options) -> model
 
@@ -105,10 +105,6 @@ def _registered(name: str) -> Registered:
     raise ConfigError(f"unknown model {name!r}; known models: {', '.join(model_names())}{hint}")
 
 
-def _takes(reg: Registered) -> str:
-    return f"its options: {'; '.join(o.describe() for o in reg.options)}" if reg.options else "it takes no options"
-
-
 def _resolve(model: ModelSpec | str) -> tuple[ModelSpec, Registered, dict[str, OptionValue]]:
     """(canonical spec, registration, every option with defaults filled in) of `model`; a
     ConfigError names an unknown model, an unknown option (and the allowed ones) or a bad value."""
@@ -119,7 +115,7 @@ def _resolve(model: ModelSpec | str) -> tuple[ModelSpec, Registered, dict[str, O
     for key, value in spec.options:
         option = reg.option(key)
         if option is None:
-            raise ConfigError(f"model {spec.name} has no option {key!r}; {_takes(reg)}")
+            raise unknown_option(spec.name, key, reg.options)
         full[key] = option.check(spec.name, value)
         if full[key] != option.default:
             given[key] = full[key]
@@ -144,7 +140,7 @@ def parse_model_options(name: str, texts: Iterable[str]) -> dict[str, OptionValu
         key, raw = split_option_text(text)
         option = reg.option(key)
         if option is None:
-            raise ConfigError(f"model {name} has no option {key!r}; {_takes(reg)}")
+            raise unknown_option(name, key, reg.options)
         out[key] = option.parse(name, raw)
     return out
 

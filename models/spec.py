@@ -83,6 +83,28 @@ class Option:
             raise bad
         return value
 
+    def to_json(self) -> dict[str, Any]:
+        """The declaration as JSON (help left out), for a torch-free reader that cannot import the
+        registry: a graph template (models/onnx_graph.py) stores its model's options so."""
+        out: dict[str, Any] = {"name": self.name, "kind": self.kind.__name__, "default": self.default}
+        out.update({k: v for k, v in (("low", self.low), ("high", self.high)) if v is not None})
+        if self.high_open:
+            out["high_open"] = True
+        if self.choices:
+            out["choices"] = list(self.choices)
+        return out
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Option:
+        """to_json's form back; a ConfigError when it is not one."""
+        kinds = {k.__name__: k for k in _KINDS}
+        try:
+            kind = kinds[data["kind"]]
+            return cls(str(data["name"]), kind, data["default"], low=data.get("low"), high=data.get("high"),
+                       high_open=bool(data.get("high_open", False)), choices=tuple(data.get("choices", ())))
+        except (KeyError, TypeError) as exc:
+            raise ConfigError(f"not a model option declaration: {dict(data)!r} ({type(exc).__name__}: {exc})") from None
+
     def parse(self, model: str, text: str) -> OptionValue:
         """The value of command-line text (`--model-option prune_ratio=0.9`), checked."""
         if self.kind is str:
@@ -92,6 +114,18 @@ class Option:
         except ValueError:
             raise ConfigError(f"model {model}: option {self.name}={text!r} is not {self.allowed()}") from None
         return self.check(model, value)
+
+
+def takes_text(options: Iterable[Option]) -> str:
+    """'its options: prune_ratio (a number in [0, 1), default 0.8); ...' or 'it takes no options'."""
+    options = tuple(options)
+    return f"its options: {'; '.join(o.describe() for o in options)}" if options else "it takes no options"
+
+
+def unknown_option(model: str, key: str, options: Iterable[Option]) -> ConfigError:
+    """The error for option `key`, which model `model` (declaring `options`) does not have: the
+    same text from the registry and from a torch-free device filling a graph template."""
+    return ConfigError(f"model {model} has no option {key!r}; {takes_text(options)}")
 
 
 def split_option_text(text: str) -> tuple[str, str]:

@@ -14,8 +14,9 @@ template was built, saying how each dense tensor comes from the wire tensors:
   regenerated from (seed, i) (bits.frozen_weight);
 * ``{"op": "sign", "from": LATENT}``: a BNN layer's weight ``sign(w) * mean|w|`` (sign(0) = +1).
 
-The model-wide options ``prune_ratio`` and ``seed`` come with the call (the template's registry
-defaults, overridden by the message). For the default signed-constant weights the result is
+The model-wide options ``prune_ratio`` and ``seed`` come with the call (the message header's
+``model_options`` over the registry defaults the template lists; the seed picks the frozen
+weights, as models/bits.py does for the torch layers). For the default signed-constant weights the result is
 bit-identical to torch's materialize (alpha * sign(W) is W itself); for kaiming-normal weights and
 BNN layers alpha is a float sum, equal to torch's up to float rounding. tests/test_onnx_templates.py
 checks both against torch.

@@ -89,11 +89,15 @@ def test_a_fleet_trains_a_spec_with_options_end_to_end(pairs, tmp_path, monkeypa
 def test_models_build_from_any_channel_count() -> None:
     import torch
 
-    from fedge.models.registry import build_model, model_names
+    from fedge.models.registry import build_model, model_family, model_names
 
     x = torch.zeros(2, 6, 8, 8)
     for name in model_names():
-        assert build_model(name, (6, 8, 8), 4)(x).shape == (2, 4), name
+        model = build_model(name, (6, 8, 8), 4)
+        if model_family(name).name == "contrastive":  # its output is the projection; its encoder reads the 6 channels
+            assert model.embed(x).shape == (2, 200), name
+        else:
+            assert model(x).shape == (2, 4), name
     with pytest.raises(ConfigError, match=r"model conv4 takes inputs \[C, H, W\] with H, W >= 4 \(any C\); got in_shape \[6, 2"):
         build_model("conv4", (6, 2, 2), 4)
     with pytest.raises(ConfigError, match=r"model conv4-mpt takes inputs \[C, H, W\]"):
@@ -184,3 +188,22 @@ def test_predictor_and_inputs_take_six_channels(tmp_path) -> None:
     Image.new("RGB", (8, 8)).save(tmp_path / "photo.png")
     with pytest.raises(InferenceError, match="give inputs of other channel counts .* as .npy arrays"):
         load_inputs([tmp_path / "photo.png"], predictor.in_shape)
+
+
+@pytest.mark.parametrize("spec", [ModelSpec("conv4"), ModelSpec("mlp-mpt", {"prune_ratio": 0.5, "seed": 11, "hidden": 64}),
+                                  ModelSpec("conv4-mpt", {"seed": 11})])
+def test_six_channel_models_served_from_the_wire_match_torch(spec) -> None:
+    """A 6-channel model message (its spec in the header) fills the model's graph template without
+    torch: the first layer's input width follows in_shape, the options follow the header."""
+    from fedge.edge_agent.infer import Predictor
+    from fedge.models.export import PARITY_ATOL, torch_logits
+    from fedge.models.registry import build_model, get_state
+    from fedge.models.wire.messages import build_model_message
+
+    model = build_model(spec, (6, 8, 8), 4, seed=3).eval()
+    payload = build_model_message("pairs", "run-6", 1, spec, get_state(model), meta={"in_shape": [6, 8, 8], "num_classes": 4})
+    predictor = Predictor.from_envelope(payload)
+    assert predictor.in_shape == (6, 8, 8) and predictor.num_classes == 4 and predictor.spec == spec
+    x = np.random.default_rng(1).normal(size=(32, 6, 8, 8)).astype(np.float32)
+    ref = torch_logits(model, x)
+    assert float(np.abs(predictor.logits(x) - ref).max()) <= PARITY_ATOL * max(1.0, float(np.abs(ref).max()))

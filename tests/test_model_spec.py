@@ -274,3 +274,38 @@ def test_a_device_refuses_a_model_it_cannot_build_and_says_why(spec, meta, reaso
         agent.stop()
         pool.close()
         hub.stop()
+
+
+@pytest.mark.parametrize("spec", [
+    ModelSpec("mlp", {"width": 3}),
+    ModelSpec("mlp", {"prune_ratio": 0.5}),
+    ModelSpec("conv4", {"hidden": 64}),
+    ModelSpec("mlp-mpt", {"prune_ratio": 1.5}),
+    ModelSpec("conv4-mpt", {"seed": -2}),
+    ModelSpec("mlp-bnn", {"hidden": "wide"}),
+])
+def test_a_serving_device_refuses_an_option_in_the_trainers_words(spec) -> None:
+    """The torch-free template fill (models/onnx_graph.py) checks a header's options against the
+    declarations its template stores, with the registry's Option.check and spec.unknown_option:
+    the same error text as the registry (one home), though it cannot import the registry."""
+    from fedge.models import onnx_graph
+
+    with pytest.raises(ConfigError) as trainer:
+        model_spec(spec)
+    with pytest.raises(onnx_graph.GraphError) as device:
+        onnx_graph.build_onnx(spec, get_state(build_model(spec.name)))
+    assert str(device.value) == str(trainer.value)
+
+
+def test_exported_files_and_the_predictor_carry_the_spec(tmp_path) -> None:
+    """Both builders write the spec's options (those off their defaults) into the ONNX metadata;
+    the predictor reads the spec back (what `fedge agent serve` prints and GET /model answers)."""
+    from fedge.edge_agent.infer import Predictor
+    from fedge.models.export import export
+
+    for builder in ("torch", "graph"):
+        for spec in (MPT, ModelSpec("mlp-mpt"), ModelSpec("mlp", {"hidden": 16})):
+            summary = export(spec, out=tmp_path / f"{builder}.onnx", builder=builder)
+            assert summary["model_options"] == spec.options_dict()
+            predictor = Predictor.load(tmp_path / f"{builder}.onnx")
+            assert predictor.spec == spec and predictor.describe()["model_options"] == spec.options_dict(), builder

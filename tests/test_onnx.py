@@ -166,8 +166,8 @@ def test_wire_graph_parity_with_torch(setup, name):  # noqa: ANN001
     # and the two ONNX files (torch exporter vs the filled graph template) agree with each other
     exported = Predictor.load(s["onnx"]).logits(s["ds"].test.x[:50])
     assert float(np.abs(exported - got[:50]).max()) <= PARITY_ATOL
-    assert pred.describe() == {"model": name, "family": "classification", "run": "run-a", "version": 4, "fleet": "f1",
-                               "in_shape": list(SHAPE), "num_classes": 10, "builder": "template"}
+    assert pred.describe() == {"model": name, "model_options": {}, "family": "classification", "run": "run-a",
+                               "version": 4, "fleet": "f1", "in_shape": list(SHAPE), "num_classes": 10, "builder": "template"}
 
 
 def test_wire_graph_fp16_codec(setup):  # noqa: ANN001

@@ -37,6 +37,7 @@ from fedge.models.onnx_templates.build import (
     write_templates,
 )
 from fedge.models.registry import MODELS, Registered, build_model, get_state, model_names, set_state
+from fedge.models.spec import ModelSpec
 from fedge.models.supermask import supermask_layers
 from fedge.models.supermask_numpy import materialise, sign_weight, supermask_weight
 from fedge.models.wire.messages import build_model_message
@@ -45,7 +46,7 @@ from tests.test_families import TinySeg, bright_squares
 SHAPE = (1, 28, 28)
 
 
-def _envelope(name: str, state, shape=SHAPE, classes: int = 10, version: int = 1, **meta) -> bytes:  # noqa: ANN001
+def _envelope(name: ModelSpec | str, state, shape=SHAPE, classes: int = 10, version: int = 1, **meta) -> bytes:  # noqa: ANN001
     return build_model_message("f1", "run-t", version, name, state,
                                meta={"in_shape": list(shape), "num_classes": classes, **meta})
 
@@ -158,26 +159,76 @@ def test_every_registered_model_served_from_the_wire_matches_torch(name: str) ->
         assert agree == 1.0, name
 
 
-@pytest.mark.parametrize(("name", "shape", "classes", "meta"), [
-    ("conv4-mpt", (3, 32, 32), 7, {}),
-    ("conv4-mpt@0.5", (1, 28, 28), 10, {}),
-    ("mlp-mpt", (2, 9, 9), 3, {"prune_ratio": 0.95}),
-    ("conv4", (3, 17, 23), 5, {}),
-    ("mlp", (1, 28, 28), 10, {"prune_ratio": 0.5}),  # an option the model does not have: ignored
+@pytest.mark.parametrize(("spec", "shape", "classes"), [
+    (ModelSpec("conv4-mpt"), (3, 32, 32), 7),
+    (ModelSpec("conv4-mpt", {"prune_ratio": 0.5}), (1, 28, 28), 10),
+    (ModelSpec("mlp-mpt", {"prune_ratio": 0.5, "seed": 11}), (1, 28, 28), 10),
+    (ModelSpec("mlp-mpt", {"prune_ratio": 0.95, "seed": 3, "hidden": 48}), (2, 9, 9), 3),
+    (ModelSpec("mlp", {"hidden": 64}), (1, 28, 28), 10),
+    (ModelSpec("mlp-bnn", {"hidden": 32}), (1, 28, 28), 10),
+    (ModelSpec("mlp-private-head", {"hidden": 16}), (3, 8, 8), 5),
+    (ModelSpec("conv4"), (6, 8, 8), 4),
+    (ModelSpec("conv4"), (3, 17, 23), 5),
 ])
-def test_templates_take_any_shape_and_the_message_prune_ratio(name: str, shape: tuple[int, ...], classes: int,
-                                                              meta: dict) -> None:
-    arch, _, variant = name.partition("-")
-    ratio = meta.get("prune_ratio", 0.5 if "@" in name else 0.8)
-    torch.manual_seed(4)
-    model = (build_mpt(arch, shape, classes, variant="mpt-1/32", prune_ratio=ratio, seed=0) if variant.startswith("mpt")
-             else build_model(name, shape, classes, seed=4)).eval()
-    proto = onnx_graph.from_envelope(_envelope(name, get_state(model), shape, classes, **meta))[0]
+def test_templates_take_any_shape_and_the_header_options(spec: ModelSpec, shape: tuple[int, ...], classes: int) -> None:
+    """The header's model_options set up the template: the prune ratio and the frozen weights'
+    seed (the numpy materialiser regenerates them, bit for bit torch's), and the width (free dims)."""
+    model = build_model(spec, shape, classes, seed=4).eval()
+    proto, msg = onnx_graph.from_envelope(_envelope(spec, get_state(model), shape, classes))
+    assert msg.spec == spec
     pred = Predictor.from_proto(proto)
     x = _x(shape, 32)
     ref, got = torch_logits(model, x), pred.logits(x)
     assert float(np.abs(ref - got).max()) <= PARITY_ATOL and pred.in_shape == shape and pred.num_classes == classes
-    assert pred.describe().get("prune_ratio") == (ratio if variant.startswith("mpt") else None)
+    assert pred.describe()["model_options"] == spec.options_dict() and pred.spec == spec
+
+
+def test_the_header_seed_makes_the_frozen_weights() -> None:
+    """Scores trained on seed 11's frozen weights give torch's logits only under seed 11; under the
+    default seed the same scores select other weights (so the header's seed is really used)."""
+    spec = ModelSpec("mlp-mpt", {"prune_ratio": 0.5, "seed": 11})
+    model = build_model(spec, SHAPE, 10, seed=4).eval()
+    state, x = get_state(model), _x(SHAPE, 32)
+    ref = torch_logits(model, x)
+    right = Predictor.from_proto(onnx_graph.build_onnx(spec, state)).logits(x)
+    wrong = Predictor.from_proto(onnx_graph.build_onnx(ModelSpec("mlp-mpt", {"prune_ratio": 0.5}), state)).logits(x)
+    assert float(np.abs(ref - right).max()) <= PARITY_ATOL
+    assert float(np.abs(ref - wrong).max()) > 0.1
+
+
+def test_options_come_from_the_header_only() -> None:
+    """A prune_ratio in the message meta is no option (the header's model_options is the one way);
+    an option the model lacks is refused with the registry's words, a follower keeps serving."""
+    model = build_model("conv4-mpt", SHAPE, 10, seed=4).eval()
+    x = _x(SHAPE, 16)
+    pred = Predictor.from_envelope(_envelope("conv4-mpt", get_state(model), prune_ratio=0.5))
+    assert float(np.abs(torch_logits(model, x) - pred.logits(x)).max()) <= PARITY_ATOL
+    assert pred.describe()["model_options"] == {}
+    bad = _envelope(ModelSpec("conv4-mpt", {"hidden": 64}), get_state(model))
+    want = r"model conv4-mpt has no option 'hidden'; its options: prune_ratio \(a number in \[0, 1\), default 0.8\); seed"
+    with pytest.raises(onnx_graph.GraphError, match=want):
+        onnx_graph.from_envelope(bad)
+    follower = ModelFollower(LiveModel(), fleet="f1")
+    assert not follower.handle(bad) and follower.rejected == 1
+    assert re.search(want, follower.last_error or ""), follower.last_error
+
+
+def test_templates_declare_the_registered_options() -> None:
+    """Every served template lists its model's registered options, as registered: prune_ratio and
+    seed applied by the fill, hidden a shape option sizing the layers."""
+    for name in served_models():
+        template = onnx_graph.load_template(name)
+        registered = {o.name: o for o in MODELS[name].options}
+        assert [o.option.name for o in template.options] == list(registered), name
+        for entry in template.options:
+            want = registered[entry.option.name]
+            assert (entry.option.kind, entry.option.default, entry.option.low, entry.option.high) == \
+                (want.kind, want.default, want.low, want.high), (name, entry)
+            assert entry.role == (onnx_graph.SHAPE if entry.option.name == "hidden" else onnx_graph.FILL), (name, entry)
+            assert bool(entry.dims) == (entry.role == onnx_graph.SHAPE), (name, entry)
+    mlp = onnx_graph.load_template("mlp")
+    assert {w.name: w.shape for w in mlp.wire}["net.3.weight"] == (None, None)  # hidden x hidden: both free
+    assert ("net.5.weight", 1) in mlp.options[0].dims and ("net.5.weight", 0) not in mlp.options[0].dims
 
 
 def test_mpt_export_through_the_graph_builder(tmp_path: Path) -> None:
@@ -187,6 +238,14 @@ def test_mpt_export_through_the_graph_builder(tmp_path: Path) -> None:
         assert summary["max_abs_diff"] <= PARITY_ATOL and summary["class_agreement"] == 1.0
         assert Predictor.load(tmp_path / f"{name}.onnx").describe()["builder"] == "template"
     assert cli_main(["export", "conv4-mpt11", "--builder", "graph", "--out", str(tmp_path / "m11.onnx"), "--json"]) == 0
+    # a spec's options reach the template and the file's metadata, from the API and the command line
+    spec = ModelSpec("mlp-mpt", {"prune_ratio": 0.5, "seed": 11, "hidden": 64})
+    summary = export(spec, out=tmp_path / "spec.onnx", builder="graph")
+    assert summary["max_abs_diff"] <= PARITY_ATOL and summary["model_options"] == spec.options_dict()
+    assert Predictor.load(tmp_path / "spec.onnx").spec == spec
+    assert cli_main(["export", "mlp", "--model-option", "hidden=64", "--builder", "graph",
+                     "--out", str(tmp_path / "h64.onnx")]) == 0
+    assert Predictor.load(tmp_path / "h64.onnx").describe()["model_options"] == {"hidden": 64}
     # the filled graph has torch's folded weight layout (no Transpose of a weight), so int8 quantises it
     summary = export("mlp-mpt", out=tmp_path / "q.onnx", builder="graph", int8="dynamic")
     assert "Transpose" not in {n.op_type for n in onnx.load(str(tmp_path / "q.onnx")).graph.node}
@@ -196,7 +255,7 @@ def test_mpt_export_through_the_graph_builder(tmp_path: Path) -> None:
 def test_fill_names_the_bad_tensor_or_option() -> None:
     state = get_state(build_model("conv4-mpt", SHAPE, 10, seed=0))
 
-    def fails(match: str, name: str = "conv4-mpt", tensors=None, **kwargs) -> None:  # noqa: ANN001, ANN003
+    def fails(match: str, name: ModelSpec | str = "conv4-mpt", tensors=None, **kwargs) -> None:  # noqa: ANN001, ANN003
         with pytest.raises(onnx_graph.GraphError, match=match):
             onnx_graph.build_onnx(name, state if tensors is None else tensors, **kwargs)
 
@@ -211,9 +270,16 @@ def test_fill_names_the_bad_tensor_or_option() -> None:
     fails("'net.0.scores' takes 1 input channels, but its layer receives 3", in_shape=(3, 28, 28))
     fails("the last layer gives 10 outputs per sample but num_classes is 4", num_classes=4)
     fails(r"in_shape must be 3 positive dimensions, got \[784\]", in_shape=(784,))
-    fails("supermask layer 'net.0.scores': prune_ratio must be in", "conv4-mpt@1.5")
-    fails("the part after '@' must be a prune ratio", "conv4-mpt@most")
-    fails("mlp: takes no option 'prune_ratio'", "mlp@0.5", tensors=get_state(build_model("mlp")))
+    fails(r"model conv4-mpt: option prune_ratio=1.5 is not a number in \[0, 1\)", ModelSpec("conv4-mpt", {"prune_ratio": 1.5}))
+    fails(r"option seed=-1 is not an integer in \[0, 4294967295\]", ModelSpec("conv4-mpt", {"seed": -1}))
+    fails(r"option seed=2.5 is not an integer", ModelSpec("conv4-mpt", {"seed": 2.5}))
+    fails(r"model 'conv4-mpt@0.9' is no registered model name \(options are not part of the name", "conv4-mpt@0.9")
+    fails(r"model '../conv4-mpt' is no registered model name", "../conv4-mpt")
+    mlp = get_state(build_model("mlp"))
+    fails(r"model mlp has no option 'prune_ratio'; its options: hidden \(an integer in \[1, 65536\], default 200\)",
+          ModelSpec("mlp", {"prune_ratio": 0.5}), tensors=mlp)
+    fails(r"mlp: option hidden=64, but tensor 'net.1.weight' is 200 wide along axis 0", ModelSpec("mlp", {"hidden": 64}),
+          tensors=mlp)
     shared = {k: v for k, v in get_state(build_model("mlp-private-head")).items() if not k.startswith("head.")}
     fails(r"lacks \['head.weight', 'head.bias'\], which each device keeps for itself", "mlp-private-head", tensors=shared)
 

@@ -153,7 +153,7 @@ class ModelFollower:
                 self._save(proto)
             self.live.swap(predictor)
             self.accepted += 1
-        log.info("serving %s run %s version %d", msg.model, msg.run, msg.version)
+        log.info("serving %s run %s version %d", msg.spec, msg.run, msg.version)
         return True
 
     def _save(self, proto: onnx.ModelProto) -> None:

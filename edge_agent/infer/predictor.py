@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnxruntime as ort
 
-from fedge.models.errors import DataError
+from fedge.models.errors import ConfigError, DataError
+from fedge.models.spec import ModelSpec
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnx
@@ -187,8 +188,22 @@ class Predictor:
             return Prediction(logits=logits, probabilities=sigmoid(logits), mask=logits > 0, family=self.family)
         return Prediction(logits=logits, probabilities=softmax(logits), classes=logits.argmax(axis=1), family=self.family)
 
+    @property
+    def spec(self) -> ModelSpec | None:
+        """The served model as a spec (metadata `model` and `model_options`); None for an .onnx
+        file that names no model (or names it unreadably)."""
+        options = self.info.get("model_options", {})
+        if not isinstance(self.info.get("model"), str) or not isinstance(options, dict):
+            return None
+        try:
+            return ModelSpec(self.info["model"], options)
+        except ConfigError:
+            return None
+
     def describe(self) -> dict[str, Any]:
-        keys = ("model", "family", "run", "version", "fleet", "in_shape", "num_classes", "prune_ratio", "builder",
+        """What GET /model answers: the model (its registered name and `model_options`, the
+        options its spec sets off their defaults), where it came from and its input and output."""
+        keys = ("model", "model_options", "family", "run", "version", "fleet", "in_shape", "num_classes", "builder",
                 "quantized", "file")
         return {k: self.info[k] for k in keys if k in self.info}
 

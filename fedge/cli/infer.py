@@ -193,7 +193,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     port = DEFAULT_PORT if args.port is None else args.port
     server = make_server(live, args.host, port, follower=follower, labels=_labels(args.labels))
     host, port = server.server_address[:2]
-    print(f"serving predictions on http://{host}:{port} (GET /health, POST /predict); Ctrl-C stops", flush=True)
+    current = live.peek()
+    model = f"{current.spec or 'an unnamed model'}" if current is not None else "no model until the hub sends one"
+    print(f"serving predictions on http://{host}:{port} (GET /health, POST /predict) with {model}; Ctrl-C stops", flush=True)
     stop = threading.Event()
 
     def on_signal(signum: int, frame: object) -> None:  # noqa: ARG001

@@ -6,27 +6,36 @@
 
 For a model, `build_template`:
 
-1. builds it from the registry at a reference shape and materialises it to its dense form
-   (models.supermask.materialize for MPT / BNN models), under the module names the wire uses;
+1. builds it from the registry at a reference shape with its options' defaults and
+   materialises it to its dense form (models.supermask.materialize for MPT / BNN models), under
+   the module names the wire uses;
 2. reads the recipe off the torch layers: for each supermask layer its scores tensor, layer
    index, binarisation and weight init, plus the model-wide prune ratio and seed; for each BNN
    layer its latent weight (models/supermask_numpy.py applies it on the device);
-3. exports the dense model with models.export.torch_onnx(fold=False), so every initializer is a
-   state_dict tensor under its own name, and exports it again at a probe shape (another
-   in_shape and num_classes): the two graphs must be identical but for the initializer sizes,
-   which proves no op bakes a shape (a Reshape to a constant would differ) and tells which
-   tensor dimensions follow in_shape / num_classes;
-4. empties the initializers (onnx_graph.make_template) and proves the template: filled by
-   onnx_graph.fill from the model's *wire* tensors, at both shapes, onnxruntime must give torch's
-   logits (PARITY_ATOL; binary-activation models: class agreement, see export.has_binary_activations),
-   and the numpy-materialised dense tensors must equal torch's.
+3. sorts the model's registered options (`template_options`): those the layers take (prune_ratio,
+   seed) the fill applies (FILL); an integer option that only sets tensor sizes (an MLP's
+   `hidden`) needs nothing but free dims (SHAPE, with the (tensor, axis) its value sizes); any
+   other option is refused, as a template could not serve it;
+4. exports the dense model with models.export.torch_onnx(fold=False), so every initializer is a
+   state_dict tensor under its own name, and exports it again as a probe: another in_shape and
+   num_classes and every option off its default (`probe_value`). The two graphs must be identical
+   but for the initializer sizes, which proves no op bakes a shape (a Reshape to a constant would
+   differ) and no shape option changes the graph, and tells which tensor dimensions follow
+   in_shape / num_classes / the shape options (they are free in the template);
+5. empties the initializers (onnx_graph.make_template) and proves the template: filled by
+   onnx_graph.fill from the model's *wire* tensors, at the reference (default options) and at the
+   probe (its options from the spec, as a message header gives them: the frozen weights of another
+   seed, another prune ratio, another width), onnxruntime must give torch's logits (PARITY_ATOL;
+   binary-activation models: class agreement, see export.has_binary_activations), the
+   numpy-materialised dense tensors must equal torch's, and the filled file must record the
+   spec's options.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +45,11 @@ import torch
 from torch import nn
 
 from fedge.models import onnx_graph
-from fedge.models.errors import ModelFileError
+from fedge.models.errors import ConfigError, ModelFileError
 from fedge.models.export import PARITY_ATOL, has_binary_activations, materialize_if_needed, onnx_logits, torch_logits, torch_onnx
 from fedge.models.onnx_templates import SUFFIX, TEMPLATE_DIR
-from fedge.models.registry import MODELS, build_model, get_state, model_names, set_state
+from fedge.models.registry import MODELS, build_model, get_state, model_names, model_spec, set_state
+from fedge.models.spec import ModelSpec, Option, OptionValue
 from fedge.models.supermask import binary_weight_layers, supermask_layers
 from fedge.models.supermask_numpy import materialise
 
@@ -157,31 +167,95 @@ def state_off_ties(model: nn.Module) -> dict[str, np.ndarray]:
     return state
 
 
-def prove(template: onnx_graph.Template, name: str, in_shape: tuple[int, ...], num_classes: int) -> dict[str, float]:
-    """Fill `template` from a fresh `name` model's wire tensors and compare with torch; raises
-    TemplateBuildError when they differ. Returns {"max_abs_diff", "class_agreement"}."""
-    model = build_model(name, in_shape, num_classes, seed=0).eval()
-    wire = state_off_ties(model)
-    dense_model, _, _ = dense_form(model)
+def prove(template: onnx_graph.Template, model: ModelSpec | str, in_shape: tuple[int, ...],
+          num_classes: int) -> dict[str, float]:
+    """Fill `template` from a fresh `model` (a spec: its options are set) and compare with torch:
+    the numpy-materialised dense tensors with torch's, the logits, and the options the filled
+    file records with the spec's. Raises TemplateBuildError when they differ. Returns
+    {"max_abs_diff", "class_agreement"}."""
+    spec = model_spec(model)
+    name = str(spec)
+    net = build_model(spec, in_shape, num_classes, seed=0).eval()
+    wire = state_off_ties(net)
+    dense_model, _, _ = dense_form(net)
     reference = {k: v.detach().numpy() for k, v in dense_model.state_dict().items()}
-    ours = materialise(template.recipe, wire, template.slots.values(), template.options)
+    values = template.option_values(spec.options_dict())
+    ours = materialise(template.recipe, wire, template.slots.values(),
+                       {o.option.name: values[o.option.name] for o in template.options if o.role == onnx_graph.FILL})
     for key, arr in ours.items():
         exact = template.recipe.get(key, {}).get("op") in (None, "copy", "supermask") and \
             template.recipe.get(key, {}).get("weight_init", "signed_constant") == "signed_constant"
         same = np.array_equal(arr, reference[key]) if exact else np.allclose(arr, reference[key], rtol=1e-5, atol=1e-7)
         if not same:
             raise TemplateBuildError(f"{name}: the numpy materialiser's {key!r} differs from torch's materialize")
-    proto = onnx_graph.fill(template, wire, in_shape, num_classes)
+    proto = onnx_graph.fill(template, wire, in_shape, num_classes, options=spec.options_dict())
+    recorded = onnx_graph.get_metadata({p.key: p.value for p in proto.metadata_props}).get("model_options")
+    if recorded != spec.options_dict():
+        raise TemplateBuildError(f"{name}: the filled file records model_options {recorded}, the spec has {spec.options_dict()}")
     x = np.random.default_rng(1).normal(size=(16, *in_shape)).astype(np.float32)
-    ref, got = torch_logits(model, x), onnx_logits(proto.SerializeToString(), x)
+    ref, got = torch_logits(net, x), onnx_logits(proto.SerializeToString(), x)
     diff = float(np.abs(ref - got).max())
     agree = float((ref.argmax(1) == got.argmax(1)).mean())
-    if has_binary_activations(model):
+    if has_binary_activations(net):
         if agree < BINARY_AGREEMENT:
             raise TemplateBuildError(f"{name} at {in_shape}: classes agree with torch on only {agree:.0%}")
     elif diff > PARITY_ATOL * max(1.0, float(np.abs(ref).max())):
         raise TemplateBuildError(f"{name} at {in_shape}: the filled template differs from torch by {diff:.3g}")
     return {"max_abs_diff": diff, "class_agreement": agree}
+
+
+def probe_value(model: str, option: Option) -> OptionValue:
+    """A valid value of `option` other than its default. The probe build sets every option so,
+    which shows what each changes: tensor sizes become free dims of the template, anything
+    else in the graph is refused."""
+    default = option.default
+    if option.choices:
+        candidates: list[Any] = [c for c in option.choices if c != default]
+    elif option.kind is int:
+        candidates = [int(default) // 2 + 1, int(default) + 1, int(default) - 1]
+    elif option.kind is float:
+        low = float(default) - 1.0 if option.low is None else option.low
+        high = float(default) + 1.0 if option.high is None else option.high
+        candidates = [(low + high) / 2, (low + float(default)) / 2, (float(default) + high) / 2]
+    else:
+        candidates = []
+    for value in candidates:
+        try:
+            if value != default:
+                return option.check(model, value)
+        except ConfigError:
+            continue
+    raise TemplateBuildError(f"{model}: option {option.describe()} has no other value a probe build could set")
+
+
+def template_options(name: str, applied: Mapping[str, Any], shape: tuple[int, ...], classes: int,
+                     ) -> tuple[list[onnx_graph.TemplateOption], dict[str, OptionValue]]:
+    """(the template's options, the probe's non-default values) of registered model `name`:
+    FILL for what the materialiser applies (`applied`, read off the layers: prune_ratio, seed),
+    SHAPE for an integer option that leaves the graph alone (checked on the probe) and changes
+    only tensor sizes; `dims` are the (tensor, axis) whose size is its value, found by building
+    the model at `shape` with only that option changed."""
+    registered = MODELS[name]
+    declared = {o.name for o in registered.options}
+    if set(applied) - declared:
+        raise TemplateBuildError(f"{name}: its layers take {sorted(set(applied) - declared)}, which it is not registered "
+                                 f"with as options (registry.Registered.options), so a message could not set them")
+    probe = {o.name: probe_value(name, o) for o in registered.options}
+    default_state = {k: v.shape for k, v in get_state(build_model(name, shape, classes, seed=0)).items()}
+    out = []
+    for option in registered.options:
+        if option.name in applied:
+            out.append(onnx_graph.TemplateOption(option, onnx_graph.FILL))
+            continue
+        if option.kind is not int:
+            raise TemplateBuildError(f"{name}: option {option.describe()} is neither applied by the fill "
+                                     f"({', '.join(sorted(applied)) or 'none here'}) nor an integer that sets tensor "
+                                     f"sizes; a graph template cannot serve it")
+        changed = get_state(build_model(ModelSpec(name, {option.name: probe[option.name]}), shape, classes, seed=0))
+        dims = tuple((tensor, axis) for tensor, size in default_state.items() for axis, d in enumerate(size)
+                     if d == option.default and changed[tensor].shape[axis] == probe[option.name])
+        out.append(onnx_graph.TemplateOption(option, onnx_graph.SHAPE, dims))
+    return out, probe
 
 
 def build_template(
@@ -198,12 +272,23 @@ def build_template(
     ref_shape, ref_classes = reference or REFERENCE[registered.family]
     probe_shape, probe_classes = probe or PROBE[registered.family]
     model = build_model(name, ref_shape, ref_classes, seed=0)
-    other = build_model(name, probe_shape, probe_classes, seed=0)
-    dense, recipe, options = dense_form(model)
+    dense, recipe, applied = dense_form(model)
+    options, probe_options = template_options(name, applied, ref_shape, ref_classes)
+    probe_spec = ModelSpec(name, probe_options)  # every option off its default
+    other = build_model(probe_spec, probe_shape, probe_classes, seed=0)
+    probe_dense, _, probe_applied = dense_form(other)
+    if probe_applied != {k: probe_options[k] for k in applied}:
+        raise TemplateBuildError(f"{name}: built with options {probe_options}, its layers have {probe_applied}")
     graph = torch_onnx(_distinct(dense), ref_shape, fold=False)
-    probe_graph = torch_onnx(_distinct(dense_form(other)[0]), probe_shape, fold=False)
-    diff = graph_differences(graph, probe_graph, (f"in_shape {list(ref_shape)}", f"in_shape {list(probe_shape)}"))
+    probe_graph = torch_onnx(_distinct(probe_dense), probe_shape, fold=False)
+    diff = graph_differences(graph, probe_graph, (f"in_shape {list(ref_shape)}", f"{probe_spec} at {list(probe_shape)}"))
     if diff:
+        changers = [o.option.name for o in options if o.role == onnx_graph.SHAPE and graph_differences(graph, torch_onnx(
+            _distinct(dense_form(build_model(ModelSpec(name, {o.option.name: probe_options[o.option.name]}),
+                                             ref_shape, ref_classes, seed=0))[0]), ref_shape, fold=False))]
+        if changers:
+            raise TemplateBuildError(f"{name}: option(s) {', '.join(changers)} change the exported graph, not only tensor "
+                                     f"sizes ({'; '.join(diff)}); a graph template cannot serve them")
         raise TemplateBuildError(f"{name}: the exported graph depends on in_shape / num_classes ({'; '.join(diff)}); "
                                  f"an op bakes a shape (e.g. Reshape to a constant: use nn.Flatten)")
     state, probe_state = get_state(model), get_state(other)
@@ -223,7 +308,7 @@ def build_template(
     if check:
         template = onnx_graph.Template.from_proto(proto, name)
         prove(template, name, tuple(ref_shape), ref_classes)
-        prove(template, name, tuple(probe_shape), probe_classes)
+        prove(template, probe_spec, tuple(probe_shape), probe_classes)
     return proto
 
 
