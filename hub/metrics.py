@@ -8,6 +8,7 @@ clash. The names are listed, with Grafana queries, in docs/operations.md ("Prome
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -39,8 +40,9 @@ class HubCollector(Collector):
         s = self._status()
         run, history = s["run"], s["history"]
         info = InfoMetricFamily("fedge_run", "the run this hub serves (value 1; the labels say which)")
-        info.add_metric([], {"run": run["id"], "fleet": run["fleet"], "model": run["model"], "strategy": run["strategy"],
-                             "headline": run["headline"]})
+        info.add_metric([], {"run": run["id"], "fleet": run["fleet"], "model": run["model"],
+                             "model_options": json.dumps(run["model_options"], sort_keys=True, separators=(",", ":")),
+                             "strategy": run["strategy"], "headline": run["headline"]})
         yield info
         yield GaugeMetricFamily("fedge_devices_online", "devices whose last status says online", value=s["devices_online"])
         yield GaugeMetricFamily("fedge_devices_known", "devices heard from since the hub started, online or not",

@@ -75,7 +75,8 @@ def status_dict(config: HubConfig, run_id: str, live: LiveState, store: RunStore
     last_value = next((r["headline"] for r in reversed(rows) if r["headline"] is not None), None)
     return {
         "now": now,
-        "run": {"id": run_id, "fleet": config.fleet, "model": config.model, "strategy": config.strategy,
+        "run": {"id": run_id, "fleet": config.fleet, "model": config.model.name,
+                "model_options": config.model.options_dict(), "strategy": config.strategy,
                 "headline": headline, "status": store.get_meta("status"), "phase": live.phase},
         "stage": {"index": stage_index, "count": len(stages), "rounds_done": stage_done,
                   "kind": stages[stage_index].kind if stage_index < len(stages) else None,

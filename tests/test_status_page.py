@@ -27,6 +27,7 @@ from fedge.hub.sim.fleet import Fleet, FleetConfig
 from fedge.hub.status_server import StatusServer, render_page
 from fedge.models.errors import ConfigError
 from fedge.models.partition import PartitionSpec
+from fedge.models.spec import ModelSpec
 from fedge.models.wire import Topics
 from fedge.models.wire.messages import status_payload
 
@@ -47,8 +48,8 @@ def chromium_bin() -> str:
     raise AssertionError("unreachable")
 
 
-def _fleet_config(tmp_path, devices: int, rounds: int, **hub) -> FleetConfig:
-    hub_cfg = HubConfig(fleet="status", model="mlp", rounds=rounds, deadline_s=120, seed=1, train=TRAIN, **hub)
+def _fleet_config(tmp_path, devices: int, rounds: int, model: ModelSpec | str = "mlp", **hub) -> FleetConfig:
+    hub_cfg = HubConfig(fleet="status", model=model, rounds=rounds, deadline_s=120, seed=1, train=TRAIN, **hub)
     return FleetConfig(devices=devices, dataset="synthetic", partition=PartitionSpec("iid", per_device=200),
                        transport="inproc", workers=2, runs_dir=str(tmp_path), progress=False, seed=1, hub=hub_cfg)
 
@@ -117,7 +118,8 @@ def test_status_page_in_headless_chromium_during_a_live_run(chromium_bin, tmp_pa
     """Round 3 held open: dev002 never answers it, dev003 went offline after round 1, a device
     with an HTML id announced itself, and a garbage update was rejected. Chromium must show it all."""
     release = threading.Event()
-    with Fleet(_fleet_config(tmp_path, devices=4, rounds=20, quorum=0.75, min_devices=3), dataset=small_data) as fleet:
+    config = _fleet_config(tmp_path, devices=4, rounds=20, model=ModelSpec("mlp", {"hidden": 64}), quorum=0.75, min_devices=3)
+    with Fleet(config, dataset=small_data) as fleet:
         hub = fleet.make_hub()
 
         def stall_from_round_3(global_state, local_state):  # noqa: ANN001, ANN202
@@ -147,6 +149,7 @@ def test_status_page_in_headless_chromium_during_a_live_run(chromium_bin, tmp_pa
     body = dom.root.find_all("body")[0]
     assert int(body.attrs["data-polls"]) >= 1  # the script fetched status.json itself, not only the inlined snapshot
     assert dom.text("round-number") == "3"
+    assert "· mlp(hidden=64) ·" in dom.text("runline")  # the model's spec: its name and options
     assert dom.text("phase") == "collecting"
     minutes, seconds = map(int, re.fullmatch(r"(\d\d):(\d\d)", dom.text("countdown")).groups())
     assert 0 < 60 * minutes + seconds <= 120  # counting down to the 120 s deadline
@@ -213,6 +216,7 @@ def test_metrics_are_scraped_during_a_run_and_move(tmp_path, small_data):
     assert value(first, "fedge_updates_rejected_total", reason="bad_envelope") == 0
     info = [k for k in first if k[0] == "fedge_run_info"]
     assert dict(info[0][1])["run"] == hub.run_id and dict(info[0][1])["headline"] == "accuracy"
+    assert dict(info[0][1])["model"] == "mlp" and dict(info[0][1])["model_options"] == "{}"
 
     assert value(second, "fedge_rounds_completed_total") == 1
     assert value(second, "fedge_updates_rejected_total", reason="bad_envelope") == 1
