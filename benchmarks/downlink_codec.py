@@ -45,7 +45,7 @@ def downlink_bytes(model: str, codec: str) -> int:
 
 def run_cell(method: str, seed: int, codec: str, args: argparse.Namespace, ds) -> dict:  # noqa: ANN001
     cfg = paper003(method)
-    model = cfg.hub.model if args.arch == "conv4" else MLP_OF.get(cfg.hub.model)
+    model = cfg.hub.model if args.arch == "conv4" else MLP_OF.get(cfg.hub.model.name)
     if model is None:
         raise SystemExit(f"{method}: model {cfg.hub.model} has no MLP counterpart; use --arch conv4")
     cfg.hub.model, cfg.hub.seed, cfg.hub.rounds = model, seed, args.rounds
@@ -57,11 +57,11 @@ def run_cell(method: str, seed: int, codec: str, args: argparse.Namespace, ds) -
     with Fleet(cfg, dataset=ds) as fleet:
         history = fleet.run()["rounds"]
     acc = [r["accuracy"] for r in history]
-    cell = {"method": method, "model": model, "seed": seed, "model_codec": codec, "transport": args.transport,
+    cell = {"method": method, "model": str(model), "seed": seed, "model_codec": codec, "transport": args.transport,
             "accuracy": acc,
             "best_accuracy": max(acc), "final_accuracy": acc[-1], "downlink_bytes": downlink_bytes(model, codec),
             "seconds": time.time() - started}
-    print(f"{method:18s} {model:8s} seed {seed} {codec}: best {cell['best_accuracy']:.4f} "
+    print(f"{method:18s} {str(model):8s} seed {seed} {codec}: best {cell['best_accuracy']:.4f} "
           f"final {cell['final_accuracy']:.4f} down {cell['downlink_bytes']:,} B ({cell['seconds']:.0f}s)", flush=True)
     return cell
 

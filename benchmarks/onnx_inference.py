@@ -296,10 +296,10 @@ def main_parent(args: argparse.Namespace, argv: list[str]) -> int:
             from fedge.models.export import load_source  # noqa: PLC0415
             from fedge.models.registry import build_model, set_state  # noqa: PLC0415
 
-            model_name, tensors, shape, classes, _ = load_source(weights[name])
-            if model_name != name or tuple(shape) != ds.in_shape:
-                raise SystemExit(f"--weights {name}={weights[name]} holds {model_name} for input {shape}")
-            model = build_model(name, shape, classes)
+            spec, tensors, shape, classes, _ = load_source(weights[name])
+            if spec.name != name or tuple(shape) != ds.in_shape:
+                raise SystemExit(f"--weights {name}={weights[name]} holds {spec} for input {shape}")
+            model = build_model(spec, shape, classes)
             set_state(model, tensors)
             model.eval()
             n_train = 0

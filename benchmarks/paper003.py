@@ -32,15 +32,15 @@ from fedge.hub.sim.recipes import PAPER003_METHODS, paper003  # noqa: E402
 from fedge.hub.store import RunStore  # noqa: E402
 from fedge.models.data import load_dataset  # noqa: E402
 from fedge.models.partition import partition  # noqa: E402
-from fedge.models.registry import build_model, count_parameters  # noqa: E402
+from fedge.models.registry import build_model, count_parameters, model_family  # noqa: E402
 
 
-def model_bytes(model_name: str, in_shape, num_classes) -> tuple[int, float, int]:  # noqa: ANN001
+def model_bytes(spec, in_shape, num_classes) -> tuple[int, float, int]:  # noqa: ANN001 - spec: ModelSpec
     """(final model size in bytes, sparsity, file bytes). Dense models: 4 bytes per weight.
     MPT and BNN: the payload of their real 1-bit file (MPT: the mask, the frozen weights
     regenerate from the seed; BNN: the weight signs), and the whole file with its header."""
-    model = build_model(model_name, in_shape, num_classes)
-    if not model_name.startswith(("conv4-mpt", "mlp-mpt", "conv4-bnn")):
+    model = build_model(spec, in_shape, num_classes)
+    if not spec.name.startswith(("conv4-mpt", "mlp-mpt", "conv4-bnn")):
         n = count_parameters(model)
         return n * 4, 0.0, n * 4
     from fedge.models.mpt_nets import to_mask_file  # noqa: PLC0415
@@ -76,7 +76,7 @@ def run_method(method: str, seed: int, args, ds, prune_ratio: float = 0.8) -> di
     parts = partition(ds.train.y, cfg.devices, cfg.partition, seed=seed, num_classes=ds.num_classes)
     started = time.time()
     size, sparsity, file_size = model_bytes(cfg.hub.model, ds.in_shape, ds.num_classes)
-    out = {"method": method, "seed": seed, "model": cfg.hub.model, "prune_ratio": prune_ratio,
+    out = {"method": method, "seed": seed, "model": cfg.hub.model.name, "prune_ratio": prune_ratio,
            "size_bytes": size, "sparsity": sparsity, "file_bytes": file_size}
     if not spec["federated"]:
         progress = _StopAfter(args.stop_after)
@@ -102,7 +102,7 @@ def run_method(method: str, seed: int, args, ds, prune_ratio: float = 0.8) -> di
             if not rounds:
                 raise
             print(f"{method} seed {seed}: stopped after {len(rounds)} of {args.rounds} rounds (kept as partial)")
-        sizes = summarise(rounds)
+        sizes = summarise(rounds, model_family(cfg.hub.model))
         out.update(accuracy=[r["accuracy"] for r in rounds], rounds_done=len(rounds),
                    uplink=sizes["uplink_bytes_per_device"], downlink=sizes["downlink_bytes_per_device"])
     out["ran_on"] = _ran_on(args.profile)

@@ -7,6 +7,7 @@ MQTT keepalive never stalls behind a long epoch.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -19,7 +20,9 @@ import torch
 
 from fedge.models.data import Split
 from fedge.models.errors import ConfigError
-from fedge.models.registry import parameter_count
+from fedge.models.partition import label_counts
+from fedge.models.registry import model_spec, parameter_count
+from fedge.models.spec import ModelSpec
 from fedge.models.wire import EnvelopeError, Topics, decode
 from fedge.models.wire.envelope import DEFAULT_MAX_BYTES, Verifier
 from fedge.models.wire.freshness import Position, RunGuard, StaleMessage
@@ -36,7 +39,7 @@ from fedge.models.wire.transport import BrokerConfig, LinkFactory, make_link
 from .pool import TrainingPool
 from .private_store import PrivateStore
 from .profile import Profile, ProfileError
-from .task_checks import Refused
+from .task_checks import Refused, check_input
 from .tasks import HANDLERS, Job
 from .trainer import estimate_training_mb, initial_private
 
@@ -72,7 +75,7 @@ class Agent:
         self.in_shape = tuple(int(d) for d in data.x.shape[1:])
         self.x = torch.from_numpy(np.ascontiguousarray(data.x))
         self.y = torch.from_numpy(np.ascontiguousarray(data.y))
-        self.class_counts = np.bincount(data.y, minlength=num_classes).astype(int).tolist()
+        self.class_counts = label_counts(data.y, num_classes)
         self.pool = pool
         self.seed = seed
         self.max_payload = max_payload
@@ -91,7 +94,7 @@ class Agent:
         # (run, round, deadline) refused or failed: a re-run of the round (new deadline) is tried again
         self._declined: set[tuple[str, int, float]] = set()
         self._dead = False
-        self._fits: set[str] = set()
+        self._fits: set[ModelSpec] = set()
         self._last_update: tuple[tuple[str, int], bytes] | None = None
         self._refused: dict[str, Any] | None = None  # the latest round refused, reported in the status
         self._failed: dict[str, Any] | None = None  # the latest round whose job raised, reported in the status
@@ -130,19 +133,19 @@ class Agent:
         self._dead = True
         self.link.kill()
 
-    def _check_memory_budget(self, model_name: str | None = None) -> None:
+    def _check_memory_budget(self, spec: ModelSpec | None = None) -> None:
         """Refuse a model whose training would not fit the profile's memory budget."""
-        name = model_name or self.profile.model
-        if name in self._fits:
+        spec = spec or self.profile.model
+        if spec in self._fits:
             return
-        params = parameter_count(name, self.in_shape, self.num_classes)
+        params = parameter_count(spec, self.in_shape, self.num_classes)
         need = estimate_training_mb(params, self.profile.batch_size, int(np.prod(self.in_shape)), self.profile.optimizer)
         if need > self.profile.memory_budget_mb:
             raise ProfileError(
-                f"profile {self.profile.name!r}: training {name} needs about {need:.0f} MiB, "
+                f"profile {self.profile.name!r}: training {spec} needs about {need:.0f} MiB, "
                 f"above memory_budget_mb={self.profile.memory_budget_mb}; lower batch_size or raise the budget"
             )
-        self._fits.add(name)
+        self._fits.add(spec)
 
     def _warn_if_unverified(self) -> None:
         """Without the hub's public key, anyone who may write the model/round topics can make this
@@ -258,7 +261,10 @@ class Agent:
             self.link.subscribe(self.topics.model, self._on_model)
             return
         try:
-            self._check_memory_budget(model.model)
+            spec = model_spec(model.spec)  # an unknown model, option or value from the hub is refused here
+            check_input(model.meta, self.in_shape, self.num_classes)
+            self._check_memory_budget(spec)
+            model = dataclasses.replace(model, model=spec.name, model_options=spec.options_dict())
             job = handler(self, task, model)
         except ConfigError as exc:  # ProfileError (memory budget) and Refused (task checks)
             with self._lock:
@@ -274,18 +280,18 @@ class Agent:
 
         self.training.set()
         log.debug("%s: round %d: running the %s task", self.device_id, task.round, task.kind)
-        self.pool.submit((model.model, self.in_shape, self.num_classes), job.work, done)
+        self.pool.submit((spec, self.in_shape, self.num_classes), job.work, done)
 
-    def private_tensors(self, model_name: str) -> dict[str, np.ndarray]:
+    def private_tensors(self, spec: ModelSpec) -> dict[str, np.ndarray]:
         """This device's own private tensors (its head): those kept from earlier rounds or an
         earlier start, else (first round, or kept ones that no longer fit) the seeded model's."""
-        kept = self.private.load(model_name)
-        fresh = initial_private(model_name, self.in_shape, self.num_classes, self.seed)
+        kept = self.private.load(spec)
+        fresh = initial_private(spec, self.in_shape, self.num_classes, self.seed)
         if kept is None:
             return fresh
         if {k: v.shape for k, v in kept.items()} != {k: v.shape for k, v in fresh.items()}:
             log.warning("%s: kept private tensors of %s do not fit this model (other classes or input?); "
-                        "starting them afresh", self.device_id, model_name)
+                        "starting them afresh", self.device_id, spec)
             return fresh
         return kept
 

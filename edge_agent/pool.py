@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from fedge.models.errors import ConfigError
+from fedge.models.spec import ModelSpec
 
 from .trainer import LocalTrainer
 
@@ -38,8 +39,9 @@ class TrainingPool:
         for t in self._threads:
             t.start()
 
-    def submit(self, model_key: tuple[str, tuple[int, ...], int], job: Job, done: Done) -> None:
-        """Run `job(trainer)` on a worker; `done` gets the result or the exception raised."""
+    def submit(self, model_key: tuple[ModelSpec, tuple[int, ...], int], job: Job, done: Done) -> None:
+        """Run `job(trainer)` on a worker with the trainer of `model_key` (spec, in_shape,
+        num_classes); `done` gets the result or the exception raised."""
         self._jobs.put((model_key, job, done))
 
     def close(self) -> None:

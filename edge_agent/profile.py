@@ -16,6 +16,7 @@ import yaml
 
 from fedge import firmware_profiles
 from fedge.models.errors import ConfigError
+from fedge.models.spec import ModelSpec
 
 PROFILE_DIR = Path(firmware_profiles.__file__).resolve().parent
 
@@ -32,7 +33,7 @@ class Profile:
     threads: int = 1  # torch intra-op threads while training
     batch_size: int = 32  # upper bound: a round task may ask for less, never more
     memory_budget_mb: int = 512  # training refuses to start above this estimate
-    model: str = "mlp"
+    model: ModelSpec = ModelSpec("mlp")  # YAML: `model` (a registered name) and `model_options` (a mapping)
     mode: str = "dense"  # dense | mpt
     local_epochs: int = 1
     precision: str = "fp32"  # wire codec of uploaded updates: fp32 | fp16
@@ -43,9 +44,13 @@ class Profile:
     max_epochs: int = 20  # local epochs a round task may ask for
     max_train_seconds: float = 3600.0  # wall-clock budget of one round's training; stopped beyond it
 
+    def __post_init__(self) -> None:
+        if isinstance(self.model, str):  # a plain registered name (e.g. dataclasses.replace(p, model="mlp"))
+            object.__setattr__(self, "model", ModelSpec(self.model))
+
     def summary(self) -> dict[str, Any]:
-        """What the device announces to the hub in its status message."""
-        return asdict(self)
+        """What the device announces to the hub in its status message (the model as its name and options)."""
+        return {**asdict(self), "model": self.model.name, "model_options": self.model.options_dict()}
 
 
 # key -> (python types, allowed values or None, human description)
@@ -57,6 +62,7 @@ _SCHEMA: dict[str, tuple[tuple[type, ...], tuple | None, str]] = {
     "batch_size": ((int,), None, "positive integer"),
     "memory_budget_mb": ((int,), None, "positive integer (MiB)"),
     "model": ((str,), None, "a registered model name"),
+    "model_options": ((dict,), None, "a mapping of the model's options, e.g. {prune_ratio: 0.9}"),
     "mode": ((str,), ("dense", "mpt"), "training mode"),
     "local_epochs": ((int,), None, "positive integer"),
     "precision": ((str,), ("fp32", "fp16"), "update codec"),
@@ -67,7 +73,8 @@ _SCHEMA: dict[str, tuple[tuple[type, ...], tuple | None, str]] = {
     "max_train_seconds": ((int, float), None, "positive number (seconds one round's training may take)"),
 }
 _POSITIVE = ("threads", "batch_size", "memory_budget_mb", "local_epochs", "lr", "max_epochs", "max_train_seconds")
-assert set(_SCHEMA) == {f.name for f in fields(Profile)}, "schema and Profile must list the same keys"
+# the file's `model` and `model_options` become the Profile's one ModelSpec
+assert set(_SCHEMA) - {"model_options"} == {f.name for f in fields(Profile)}, "schema and Profile must list the same keys"
 
 
 def validate(raw: Any, source: str) -> Profile:
@@ -93,11 +100,17 @@ def validate(raw: Any, source: str) -> Profile:
     if raw.get("local_epochs", 1) > raw.get("max_epochs", Profile.max_epochs):
         raise ProfileError(f"{source}: key 'local_epochs' ({raw['local_epochs']}) is above max_epochs "
                            f"({raw.get('max_epochs', Profile.max_epochs)})")
-    from fedge.models.registry import is_known_model, model_names  # noqa: PLC0415 - torch only when validating
+    from fedge.models.registry import model_names, model_spec  # noqa: PLC0415 - torch only when validating
 
-    if not is_known_model(raw.get("model", "mlp")):
-        raise ProfileError(f"{source}: key 'model' is {raw['model']!r}; allowed: {', '.join(model_names())}")
-    return Profile(**raw)
+    values = dict(raw)
+    name = values.pop("model", "mlp")
+    if name not in model_names():
+        raise ProfileError(f"{source}: key 'model' is {name!r}; allowed: {', '.join(model_names())}")
+    try:
+        values["model"] = model_spec(name, values.pop("model_options", None))
+    except ConfigError as exc:
+        raise ProfileError(f"{source}: key 'model_options': {exc}") from None
+    return Profile(**values)
 
 
 def available_profiles() -> list[str]:

@@ -1,5 +1,6 @@
 """What a device refuses from above: round settings outside its profile's limits, models with
-non-finite weights, training that runs past its time budget, and bad `evaluate` parameters.
+non-finite weights or built for other inputs than its data, training that runs past its time
+budget, and bad `evaluate` parameters.
 
 A signature proves a task came from the hub, not that it is sane: a buggy or compromised hub
 can still ask for lr NaN, epochs -1 (an unchanged model sent back with full weight) or
@@ -107,20 +108,27 @@ def check_model(tensors: Mapping[str, np.ndarray], version: int) -> None:
                           f"{nan} NaN and {int(finite.size - finite.sum()) - nan} Inf value(s)")
 
 
-def check_data_fits(meta: Mapping[str, Any], in_shape: tuple[int, ...], num_classes: int) -> None:
-    """Refuse a model this device's data cannot feed: examples of another shape (e.g. an
-    [N, H, W, C] file where fedge wants [N, C, H, W]) or another number of classes would fail
-    inside training, every round, with a size-mismatch error that names neither."""
-    want = meta.get("in_shape")
-    if isinstance(want, list) and all(isinstance(d, int) for d in want) and tuple(want) != tuple(in_shape):
-        hint = ""
-        if len(want) == 3 and tuple(in_shape) == (want[1], want[2], want[0]):
-            hint = "; the data is channels-last: store x as [N, C, H, W], e.g. x.transpose(0, 3, 1, 2)"
-        raise Refused(f"the model takes examples of shape {list(want)} (C, H, W) but this device's data holds "
-                      f"{list(in_shape)}{hint}")
+def check_input(meta: Mapping[str, Any], in_shape: tuple[int, ...], num_classes: int) -> None:
+    """Refuse a model built for other inputs or labels than this device's data: its `meta`
+    names the input shape [C, H, W] (any channel count, e.g. 6 for a pair of RGB images) and
+    the class count the hub built it for. Without this, another shape (e.g. an [N, H, W, C]
+    file where fedge wants [N, C, H, W]) or class count fails inside training, every round,
+    with a size-mismatch error that names neither. Absent entries (older hubs) are not checked."""
+    shape = meta.get("in_shape")
+    if shape is not None:
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
+            raise Refused(f"model meta 'in_shape' must be a list of whole numbers, got {shape!r}")
+        if tuple(shape) != tuple(in_shape):
+            hint = "; the fleet's data and the hub's --in-shape/--dataset must agree"
+            if len(shape) == 3 and tuple(in_shape) == (shape[1], shape[2], shape[0]):
+                hint = "; the data is channels-last: store x as [N, C, H, W], e.g. x.transpose(0, 3, 1, 2)"
+            raise Refused(f"the model takes inputs {list(shape)}, this device's data is {list(in_shape)} "
+                          f"(channels, height, width){hint}")
     classes = meta.get("num_classes")
-    if isinstance(classes, int) and not isinstance(classes, bool) and classes != num_classes:
-        raise Refused(f"the model has {classes} classes but this device runs with {num_classes} "
+    if classes is not None and (isinstance(classes, bool) or not isinstance(classes, int) or classes < 1):
+        raise Refused(f"model meta 'num_classes' must be a positive integer, got {classes!r}")
+    if classes is not None and classes != num_classes:
+        raise Refused(f"the model has {classes} classes, this device's task has {num_classes} "
                       f"(fedge agent --num-classes {classes})")
 
 

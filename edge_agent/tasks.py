@@ -1,6 +1,8 @@
 """The task kinds a device runs: one handler per kind, all in one registry (HANDLERS).
 
-A handler gets the round's task and the model it names, checks them (raising Refused, which
+A handler gets the round's task and the model it names (already checked by the agent:
+`model.spec` is a valid ModelSpec and `check_input` found the model built for this device's
+input shape and class count), checks them (raising Refused, which
 the agent reports in its status), and returns a Job: the work, run on a TrainingPool worker
 with the worker's LocalTrainer, and how its result becomes the envelope sent back (an
 `update` with tensors, or a `report` with numbers only). A task kind not in HANDLERS is
@@ -17,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from fedge.models.registry import private_patterns
 from fedge.models.wire.messages import ModelMessage, TaskMessage, build_report_message, build_update_message
 
-from .task_checks import check_data_fits, check_evaluate_params, check_model, check_train_settings, time_budget
+from .task_checks import check_evaluate_params, check_model, check_train_settings, time_budget
 from .trainer import LocalTrainer, TrainConfig, TrainResult, job_seed, uplink_state
 
 if TYPE_CHECKING:
@@ -42,7 +44,6 @@ def train(agent: Agent, task: TaskMessage, model: ModelMessage) -> Job:
     """`train`: local training from the received model; answers with an `update` (tensors in the
     codec the task asks for)."""
     check_train_settings(task.train, agent.profile, len(agent.y), agent.seconds_per_sample)
-    check_data_fits(model.meta, agent.in_shape, agent.num_classes)
     check_model(model.tensors, model.version)
     cfg = TrainConfig.resolve(agent.profile, task.train)
     seed = job_seed(agent.seed, task.round, agent.device_id)
@@ -50,10 +51,10 @@ def train(agent: Agent, task: TaskMessage, model: ModelMessage) -> Job:
     budget = time_budget(agent.profile)
 
     def work(trainer: LocalTrainer) -> TrainResult:
-        private = agent.private_tensors(model.model) if private_patterns(model.model) else None
+        private = agent.private_tensors(model.spec) if private_patterns(model.spec) else None
         result = trainer.train(tensors, agent.x, agent.y, cfg, seed, after_step=budget, private=private)
         if result.private:
-            agent.private.save(model.model, result.private)
+            agent.private.save(model.spec, result.private)
         agent.seconds_per_sample = result.seconds / max(1, cfg.epochs * len(agent.y))
         result.state = uplink_state(trainer, result, task.codec, tensors)
         return result
@@ -78,13 +79,12 @@ def evaluate(agent: Agent, task: TaskMessage, model: ModelMessage) -> Job:
     model (with this device's private tensors, if the model has any) on the local data; answers
     with a `report`, no tensors."""
     batch_size = check_evaluate_params(task.params)
-    check_data_fits(model.meta, agent.in_shape, agent.num_classes)
     check_model(model.tensors, model.version)
     took: list[float] = []
 
     def work(trainer: LocalTrainer) -> dict[str, float]:
         started = time.monotonic()
-        private = agent.private_tensors(model.model) if private_patterns(model.model) else None
+        private = agent.private_tensors(model.spec) if private_patterns(model.spec) else None
         metrics = trainer.evaluate(model.tensors, agent.x, agent.y, private=private, batch_size=batch_size)
         took.append(time.monotonic() - started)
         return metrics

@@ -24,9 +24,11 @@ from fedge.models.registry import (
     get_state,
     is_private,
     model_family,
+    model_spec,
     set_state,
     split_state,
 )
+from fedge.models.spec import ModelSpec
 from fedge.models.supermask import model_masks
 from fedge.models.wire.codecs import UPDATE_CARRIES
 
@@ -65,7 +67,7 @@ class TrainResult:
     state: dict[str, np.ndarray]
     num_samples: int
     loss: float
-    accuracy: float  # the family's running score: right / scored predictions (examples or pixels)
+    accuracy: float  # the family's running score: right / scored predictions (examples, pixels or contrastive views)
     seconds: float
     private: dict[str, np.ndarray] = field(default_factory=dict)  # trained private tensors: they stay here
 
@@ -84,13 +86,13 @@ def estimate_training_mb(num_params: int, batch_size: int, in_numel: int, optimi
 class LocalTrainer:
     """Holds one model instance and trains it on whatever partition a job brings."""
 
-    def __init__(self, model_name: str, in_shape: tuple[int, ...], num_classes: int, device: str = "cpu") -> None:
+    def __init__(self, spec: ModelSpec | str, in_shape: tuple[int, ...], num_classes: int, device: str = "cpu") -> None:
         if device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("profile asks for device 'cuda' but torch sees no CUDA GPU; use a cpu profile")
         self.device = torch.device(device)
-        self.model = build_model(model_name, in_shape, num_classes).to(self.device)
-        self.model_name = model_name
-        self.family = model_family(model_name)  # its loss and metrics (classification, segmentation)
+        self.spec = model_spec(spec)
+        self.model = build_model(self.spec, in_shape, num_classes).to(self.device)
+        self.family = model_family(self.spec)  # its training step and metrics (families.FAMILIES)
         self.num_params = count_parameters(self.model)
 
     def train(
@@ -118,7 +120,7 @@ class LocalTrainer:
             order = torch.randperm(n, generator=gen)
             for begin in range(0, n, cfg.batch_size):
                 idx = order[begin : begin + cfg.batch_size]
-                loss, hits, count = _step(model, opt, x[idx].to(self.device), y[idx].to(self.device), prox,
+                loss, hits, count = _step(model, opt, x[idx].to(self.device), y[idx].to(self.device), gen, prox,
                                           self.family)
                 total_loss += loss * len(idx)
                 correct += hits
@@ -131,7 +133,7 @@ class LocalTrainer:
                         _release(opt)
                         raise
         _release(opt)
-        trained, kept = split_state(self.model_name, get_state(model))
+        trained, kept = split_state(self.spec, get_state(model))
         return TrainResult(
             state=trained,
             num_samples=n,
@@ -144,30 +146,30 @@ class LocalTrainer:
 
     def evaluate(self, state: Mapping[str, np.ndarray], x: torch.Tensor, y: torch.Tensor,
                  private: Mapping[str, np.ndarray] | None = None, batch_size: int = 256) -> dict[str, float]:
-        """The family's metrics (loss, accuracy for classification) of the received `state` plus
+        """The family's metrics (`family.metric_names`) of the received `state` plus
         this device's `private` tensors on (x, y): the `evaluate` task kind; nothing is trained."""
         set_state(self.model, {**state, **(private or {})})
         return evaluate(self.model, x.to(self.device), y.to(self.device), batch_size=batch_size, family=self.family)
 
 
-def initial_private(model_name: str, in_shape: tuple[int, ...], num_classes: int, seed: int) -> dict[str, np.ndarray]:
+def initial_private(spec: ModelSpec, in_shape: tuple[int, ...], num_classes: int, seed: int) -> dict[str, np.ndarray]:
     """A device's private tensors before its first round: those of the model built with `seed`
     (the same seeded initialisation as the hub's model, for the same seed)."""
-    return dict(split_state(model_name, get_state(build_model(model_name, in_shape, num_classes, seed=seed)))[1])
+    return dict(split_state(spec, get_state(build_model(spec, in_shape, num_classes, seed=seed)))[1])
 
 
 Proximal = tuple[float, list[torch.nn.Parameter], list[torch.Tensor]]  # (mu, parameters, their anchors)
 
 
 def _step(model: torch.nn.Module, opt: torch.optim.Optimizer, xb: torch.Tensor, yb: torch.Tensor,
-          prox: Proximal | None = None, family: Family = CLASSIFICATION) -> tuple[float, int, int]:
-    """One SGD/Adam step on the family's loss; returns (batch data loss, right predictions,
-    scored predictions: examples, or pixels for segmentation). With `prox`, the
+          gen: torch.Generator, prox: Proximal | None = None, family: Family = CLASSIFICATION) -> tuple[float, int, int]:
+    """One SGD/Adam step on the family's loss (`family.step`: the loss of the output, or for
+    the contrastive family of two augmented views drawn from `gen`); returns (batch data loss,
+    right predictions, scored predictions: examples, pixels or views). With `prox`, the
     FedProx term mu/2 sum ||p - anchor||^2 joins the loss that is minimised (not the one
     reported). Gradients are cleared before forward, so last step's are not held through it."""
     opt.zero_grad(set_to_none=True)
-    logits = model(xb)
-    loss = family.loss(logits, yb)
+    loss, right, scored = family.step(model, xb, yb, gen)
     if prox is None:
         loss.backward()
     else:
@@ -175,7 +177,7 @@ def _step(model: torch.nn.Module, opt: torch.optim.Optimizer, xb: torch.Tensor, 
         drift = sum(((p - a) ** 2).sum() for p, a in zip(params, anchors))
         (loss + 0.5 * mu * drift).backward()
     opt.step()
-    return (float(loss.detach()), *family.hits(logits, yb))
+    return float(loss.detach()), right, scored
 
 
 def _release(opt: torch.optim.Optimizer) -> None:
@@ -194,8 +196,8 @@ def uplink_state(trainer: LocalTrainer, result: TrainResult, codec: str | None,
     Only shared tensors: a model's private ones (registry.split_state) never leave the device."""
     carries = UPDATE_CARRIES.get(codec or "", "state")
     if carries == "mask":
-        return {k: v for k, v in model_masks(trainer.model).items() if not is_private(trainer.model_name, k)}
+        return {k: v for k, v in model_masks(trainer.model).items() if not is_private(trainer.spec, k)}
     if carries == "sign":
         return {k: v - np.asarray(received[k], dtype=np.float32) for k, v in result.state.items()
-                if not is_private(trainer.model_name, k)}
-    return {k: v for k, v in result.state.items() if not is_private(trainer.model_name, k)}
+                if not is_private(trainer.spec, k)}
+    return {k: v for k, v in result.state.items() if not is_private(trainer.spec, k)}

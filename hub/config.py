@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from fedge.models.errors import ConfigError
+from fedge.models.spec import ModelSpec
 from fedge.models.wire.codecs import MODEL_CODECS
 from fedge.models.wire.envelope import DEFAULT_MAX_BYTES
 from fedge.models.wire.topics import ROOT
@@ -20,7 +21,7 @@ class HubConfig:
 
     fleet: str = "default"
     prefix: str = ROOT
-    model: str = "mlp"
+    model: ModelSpec = ModelSpec("mlp")  # a registered name alone (e.g. "conv4") also works; check() makes it a spec
     in_shape: tuple[int, ...] = (1, 28, 28)
     num_classes: int = 10
     rounds: int = 10
@@ -31,7 +32,9 @@ class HubConfig:
     quorum: float = 1.0  # fraction of the selected whose updates close the round early
     min_updates: int = 1  # fewer at the deadline: the round is re-run with a new selection
     max_round_retries: int = 3
-    target_accuracy: float | None = None
+    # stop a train stage once the global model's headline metric (its family's: accuracy, f1,
+    # probe_accuracy) reaches this; runs stored before families called it target_accuracy
+    target_score: float | None = None
     min_weight_change: float | None = None
     strategy: str = "fedavg"
     # the strategy's constructor options, e.g. {"server_momentum": 0.9} (hub/strategies/, option_names)
@@ -58,6 +61,11 @@ class HubConfig:
         """Refuse settings no run can work with, before anything is published or stored."""
         if not self.plan and (isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or self.rounds < 1):
             raise ConfigError(f"rounds must be a positive integer, got {self.rounds!r}: a run of no rounds trains nothing")
+        from fedge.models.registry import model_spec  # noqa: PLC0415 - torch only once a run is configured, not for CLI parsing
+
+        self.model = model_spec(self.model)  # refuses an unknown model, option or value; drops defaults
+        if len(self.in_shape) < 1 or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in self.in_shape):
+            raise ConfigError(f"in_shape must be positive whole numbers (C, H, W), got {list(self.in_shape)}")
         if isinstance(self.max_samples, bool) or not isinstance(self.max_samples, int) or self.max_samples < 1:
             raise ConfigError(f"max_samples must be a positive integer, got {self.max_samples!r}")
         if self.model_codec not in MODEL_CODECS:
@@ -79,6 +87,7 @@ class HubConfig:
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
+        data["model"] = (self.model if isinstance(self.model, ModelSpec) else ModelSpec(self.model)).to_json()
         data["in_shape"] = list(self.in_shape)
         return data
 
@@ -86,5 +95,8 @@ class HubConfig:
     def from_json(cls, data: dict[str, Any]) -> HubConfig:
         data = dict(data)
         data["in_shape"] = tuple(data.get("in_shape", (1, 28, 28)))
+        data["model"] = ModelSpec.from_json(data.get("model", "mlp"))  # checked by check(), as every config is
+        if "target_accuracy" in data:  # a run stored before task families
+            data.setdefault("target_score", data.pop("target_accuracy"))
         known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in data.items() if k in known})

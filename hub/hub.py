@@ -15,7 +15,7 @@ import logging
 import math
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -43,15 +43,16 @@ from fedge.models.wire.messages import (
 )
 from fedge.models.wire.transport import BrokerConfig, LinkFactory, make_link
 
-from .admission import DUPLICATE, admission_reason
+from .admission import DUPLICATE, Reason, admission_reason
 from .config import HubConfig
 from .plan import Stage
 from .roster import Roster
 from .rounds import RoundsFailed, plan_position, round_train_settings, select_devices, stage_done
 from .run_epoch import new_run_epoch
+from .status import LiveState, status_dict
 from .store import RunStore
 from .strategies import weight_change
-from .task_kinds import TASK_KINDS
+from .task_kinds import TASK_KINDS, weighted_mean
 
 log = logging.getLogger("fedge.hub")
 
@@ -105,6 +106,7 @@ class Hub:
         self.strategy = config.make_strategy()
         self.on_round = on_round
         self.model = build_model(config.model, config.in_shape, config.num_classes, seed=config.seed)
+        self.family = model_family(config.model)  # its metrics and headline: records, logs, the stop rule
         # only the shared tensors: the model's private ones (its per-device head) never reach the hub
         self.reference, private = split_state(config.model, get_state(self.model))
         self.private_names = frozenset(private)
@@ -124,6 +126,9 @@ class Hub:
         self._last_declined: dict[str, tuple[str, str]] = {}  # the same, of the attempt closed last
         self._closed_rounds: dict[int, set[str]] = {}  # round -> devices counted in it
         self.rejections = 0
+        self.rejected_by: Counter[str] = Counter()  # rejection code -> count, since this hub started
+        self.accepted_answers = 0  # updates and reports accepted into rounds, since this hub started
+        self._phase = "starting"  # what the round loop is doing, for status(): one of status.PHASES
         self._current: tuple[bytes, bytes] | None = None  # open round's (model, task) payloads
         self._signer = hub_signer(config.keys_dir) if config.keys_dir else None
         self._stop = threading.Event()
@@ -198,8 +203,10 @@ class Hub:
         if said is not None:
             self._declined[device] = said
 
-    def _reject(self, device: str | None, round_id: int | None, reason: str) -> None:
+    def _reject(self, device: str | None, round_id: int | None, reason: Reason) -> None:
         self.rejections += 1
+        with self._cond:
+            self.rejected_by[reason.code] += 1
         log.warning("rejected update from %s (round %s): %s", device or "?", round_id, reason)
         try:
             self.store.reject(device, round_id, reason)
@@ -214,7 +221,8 @@ class Hub:
             if self.config.keys_dir:
                 key = device_key(self.config.keys_dir, device) if device else None
                 if key is None:
-                    self._reject(device, None, f"device {device!r} is not enrolled (no key in {self.config.keys_dir})")
+                    self._reject(device, None, Reason("not_enrolled",
+                                                      f"device {device!r} is not enrolled (no key in {self.config.keys_dir})"))
                     return
             env = decode(payload, max_bytes=self.config.max_payload, key=key)
             round_id = env.header.get("round") if isinstance(env.header.get("round"), int) else None
@@ -233,10 +241,10 @@ class Hub:
                 self._reject(device, round_id, reason)
                 return
         except EnvelopeError as exc:
-            self._reject(device, round_id, str(exc))
+            self._reject(device, round_id, Reason("bad_envelope", str(exc)))
             return
         except Exception as exc:  # noqa: BLE001 - the hub never crashes on what a device sends
-            self._reject(device, round_id, f"unexpected {type(exc).__name__}: {exc}")
+            self._reject(device, round_id, Reason("error", f"unexpected {type(exc).__name__}: {exc}"))
             return
         with self._cond:
             task = self._task
@@ -246,11 +254,13 @@ class Hub:
                 log.info("duplicate update from %s for round %d ignored", device, upd.round)
                 return
             self._accepted[upd.device] = Accepted.of(upd, len(payload))
+            self.accepted_answers += 1
+            self._roster.seen(upd.device)
             self._cond.notify_all()
         log.debug("accepted %s from %s for round %d: %d samples, metrics %s, %d bytes", env.kind, upd.device,
                   upd.round, upd.num_samples, upd.metrics, len(payload))
 
-    def _admit(self, device: str | None, upd: UpdateMessage | ReportMessage) -> str | None:
+    def _admit(self, device: str | None, upd: UpdateMessage | ReportMessage) -> Reason | None:
         with self._cond:
             return admission_reason(
                 upd, device, fleet=self.config.fleet, run_id=self.run_id, strategy=self.config.strategy, task=self._task,
@@ -263,6 +273,15 @@ class Hub:
         self._stop.set()
         with self._cond:
             self._cond.notify_all()
+
+    def status(self) -> dict:
+        """A JSON-ready snapshot of the run for the status page and /metrics (hub/status.py):
+        the live state copied under the round lock, the history read from the run store."""
+        with self._cond:
+            live = LiveState(phase=self._phase, task=self._task, answered=sorted(self._accepted),
+                             devices=self._roster.devices(), accepted_answers=self.accepted_answers,
+                             rejected_by=dict(self.rejected_by), declined=dict(self._declined))
+        return status_dict(self.config, self.run_id, live, self.store)
 
     def wait_for_round(self, round_id: int, timeout: float, min_updates: int = 0) -> TaskMessage:
         """Block until round `round_id` is open and holds at least `min_updates` accepted updates;
@@ -286,6 +305,7 @@ class Hub:
         said: tuple[list[str], float] | None = None
         with self._cond:
             while len(self._roster) < needed and not self._stop.is_set():
+                self._phase = "waiting for devices"
                 remaining = end - time.time()
                 if remaining <= 0:
                     raise TimeoutError(
@@ -333,6 +353,7 @@ class Hub:
         self.store.open_round(round_id, asdict(task))
         with self._cond:
             self._task = task
+            self._phase = "collecting"
             self._accepted = {}
             self._declined = {}
             for device, payload in self.store.pending(round_id).items():
@@ -364,6 +385,7 @@ class Hub:
             self._closed_rounds[task.round] = set(accepted)
             self._task = None
             self._last_declined = declined
+            self._phase = "closing round"
         if self._stop.is_set():
             log.info("shutting down: round %d stays open with %d/%d answer(s); --resume continues it", task.round,
                      len(accepted), len(task.selected))
@@ -377,13 +399,8 @@ class Hub:
                      len(accepted), len(task.selected), ", ".join(late))
         return accepted
 
-    def evaluate(self, state: OrderedDict[str, np.ndarray], full: bool = False) -> tuple[float | None, float | None]:
-        """Test loss and accuracy of the global model (None where the family has no accuracy)."""
-        scores = self.metrics(state, full)
-        return scores.get("loss"), scores.get("accuracy")
-
     def metrics(self, state: OrderedDict[str, np.ndarray], full: bool = False) -> dict[str, float]:
-        """The model family's test metrics of the global model (loss, accuracy for classification);
+        """The model family's test metrics of the global model (`family.metric_names`);
         empty without test data, or for a model with private tensors: the hub has the shared part
         only, no device's head, and a score with a head no device uses would not be the fleet's
         (docs/protocol.md 6.6)."""
@@ -391,7 +408,7 @@ class Hub:
             return {}
         set_state(self.model, state)
         n = len(self.test_y) if (full or not self.config.eval_size) else min(self.config.eval_size, len(self.test_y))
-        return evaluate(self.model, self.test_x[:n], self.test_y[:n], family=model_family(self.config.model))
+        return evaluate(self.model, self.test_x[:n], self.test_y[:n], family=self.family)
 
     def run(self) -> list[dict]:
         """Run (or resume) rounds until a stop rule fires; returns the full round history."""
@@ -402,6 +419,8 @@ class Hub:
         try:
             self._loop()
         finally:
+            with self._cond:
+                self._phase = "finished" if self.store.get_meta("status") == "finished" else "stopped"
             self.link.stop(final=(self.topics.hub_status, status_payload("offline", role="hub", run=self.run_id)))
         return self.store.rounds()
 
@@ -485,11 +504,13 @@ class Hub:
         self.store.complete_round(record)
         if new_state is not None:
             self.global_state, self.version = new_state, record["model_version"]
-            log.info("round %d: %d updates, accuracy %s, change %.4f", task.round, len(accepted),
-                     f"{record['accuracy']:.4f}" if record["accuracy"] is not None else "n/a", record["weight_change"])
+            score = (record["metrics"] or {}).get(self.family.headline)
+            log.info("round %d: %d updates, %s %s, change %.4f", task.round, len(accepted), self.family.headline,
+                     f"{score:.4f}" if score is not None else "n/a", record["weight_change"])
         else:
-            log.info("round %d (%s): %d reports, device accuracy %s", task.round, task.kind, len(accepted),
-                     f"{record['device_accuracy']:.4f}" if record.get("device_accuracy") is not None else "n/a")
+            score = weighted_mean({d: (a.num_samples, a.metrics) for d, a in accepted.items()}, self.family.headline)
+            log.info("round %d (%s): %d reports, device %s %s", task.round, task.kind, len(accepted), self.family.headline,
+                     f"{score:.4f}" if score is not None else "n/a")
         return record
 
     def _aggregate(self, accepted: dict[str, Accepted]) -> tuple[OrderedDict[str, np.ndarray], dict]:

@@ -4,6 +4,7 @@ it joined, which bounds the weight its updates may claim (protocol.md, admission
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from fedge.models.wire.messages import DECLINED_KINDS
@@ -18,6 +19,8 @@ class Roster:
         self.max_samples = max_samples
         self._online: dict[str, dict[str, Any]] = {}
         self._announced: dict[str, int | None] = {}  # device -> num_samples announced when it joined
+        self._known: dict[str, dict[str, Any]] = {}  # every device ever heard from: its last status
+        self._last_seen: dict[str, float] = {}  # device -> time of its last status or answer
 
     def __len__(self) -> int:
         return len(self._online)
@@ -31,6 +34,9 @@ class Roster:
 
     def update(self, device: str, info: dict[str, Any]) -> None:
         """Apply a parsed status message (an `online` one may join the device, `offline` drops it)."""
+        self._last_seen[device] = time.time()
+        if info["state"] == "online" or device not in self._known:
+            self._known[device] = info
         if info["state"] != "online":
             if self._online.pop(device, None) is not None:
                 log.info("device %s offline (%d online)", device, len(self._online))
@@ -44,6 +50,24 @@ class Roster:
             log.debug("status of %s: %s", device, info)
         self._log_refusal(device, info, self._online.get(device))
         self._online[device] = info
+
+    def seen(self, device: str) -> None:
+        """Note an answer from a known device: last seen is its last message of any kind."""
+        if device in self._known:
+            self._last_seen[device] = time.time()
+
+    def devices(self) -> list[dict[str, Any]]:
+        """Every device heard from, online or not, for the status page: id, online, last seen
+        (epoch seconds), its profile's name and the sample count it announces."""
+        out = []
+        for device in sorted(self._known):
+            info = self._known[device]
+            profile = info.get("profile")
+            samples = info.get("num_samples")
+            out.append({"id": device, "online": device in self._online, "last_seen": self._last_seen.get(device),
+                        "profile": profile.get("name") if isinstance(profile, dict) else None,
+                        "num_samples": samples if isinstance(samples, int) and not isinstance(samples, bool) else None})
+        return out
 
     def _join(self, device: str, info: dict[str, Any]) -> None:
         """Remember the sample count a device announces when it comes online: its updates may

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from fedge.models.errors import FedgeError
+from fedge.models.registry import model_family
 
 from .config import HubConfig
 from .plan import Stage
@@ -40,16 +41,18 @@ def select_devices(online: list[str], k: int, seed: int, round_id: int, attempt:
 
 def stage_done(cfg: HubConfig, stage: Stage, record: dict[str, Any], rounds_done: int) -> bool:
     """Whether `stage` ends after this round (its `rounds_done`-th): its round budget, or for a
-    train stage the target accuracy or a global model that no longer moves (paper 004's rule),
-    each logged when it fires. The run ends when its last stage does."""
+    train stage the target score (`target_score`: the model family's headline metric, e.g.
+    accuracy or F1, of the global model) or a global model that no longer moves (paper 004's
+    rule), each logged when it fires. The run ends when its last stage does."""
     if rounds_done >= stage.rounds:
         return True
     if stage.kind != "train":
         return False
     round_id = record["round"]
-    accuracy = record.get("accuracy")
-    if cfg.target_accuracy is not None and accuracy is not None and accuracy >= cfg.target_accuracy:
-        log.info("target accuracy %.4f reached at round %d", cfg.target_accuracy, round_id)
+    headline = model_family(cfg.model).headline
+    score = (record.get("metrics") or {}).get(headline, record.get(headline))  # a record from before families: its column
+    if cfg.target_score is not None and score is not None and score >= cfg.target_score:
+        log.info("target %s %.4f reached at round %d", headline, cfg.target_score, round_id)
         return True
     change = record.get("weight_change")
     if cfg.min_weight_change is not None and change is not None and change < cfg.min_weight_change:

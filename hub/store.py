@@ -188,10 +188,19 @@ class RunStore:
         with self._lock:
             self._db.execute("INSERT INTO rejections VALUES (?, ?, ?, ?)", (time.time(), device, round_id, reason))
 
-    def rejections(self) -> list[dict]:
+    def rejections(self, last: int | None = None) -> list[dict]:
+        """The run's rejections, oldest first; only the `last` ones if given (the status page)."""
         with self._lock:
-            rows = self._db.execute("SELECT ts, device, round, reason FROM rejections ORDER BY ts").fetchall()
+            if last is None:
+                rows = self._db.execute("SELECT ts, device, round, reason FROM rejections ORDER BY ts").fetchall()
+            else:
+                rows = self._db.execute("SELECT ts, device, round, reason FROM rejections ORDER BY ts DESC LIMIT ?",
+                                        (last,)).fetchall()[::-1]
         return [{"ts": r[0], "device": r[1], "round": r[2], "reason": r[3]} for r in rows]
+
+    def rejection_count(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM rejections").fetchone()[0])
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

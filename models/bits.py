@@ -170,6 +170,21 @@ def regenerate_normal(seed: int, index: int, shape: Sequence[int]) -> np.ndarray
     return rng.standard_normal(int(np.prod(shape, dtype=np.int64)), dtype=np.float32).reshape(shape)
 
 
+def frozen_weight(seed: int, index: int, shape: Sequence[int], init: str = "signed_constant") -> np.ndarray:
+    """The frozen weight W of supermask layer `index` as float32, the values
+    supermask.FrozenWeights.tensor() gives (a torch-free device materialises MPT models with it).
+
+    signed_constant: +-weight_scale(shape) by regenerate_signs; kaiming_normal: regenerate_normal
+    times weight_scale(shape), both in float32 as torch computes them."""
+    if init not in WEIGHT_INITS:
+        raise ConfigError(f"unknown weight init {init!r}; known: {WEIGHT_INITS}")
+    shape = tuple(int(d) for d in shape)
+    scale = np.float32(weight_scale(shape, RELU_GAIN))
+    if init == "signed_constant":
+        return np.where(regenerate_signs(seed, index, shape), scale, -scale).astype(np.float32)
+    return regenerate_normal(seed, index, shape) * scale
+
+
 
 # ----------------------------------------------------------------------------- masks from scores
 
@@ -253,6 +268,7 @@ __all__ = [
     "WEIGHT_INITS",
     "fan_in",
     "from_bitarray",
+    "frozen_weight",
     "keep_count",
     "keep_probability",
     "pack_bits",

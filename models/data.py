@@ -1,5 +1,5 @@
 """Datasets as plain numpy arrays: Fashion-MNIST from idx files, MNIST/CIFAR-10 through
-torchvision, and a generated set for tests. Arrays (not loaders) so a partition can be
+torchvision, and generated sets for tests (single images, and 6-channel image pairs). Arrays (not loaders) so a partition can be
 held resident by a training worker and sliced without copies.
 """
 
@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DataError  # its home is models.errors; imported from here too
-from .normalisation import NORMALISATION
+from .normalisation import NORMALISATION, normalise
 
 DEFAULT_FASHION_ROOT = "/usr/share/datasets/fashion-mnist"
-DATASETS = ("fashion-mnist", "mnist", "cifar10", "synthetic")
+DATASETS = ("fashion-mnist", "mnist", "cifar10", "synthetic", "synthetic-pairs")
 @dataclass
 class Split:
     """One labelled split: x is float32 [N, C, H, W] (normalised), y is int64 [N]."""
@@ -77,9 +77,9 @@ def _find(root: Path, stem: str) -> Path:
     )
 
 
-def _normalise(images: np.ndarray, mean: float, std: float) -> np.ndarray:
-    x = images.astype(np.float32) / 255.0
-    return (x - mean) / std
+def _normalise(images: np.ndarray, stats: tuple[tuple[float, ...], tuple[float, ...]]) -> np.ndarray:
+    """uint8 images [N, C, H, W] (any C) -> float32, normalised per channel with `stats`."""
+    return normalise(images, *stats, channel_axis=1)
 
 
 def load_idx_dataset(root: str | os.PathLike, name: str = "fashion-mnist") -> Dataset:
@@ -96,11 +96,11 @@ def load_idx_dataset(root: str | os.PathLike, name: str = "fashion-mnist") -> Da
     yt = read_idx(_find(root, "t10k-labels-idx1-ubyte"))
     if len(xs) != len(ys) or len(xt) != len(yt):
         raise DataError(f"{root}: image and label counts differ")
-    mean, std = NORMALISATION["fashion-mnist" if name == "fashion-mnist" else "mnist"]
+    stats = NORMALISATION["fashion-mnist" if name == "fashion-mnist" else "mnist"]
     return Dataset(
         name=name,
-        train=Split(_normalise(xs, mean, std)[:, None], ys.astype(np.int64)),
-        test=Split(_normalise(xt, mean, std)[:, None], yt.astype(np.int64)),
+        train=Split(_normalise(xs[:, None], stats), ys.astype(np.int64)),
+        test=Split(_normalise(xt[:, None], stats), yt.astype(np.int64)),
         num_classes=10,
     )
 
@@ -126,9 +126,9 @@ def load_torchvision(name: str, root: str | os.PathLike, download: bool = True) 
         data = np.asarray(ds.data)
         labels = np.asarray(ds.targets, dtype=np.int64)
         if data.ndim == 3:  # MNIST: N,H,W
-            x = _normalise(data, *NORMALISATION["mnist"])[:, None]
+            x = _normalise(data[:, None], NORMALISATION["mnist"])
         else:  # CIFAR: N,H,W,C
-            x = _normalise(data, *NORMALISATION["cifar10"]).transpose(0, 3, 1, 2).copy()
+            x = _normalise(np.ascontiguousarray(data.transpose(0, 3, 1, 2)), NORMALISATION["cifar10"])
         return Split(x, labels)
 
     return Dataset(name=name, train=arrays(train), test=arrays(test), num_classes=10)
@@ -154,6 +154,30 @@ def synthetic(
     return Dataset(name="synthetic", train=make(n_train), test=make(n_test), num_classes=num_classes)
 
 
+def synthetic_pairs(
+    n_train: int = 2000, n_test: int = 500, num_classes: int = 4, image: tuple[int, int, int] = (3, 16, 16), seed: int = 0,
+) -> Dataset:
+    """A generated set of image pairs, stacked on the channel axis ([2C, H, W]: 6 channels for two
+    RGB images), whose label is the change between the two: `before` holds two random patterns
+    of `num_classes` per-class ones, `after` adds the label's pattern, both plus noise. The
+    label is what was added, so a model must compare both halves (the `after` image alone shows
+    three patterns, not which is new): a test of inputs with any channel count, as in change
+    detection on before/after pairs."""
+    rng = np.random.default_rng(seed)
+    patterns = rng.normal(0, 1, size=(num_classes, *image)).astype(np.float32)
+
+    def make(n: int) -> Split:
+        y = np.arange(n) % num_classes
+        rng.shuffle(y)
+        present = rng.integers(0, num_classes, size=(n, 2))
+        noise = rng.normal(0, 0.5, size=(2, n, *image)).astype(np.float32)
+        before = patterns[present[:, 0]] + patterns[present[:, 1]] + noise[0]
+        after = before + patterns[y] + noise[1]
+        return Split(np.concatenate([before, after], axis=1).astype(np.float32), y.astype(np.int64))
+
+    return Dataset(name="synthetic-pairs", train=make(n_train), test=make(n_test), num_classes=num_classes)
+
+
 def load_dataset(name: str, root: str | os.PathLike | None = None, download: bool = True, seed: int = 0) -> Dataset:
     """Dispatch by name; every failure is a DataError that says what to install or pass."""
     if name == "fashion-mnist":
@@ -162,4 +186,6 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, download: boo
         return load_torchvision(name, root or os.path.expanduser(f"~/.cache/fedge/{name}"), download)
     if name == "synthetic":
         return synthetic(seed=seed)
+    if name == "synthetic-pairs":
+        return synthetic_pairs(seed=seed)
     raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")

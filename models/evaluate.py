@@ -12,15 +12,13 @@ from .families import CLASSIFICATION, Family
 @torch.no_grad()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000,
              family: Family = CLASSIFICATION) -> dict[str, float]:
-    """{'loss': ..., and the family's metrics} over the whole set (classification: 'accuracy'
-    in [0,1]), in eval mode, restoring the previous mode. Per-batch counts are summed first, so
-    metrics such as F1 are those of the set, not a mean over batches."""
+    """The family's metrics over the whole set (`family.metric_names`: classification 'loss'
+    and 'accuracy' in [0,1]), in eval mode with no gradients, restoring the previous mode.
+    What a metric covers is the family's: per-batch counts summed over the set (so F1 is the
+    set's, not a mean over batches), or the whole set at once (a linear probe)."""
     was_training = model.training
     model.eval()
-    totals: dict[str, float] = {}
-    for start in range(0, len(x), batch_size):
-        counts = family.counts(model(x[start : start + batch_size]), y[start : start + batch_size])
-        for key, value in counts.items():
-            totals[key] = totals.get(key, 0) + value
-    model.train(was_training)
-    return family.metrics(totals)
+    try:
+        return family.evaluate(model, x, y, batch_size)
+    finally:
+        model.train(was_training)

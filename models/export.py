@@ -8,12 +8,13 @@ torch.export/dynamo exporter, which requires the extra `onnxscript` package (not
 dependency, not installed) and gains nothing for these static feed-forward nets. The
 legacy TorchScript exporter produces a plain Flatten/Gemm/Conv/MaxPool graph with a
 dynamic batch axis that ONNX Runtime matches to ~1e-7. It emits a DeprecationWarning,
-which we silence here; if a future torch removes it, `builder="graph"` (the torch-free
-graph builder in models.onnx_graph) exports the registered models without it.
+which we silence here. The same exporter writes the graph templates
+(models/onnx_templates/build.py) that `builder="graph"` and the devices fill without torch.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -34,7 +35,18 @@ from fedge.models.wire.messages import parse_model
 from .errors import ConfigError, ModelFileError
 from .maskfile import MaskFile, MaskFileError
 from .mpt_nets import build_from_mask_file
-from .registry import build_model, get_state, is_known_model, model_names, private_patterns, set_state, split_state
+from .registry import (
+    build_model,
+    get_state,
+    mask_file_spec,
+    model_family,
+    model_names,
+    model_spec,
+    private_patterns,
+    set_state,
+    split_state,
+)
+from .spec import ModelSpec
 from .supermask import BinaryActivation, BinaryWeightLayer, SupermaskLayer, materialize
 
 OPSET = onnx_graph.OPSET
@@ -70,6 +82,33 @@ def has_binary_activations(model: nn.Module) -> bool:
 
 
 # ----------------------------------------------------------------------------- export
+def torch_onnx(model: nn.Module, in_shape: tuple[int, ...], opset: int = OPSET, fold: bool = True) -> onnx.ModelProto:
+    """torch.onnx.export (the legacy exporter, dynamic batch axis) of an eval-mode dense model, in memory.
+
+    fold=True (export_onnx): constant folding and the exporter's eval-mode fusions (Conv+BatchNorm,
+    pre-transposed Linear weights): the file a run ships. fold=False (graph templates): every
+    initializer is a state_dict tensor under its own name, untransposed and unfused, so a
+    template's slots map one to one onto tensors; ONNX Runtime folds the same at session start.
+    """
+    was_training = model.training
+    model.eval()
+    dummy = torch.zeros(2, *in_shape, dtype=torch.float32)
+    buf = io.BytesIO()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            torch.onnx.export(
+                model, (dummy,), buf, dynamo=False, export_params=True, do_constant_folding=fold,
+                training=torch.onnx.TrainingMode.EVAL if fold else torch.onnx.TrainingMode.PRESERVE,
+                input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], opset_version=opset,
+                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            )
+    finally:
+        model.train(was_training)
+    return onnx.load_model_from_string(buf.getvalue())
+
+
 def export_onnx(
     model: nn.Module, path: str | os.PathLike, in_shape: tuple[int, ...] = (1, 28, 28),
     meta: Mapping[str, Any] | None = None, opset: int = OPSET, check: bool = True,
@@ -82,24 +121,15 @@ def export_onnx(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model = materialize_if_needed(model)
+    proto = torch_onnx(model, in_shape, opset)
+    info = {"in_shape": [int(d) for d in in_shape], "builder": "torch.onnx(dynamo=False)"}
     was_training = model.training
     model.eval()
-    dummy = torch.zeros(2, *in_shape, dtype=torch.float32)
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", category=DeprecationWarning)
-            warnings.filterwarnings("ignore", category=FutureWarning)
-            torch.onnx.export(
-                model, (dummy,), str(path), dynamo=False, export_params=True, do_constant_folding=True,
-                input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], opset_version=opset,
-                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-            )
+        with torch.no_grad():
+            info["num_classes"] = int(model(torch.zeros(1, *in_shape)).shape[1])
     finally:
         model.train(was_training)
-    proto = onnx.load(str(path))
-    info = {"in_shape": [int(d) for d in in_shape], "builder": "torch.onnx(dynamo=False)"}
-    with torch.no_grad():
-        info["num_classes"] = int(model(dummy[:1]).shape[-1])
     info.update(dict(meta or {}))
     onnx_graph.set_metadata(proto, info)
     proto.producer_name = "fedge.export"
@@ -110,14 +140,21 @@ def export_onnx(
 
 
 def export_state(
-    model_name: str, tensors: Mapping[str, np.ndarray], path: str | os.PathLike, in_shape: tuple[int, ...] = (1, 28, 28),
+    model: ModelSpec | str, tensors: Mapping[str, np.ndarray], path: str | os.PathLike, in_shape: tuple[int, ...] = (1, 28, 28),
     num_classes: int = 10, meta: Mapping[str, Any] | None = None, builder: str = "torch",
 ) -> Path:
-    """Export wire tensors of registry model `model_name` ("torch": via torch.onnx; "graph":
-    via the torch-free builder, registered dense models only)."""
-    info = {"model": model_name, **dict(meta or {})}
+    """Export wire tensors of `model` (a ModelSpec or registered name; "torch": via torch.onnx;
+    "graph": by filling the model's shipped graph template with the spec's options, torch-free,
+    as a device does). The model's name, options (`model_options`, the spec's: those off their
+    defaults) and family (models/families.py) go into the metadata either way."""
+    spec = model_spec(model)
+    family = model_family(spec).name
+    if family == "contrastive":  # its output is the training loss's projection; the predictor would read it as classes
+        raise ExportError(f"{spec.name} is a contrastive model: its output is a projection, not a prediction a device "
+                          f"could serve; load its encoder into a model with a head (e.g. mlp-private-head) and export that")
+    info = {"model": spec.name, "model_options": spec.options_dict(), "family": family, **dict(meta or {})}
     if builder == "graph":
-        proto = onnx_graph.build_onnx(model_name, tensors, in_shape, num_classes, meta=info)
+        proto = onnx_graph.build_onnx(spec, tensors, in_shape, num_classes, meta=info)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         onnx.save(proto, str(path))
@@ -125,18 +162,21 @@ def export_state(
         return path
     if builder != "torch":
         raise ConfigError(f"builder must be 'torch' or 'graph', not {builder!r}")
-    model = build_model(model_name, tuple(in_shape), int(num_classes))
-    set_state(model, tensors)
-    return export_onnx(model, path, tuple(in_shape), meta=info)
+    net = build_model(spec, tuple(in_shape), int(num_classes))
+    set_state(net, tensors)
+    return export_onnx(net, path, tuple(in_shape), meta=info)
 
 
 # ----------------------------------------------------------------------------- sources
-def resolve_source(source: str | os.PathLike, runs_dir: str | os.PathLike = "runs") -> Path | None:
-    """The model file a RUN_OR_MODEL argument names, or None when it is a registry model name.
+def resolve_source(source: str | os.PathLike | ModelSpec, runs_dir: str | os.PathLike = "runs") -> Path | None:
+    """The model file a RUN_OR_MODEL argument names, or None when it is a model (a ModelSpec,
+    or a registered name).
 
     Accepts a .fedge model envelope, a run folder (its final_model.fedge, else its newest
     checkpoint), or a run id under `runs_dir`.
     """
+    if isinstance(source, ModelSpec):
+        return None
     text = str(source)
     path = Path(text)
     if not path.exists() and (Path(runs_dir) / text).is_dir():
@@ -161,18 +201,20 @@ def resolve_source(source: str | os.PathLike, runs_dir: str | os.PathLike = "run
 
 
 def load_source(
-    source: str | os.PathLike, runs_dir: str | os.PathLike = "runs", in_shape: tuple[int, ...] = (1, 28, 28),
+    source: str | os.PathLike | ModelSpec, runs_dir: str | os.PathLike = "runs", in_shape: tuple[int, ...] = (1, 28, 28),
     num_classes: int = 10, seed: int = 0, verifier: Any = None,
-) -> tuple[str, dict[str, np.ndarray], tuple[int, ...], int, dict[str, Any]]:
-    """(model name, tensors, in_shape, num_classes, meta) of a run, a .fedge file or a model name.
+) -> tuple[ModelSpec, dict[str, np.ndarray], tuple[int, ...], int, dict[str, Any]]:
+    """(model spec, tensors, in_shape, num_classes, meta) of a run, a .fedge file, a 1-bit file
+    or a model (a ModelSpec or a registered name).
 
-    A bare model name gives its freshly initialised weights (seeded): useful for benchmarks
+    A bare model gives its freshly initialised weights (seeded): useful for benchmarks
     and smoke tests, not for predictions.
     """
     path = resolve_source(source, runs_dir)
     if path is None:
-        model = build_model(str(source), tuple(in_shape), int(num_classes), seed=seed)
-        return str(source), get_state(model), tuple(in_shape), int(num_classes), {"source": f"init seed {seed}"}
+        spec = model_spec(source if isinstance(source, ModelSpec) else str(source))
+        model = build_model(spec, tuple(in_shape), int(num_classes), seed=seed)
+        return spec, get_state(model), tuple(in_shape), int(num_classes), {"source": f"init seed {seed}"}
 
     data = path.read_bytes()
     if data[:8] == b"FEDGEMPT":  # a 1-bit model file: MPT mask + seed, or BNN signs; per-layer scales
@@ -181,27 +223,33 @@ def load_source(
             mask_file = MaskFile.from_bytes(data)
         except MaskFileError as exc:
             raise ExportError(f"{path}: {exc}") from None
-        default_ratio = mask_file.bits == "sign" or abs(mask_file.prune_ratio - 0.8) < 1e-9
-        name = mask_file.model if default_ratio else f"{mask_file.model}@{mask_file.prune_ratio}"
+        try:
+            spec = mask_file_spec(mask_file)  # the name, prune ratio, seed (and width) the file stores
+        except MaskFileError as exc:
+            raise ExportError(f"{path}: {exc}") from None
         model = build_from_mask_file(mask_file)
         meta = {"source": str(path), "mask_bytes": mask_file.mask_payload_bytes, **mask_file.meta}
-        return name, get_state(model), tuple(mask_file.in_shape), int(mask_file.num_classes), meta
+        return spec, get_state(model), tuple(mask_file.in_shape), int(mask_file.num_classes), meta
     try:
         msg = parse_model(decode(data, verifier=verifier))
     except EnvelopeError as exc:
         raise ExportError(f"{path}: not a fedge model file: {exc}") from None
-    private = private_patterns(msg.model) if is_known_model(msg.model) else ()
-    if private and not split_state(msg.model, msg.tensors)[1]:
-        raise ExportError(f"{path}: {msg.model} keeps {', '.join(private)} on each device; this file holds only "
+    try:
+        spec = model_spec(msg.spec)  # the header's model and options, checked against the registry
+    except ConfigError as exc:
+        raise ExportError(f"{path}: {exc}") from None
+    private = private_patterns(spec)
+    if private and not split_state(spec, msg.tensors)[1]:
+        raise ExportError(f"{path}: {spec} keeps {', '.join(private)} on each device; this file holds only "
                           f"the shared tensors, so it is no complete model to export")
     shape = tuple(int(d) for d in msg.meta.get("in_shape", in_shape))
     classes = int(msg.meta.get("num_classes", num_classes))
     meta = {"run": msg.run, "version": int(msg.version), "fleet": msg.fleet, "source": str(path)}
-    return msg.model, msg.tensors, shape, classes, meta
+    return spec, msg.tensors, shape, classes, meta
 
 
 def export(
-    source: str | os.PathLike, out: str | os.PathLike | None = None, runs_dir: str | os.PathLike = "runs",
+    source: str | os.PathLike | ModelSpec, out: str | os.PathLike | None = None, runs_dir: str | os.PathLike = "runs",
     int8: str | None = None, calibration: np.ndarray | None = None, builder: str = "torch",
     in_shape: tuple[int, ...] = (1, 28, 28), num_classes: int = 10, seed: int = 0,
 ) -> dict[str, Any]:
@@ -211,12 +259,12 @@ def export(
     The exported file is checked twice: onnx.checker, and torch vs onnxruntime on a random
     batch (max_abs_diff must stay under PARITY_ATOL, else ExportError).
     """
-    name, tensors, shape, classes, meta = load_source(source, runs_dir, in_shape, num_classes, seed)
+    spec, tensors, shape, classes, meta = load_source(source, runs_dir, in_shape, num_classes, seed)
     src = resolve_source(source, runs_dir)
     if out is None:
-        out = src.with_suffix(".onnx") if src is not None else Path(f"{name}.onnx")
-    path = export_state(name, tensors, out, shape, classes, meta=meta, builder=builder)
-    model = build_model(name, shape, classes)
+        out = src.with_suffix(".onnx") if src is not None else Path(f"{spec.name}.onnx")
+    path = export_state(spec, tensors, out, shape, classes, meta=meta, builder=builder)
+    model = build_model(spec, shape, classes)
     set_state(model, tensors)
     x = np.random.default_rng(seed).normal(size=(8, *shape)).astype(np.float32)
     ref = torch_logits(model, x)
@@ -226,7 +274,8 @@ def export(
     binary = has_binary_activations(model)
     if not diff <= tolerance and not binary:
         raise ExportError(f"{path}: onnxruntime differs from torch by {diff:.3g} > {tolerance:.3g}")
-    summary: dict[str, Any] = {"onnx": str(path), "bytes": path.stat().st_size, "model": name, "in_shape": list(shape),
+    summary: dict[str, Any] = {"onnx": str(path), "bytes": path.stat().st_size, "model": spec.name,
+                               "model_options": spec.options_dict(), "in_shape": list(shape),
                                "num_classes": classes, "max_abs_diff": diff,
                                "class_agreement": float((ref.argmax(1) == got.argmax(1)).mean()), **meta}
     if binary:

@@ -1,4 +1,5 @@
-"""Network definitions: the MLP of paper 001 (and its split encoder/head form) and the Conv-4 of paper 003 (MPT)."""
+"""Network definitions: the MLP of paper 001 (its split encoder/head form, and a contrastive form
+for paper 002's self-supervised backbone) and the Conv-4 of paper 003 (MPT)."""
 
 from __future__ import annotations
 
@@ -41,6 +42,29 @@ class SplitMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.encoder(x))
+
+
+class ContrastiveMLP(nn.Module):
+    """SplitMLP's encoder (784-200-200, the same tensor names `encoder.*`) under a SimCLR
+    projection head (200-200-`proj`): trained without labels by the contrastive family, whose
+    probe reads `embed` (the encoder's output), not the projection. Paper 002's backbone: its
+    `encoder.*` tensors load into an `mlp-private-head` model for the per-device heads.
+    `num_classes` is not used; the projection's size is `proj`."""
+
+    def __init__(self, in_shape: tuple[int, ...] = (1, 28, 28), num_classes: int = 10, hidden: int = 200,
+                 proj: int = 64) -> None:
+        super().__init__()
+        n_in = 1
+        for d in in_shape:
+            n_in *= int(d)
+        self.encoder = nn.Sequential(nn.Flatten(), nn.Linear(n_in, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
+        self.projection = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, proj))
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.projection(self.encoder(x))
 
 
 class Conv4(nn.Module):

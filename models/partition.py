@@ -90,9 +90,12 @@ def partition(
     if num_devices < 1:
         raise PartitionError("num_devices must be at least 1")
     y = np.asarray(y)
+    kind = spec.kind
+    if y.ndim > 1 and kind not in ("iid", "sizes"):
+        raise PartitionError(f"partition {kind!r} splits by class label, but the targets are one array of shape "
+                             f"{tuple(y.shape[1:])} per example (masks); use iid or sizes")
     k = int(num_classes or (int(y.max()) + 1 if len(y) else 0))
     rng = np.random.default_rng(seed)
-    kind = spec.kind
     if kind == "iid":
         per = spec.per_device or len(y) // num_devices
         if per * num_devices > len(y):
@@ -157,6 +160,17 @@ def partition(
     return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
 
 
+def label_counts(y: np.ndarray, num_classes: int) -> list[int]:
+    """How many examples of each class labels `y` hold. Targets with one array per example
+    (segmentation masks) have no class: for them [examples whose mask has no positive value,
+    examples with at least one], so the counts always add up to the examples."""
+    y = np.asarray(y)
+    if y.ndim > 1:
+        positive = (y.reshape(len(y), -1) > 0.5).any(axis=1)
+        return [int((~positive).sum()), int(positive.sum())]
+    return np.bincount(y, minlength=num_classes).astype(int).tolist()
+
+
 def class_counts(y: np.ndarray, parts: list[np.ndarray], num_classes: int) -> list[list[int]]:
-    """Per device, how many images of each class it holds (the partition report)."""
-    return [np.bincount(np.asarray(y)[p], minlength=num_classes).astype(int).tolist() for p in parts]
+    """Per device, how many images of each class it holds (the partition report; `label_counts`)."""
+    return [label_counts(np.asarray(y)[p], num_classes) for p in parts]

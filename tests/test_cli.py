@@ -12,6 +12,7 @@ import time
 
 import paho.mqtt.client as mqtt
 import pytest
+from PIL import Image
 
 from fedge.models.errors import ConfigError, DataError
 from fedge.models.wire.transport import BrokerConfig
@@ -68,6 +69,11 @@ def test_fleet_command_over_the_in_memory_transport(tmp_path):
     run = json.loads((tmp_path / "mem" / "run.json").read_text())
     assert run["transport"] == "inproc" and run["config"]["transport"] == "inproc"
     assert run["rounds_completed"] == 2 and run["final_accuracy"] > 0.4  # 10 classes: chance is 0.1
+    # the family's names lead; classification keeps its accuracy keys, and its plot is accuracy.png
+    assert run["family"] == "classification" and run["headline"] == "accuracy"
+    assert run["final_metrics"] == {"loss": run["final_loss"], "accuracy": run["final_accuracy"]}
+    with Image.open(tmp_path / "mem" / run["files"]["plot"]) as plot:
+        assert run["files"]["plot"] == "accuracy.png" and plot.text["Description"] == "y: test accuracy (%)"
     bad = _run(["fleet", "--transport", "inproc", "--broker", "mqtt://127.0.0.1:1883", "--dataset", "synthetic",
                 "--runs-dir", str(tmp_path), "--no-progress"])
     assert bad.returncode == 2 and "needs --transport mqtt" in bad.stderr

@@ -17,8 +17,11 @@ from torch import nn
 from fedge.edge_agent.trainer import LocalTrainer, TrainConfig
 from fedge.models.errors import ConfigError
 from fedge.models.evaluate import evaluate
-from fedge.models.families import CLASSIFICATION, SEGMENTATION, get_family, segmentation_metrics
+from fedge.models.families import CLASSIFICATION, CONTRASTIVE, FAMILIES, SEGMENTATION, get_family, segmentation_metrics
 from fedge.models.registry import MODELS, Registered, build_model, get_state, model_family, model_names, set_state
+from fedge.models.spec import ModelSpec
+
+from .family_data import TinySeg, bright_squares
 
 TRUTH = torch.zeros(1, 1, 4, 4)
 TRUTH[0, 0, 1:3, 1:3] = 1.0  # 4 positive pixels of 16
@@ -84,11 +87,27 @@ def test_segmentation_rejects_a_mask_that_does_not_fit_the_output() -> None:
         SEGMENTATION.counts(torch.zeros(1, 1, 4, 4), torch.zeros(1, 2, 4))
 
 
-def test_every_registered_model_is_classification_and_unknown_families_are_named() -> None:
-    assert all(model_family(name) is CLASSIFICATION for name in model_names())
-    assert model_family("conv4-mpt@0.5") is CLASSIFICATION
+def test_registered_models_name_their_family_and_unknown_families_are_named() -> None:
+    assert model_family("mlp-contrastive") is CONTRASTIVE
+    assert all(model_family(name) is CLASSIFICATION for name in model_names() if name != "mlp-contrastive")
+    assert model_family(ModelSpec("conv4-mpt", {"prune_ratio": 0.5})) is CLASSIFICATION
     with pytest.raises(ConfigError, match="unknown model family 'contrastve'"):
         get_family("contrastve")
+
+
+def test_every_family_evaluates_to_its_metric_names_led_by_loss_with_its_headline_among_them() -> None:
+    """run.json, the plots and the stop rule read `metric_names` and `headline`; evaluate must keep to them."""
+    gen = torch.Generator().manual_seed(0)
+    x, labels = torch.randn(40, 1, 16, 16, generator=gen), torch.randint(0, 3, (40,), generator=gen)
+    masks = (torch.rand(40, 1, 16, 16, generator=gen) > 0.7).float()
+    cases = {"classification": (build_model("mlp", (1, 16, 16), 3, seed=0), labels),
+             "segmentation": (TinySeg((1, 16, 16), 1), masks),
+             "contrastive": (build_model("mlp-contrastive", (1, 16, 16), 3, seed=0), labels)}
+    assert set(cases) == set(FAMILIES)
+    for name, (model, y) in cases.items():
+        family = get_family(name)
+        assert family.metric_names[0] == "loss" and family.headline in family.metric_names
+        assert tuple(evaluate(model, x, y, batch_size=16, family=family)) == family.metric_names, name
 
 
 def test_classification_evaluate_is_bit_identical_to_cross_entropy_and_argmax() -> None:
@@ -133,31 +152,6 @@ def test_classification_training_is_bit_identical_to_a_plain_cross_entropy_loop(
         assert np.array_equal(result.state[name], value), name
 
 
-class TinySeg(nn.Module):
-    """Two 3x3 convolutions and a 1x1 to one logit per pixel: a test model, never registered."""
-
-    def __init__(self, in_shape: tuple[int, ...], num_classes: int) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Conv2d(in_shape[0], 8, 3, padding=1), nn.ReLU(),
-                                 nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 1, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-
-def bright_squares(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """1x16x16 noise images, each with a bright square (side 3..6); the mask is the square."""
-    gen = torch.Generator().manual_seed(seed)
-    x = 0.3 * torch.rand(n, 1, 16, 16, generator=gen)
-    y = torch.zeros(n, 1, 16, 16)
-    for i in range(n):
-        side = int(torch.randint(3, 7, (1,), generator=gen))
-        r, c = (int(v) for v in torch.randint(0, 16 - side + 1, (2,), generator=gen))
-        x[i, 0, r : r + side, c : c + side] += 0.7
-        y[i, 0, r : r + side, c : c + side] = 1.0
-    return x, y
-
-
 def test_tiny_segmentation_model_learns_through_the_local_trainer(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(MODELS, "test-tiny-seg", Registered(TinySeg, family="segmentation"))
     x, y = bright_squares(256, seed=0)
@@ -182,6 +176,6 @@ def test_design_doc_shows_the_real_code() -> None:
     section = (root / "docs" / "design.md").read_text().split("## Task families", 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
     source = (root / "models" / "families.py").read_text()
-    assert len(blocks) == 2
+    assert len(blocks) == 5
     for block in blocks:
         assert block in source, block[:80]

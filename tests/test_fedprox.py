@@ -54,7 +54,7 @@ def test_the_step_minimises_loss_plus_mu_half_squared_distance():
     before = [p.detach().clone() for p in params]
     grads = torch.autograd.grad(torch.nn.functional.cross_entropy(model(xb), yb), params)
     opt = torch.optim.SGD(params, lr=0.1, momentum=0.0)
-    _step(model, opt, xb, yb, (0.2, params, anchors))
+    _step(model, opt, xb, yb, torch.Generator(), (0.2, params, anchors))
     for p, b, g, a in zip(params, before, grads, anchors):
         torch.testing.assert_close(p.detach(), b - 0.1 * (g + 0.2 * (b - a)))
 

@@ -171,8 +171,8 @@ def test_devices_that_cannot_train_are_named_by_the_hub_which_stops_waiting(tmp_
     assert took < 90, took  # no deadline was waited out
     err = hub.stderr
     assert "device pi-broken failed round 1: DataError: private state" in err, err[-3000:]
-    assert "device pi-small refused round 1: the model takes examples of shape [1, 28, 28] (C, H, W) but this " \
-           "device's data holds [1, 14, 14]" in err
+    assert "device pi-small refused round 1: the model takes inputs [1, 28, 28], this device's data is " \
+           "[1, 14, 14] (channels, height, width)" in err
     assert "fedge hub: error: round 1 failed 4 times" in err and "pi-broken failed: DataError" in err
     assert "ignored for this round" not in err and "Traceback" not in err
     assert "pi-broken: train task of round 1 failed: DataError: private state" in agents[0].text

@@ -136,7 +136,7 @@ def test_hub_restarted_mid_run_resumes_without_losing_or_repeating_rounds(broker
 
 # (rule, threshold, lr): on this data the rule first fires at round 3 (accuracy ~0.59 -> ~0.81 at lr
 # 0.015) or round 4 (relative change ~0.13 -> ~0.02 at lr 0.05): thresholds sit well inside those gaps
-@pytest.mark.parametrize("rule, threshold, lr", [("target_accuracy", 0.7, 0.015), ("min_weight_change", 0.05, 0.05)])
+@pytest.mark.parametrize("rule, threshold, lr", [("target_score", 0.7, 0.015), ("min_weight_change", 0.05, 0.05)])
 def test_stop_rules_end_the_run_early(embedded_broker, topic_prefix, tmp_path, small_data, rule, threshold, lr):
     fleet = _fleet(embedded_broker, topic_prefix, tmp_path, small_data, devices=3)
     fleet.cfg.hub.rounds = 10
@@ -150,7 +150,7 @@ def test_stop_rules_end_the_run_early(embedded_broker, topic_prefix, tmp_path, s
     assert 3 <= report["rounds_completed"] == len(rounds) < 10, [(r["accuracy"], r["weight_change"]) for r in rounds]
 
     def fired(rec: dict) -> bool:
-        return rec["accuracy"] >= threshold if rule == "target_accuracy" else rec["weight_change"] < threshold
+        return rec["accuracy"] >= threshold if rule == "target_score" else rec["weight_change"] < threshold
 
     # the run stopped at the first round where the rule holds: not before, not after
     assert fired(rounds[-1]) and not any(fired(r) for r in rounds[:-1]), [(r["accuracy"], r["weight_change"]) for r in rounds]

@@ -75,7 +75,7 @@ def test_an_inflated_sample_count_is_rejected_and_the_run_still_learns(pki, secu
                         in_shape=small_data.in_shape, num_classes=small_data.num_classes)
     hub = Hub(hub_cfg, _cfg(pki, secure_broker, HUB_USER), RunStore(tmp_path / "runs" / "inflated"),
               small_data.test.x, small_data.test.y)
-    _, initial_acc = hub.evaluate(hub.global_state)
+    initial_acc = hub.metrics(hub.global_state)["accuracy"]
     topics = Topics(FLEET, topic_prefix)
     honest_idx = np.arange(len(small_data.train.y))[::2]
     pool = TrainingPool(workers=1, threads_per_worker=1)

@@ -1,4 +1,5 @@
-"""ONNX export, the torch-free graph builder, int8, hot swap and the local HTTP endpoint.
+"""ONNX export, the torch-free graph (templates filled from wire tensors), int8, hot swap and the
+local HTTP endpoint. The templates themselves, MPT/BNN from the wire and segmentation: test_onnx_templates.py.
 
 Parity is measured, not mocked: torch and ONNX Runtime run the same weights on the same
 synthetic batch; logits must agree within PARITY_ATOL (1e-4; measured ~1e-7) and the
@@ -162,11 +163,11 @@ def test_wire_graph_parity_with_torch(setup, name):  # noqa: ANN001
     diff = float(np.abs(got - s["ref"]).max())
     assert diff <= PARITY_ATOL, f"{name}: max |torch - wire-built graph| = {diff}"
     assert float((got.argmax(1) == s["ref"].argmax(1)).mean()) == 1.0
-    # and the two ONNX files (torch exporter vs onnx.helper) agree with each other
+    # and the two ONNX files (torch exporter vs the filled graph template) agree with each other
     exported = Predictor.load(s["onnx"]).logits(s["ds"].test.x[:50])
     assert float(np.abs(exported - got[:50]).max()) <= PARITY_ATOL
-    assert pred.describe() == {"model": name, "run": "run-a", "version": 4, "fleet": "f1", "in_shape": list(SHAPE),
-                               "num_classes": 10, "builder": "onnx_graph"}
+    assert pred.describe() == {"model": name, "model_options": {}, "family": "classification", "run": "run-a",
+                               "version": 4, "fleet": "f1", "in_shape": list(SHAPE), "num_classes": 10, "builder": "template"}
 
 
 def test_wire_graph_fp16_codec(setup):  # noqa: ANN001
@@ -196,6 +197,13 @@ def test_graph_builder_rejects_bad_tensors(setup):  # noqa: ANN001
         onnx_graph.build_onnx("resnet18", state)
     with pytest.raises(onnx_graph.GraphError, match="do not match"):
         onnx_graph.build_onnx("conv4", state)
+    # a dimension that follows in_shape: the first layer's inputs must be 1*28*28 (named at the node it breaks)
+    wide = dict(state, **{"net.1.weight": np.zeros((200, 700), np.float32)})
+    with pytest.raises(onnx_graph.GraphError, match=r"'net.1.weight'.* do not fit in_shape \[1, 28, 28\]: .*700 and 784"):
+        onnx_graph.build_onnx("mlp", wide)
+    conv = get_state(build_model("conv4", (3, 28, 28), 10))
+    with pytest.raises(onnx_graph.GraphError, match="'features.0.weight' takes 3 input channels, but its layer receives 1"):
+        onnx_graph.build_onnx("conv4", conv, (1, 28, 28))
 
 
 # ----------------------------------------------------------------------------- int8

@@ -39,8 +39,13 @@ def test_wheel_holds_only_the_fedge_namespace(wheel: Path) -> None:
             module = f"{installed}/{init.relative_to(REPO / folder).as_posix()}"
             assert module in names, f"{module} is missing from the wheel: add its package to pyproject.toml"
     for module in ("fedge/models/wire/envelope.py", "fedge/hub/hub.py", "fedge/hub/sim/fleet.py",
-                   "fedge/edge_agent/agent.py", "fedge/cli/__init__.py", "fedge/firmware_profiles/rpi4.yaml"):
+                   "fedge/edge_agent/agent.py", "fedge/cli/__init__.py", "fedge/firmware_profiles/rpi4.yaml",
+                   "fedge/hub/status_page.html"):
         assert module in names, module
+    # the graph templates a torch-free device fills (package data): one per template in the checkout
+    for template in (REPO / "models" / "onnx_templates").glob("*.onnx"):
+        assert f"fedge/models/onnx_templates/{template.name}" in names, f"{template.name} is missing from the wheel"
+    assert "fedge/models/onnx_templates/conv4-mpt.onnx" in names
 
 
 def test_installed_wheel_imports_as_fedge_only(wheel: Path, tmp_path: Path) -> None:
@@ -51,6 +56,8 @@ def test_installed_wheel_imports_as_fedge_only(wheel: Path, tmp_path: Path) -> N
     first = f"import sys; sys.path.insert(0, {str(site)!r}); "
     code = (first + "import fedge.hub, fedge.models, fedge.edge_agent, fedge.models.wire, fedge.edge_agent.profile as p;"
             f"assert fedge.hub.__file__.startswith({str(site)!r}), fedge.hub.__file__;"
+            "from fedge.models.onnx_graph import load_template;"
+            f"assert str(load_template('conv4-mpt').proto.graph.input[0].name) == 'input';"
             "print(len(p.available_profiles()))")
     ok = subprocess.run([sys.executable, "-I", "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0, ok.stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from fedge.edge_agent.profile import ProfileError, available_profiles, load_profile
+from fedge.models.spec import ModelSpec
 
 
 def test_builtin_profiles_are_valid():
@@ -19,7 +20,12 @@ def test_user_profile_file(tmp_path):
     path = tmp_path / "mine.yaml"
     path.write_text("name: mine\nmodel: conv4\nbatch_size: 8\nprecision: fp16\n")
     prof = load_profile(str(path))
-    assert (prof.model, prof.batch_size, prof.precision, prof.device) == ("conv4", 8, "fp16", "cpu")
+    assert (prof.model, prof.batch_size, prof.precision, prof.device) == (ModelSpec("conv4"), 8, "fp16", "cpu")
+    # a model's options: a mapping beside its name, typed as YAML reads it; defaults are dropped
+    path.write_text("name: mine\nmodel: conv4-mpt\nmodel_options: {prune_ratio: 0.9, seed: 0}\n")
+    prof = load_profile(str(path))
+    assert prof.model == ModelSpec("conv4-mpt", {"prune_ratio": 0.9})
+    assert prof.summary()["model"] == "conv4-mpt" and prof.summary()["model_options"] == {"prune_ratio": 0.9}
 
 
 @pytest.mark.parametrize(
@@ -29,6 +35,13 @@ def test_user_profile_file(tmp_path):
         ("name: x\nthreads: four\n", r"key 'threads' must be positive integer, got 'four'"),
         ("name: x\ndevice: tpu\n", r"key 'device' is 'tpu'; allowed: cpu, cuda"),
         ("name: x\nmodel: resnet1000\n", r"key 'model' is 'resnet1000'; allowed: .*mlp"),
+        ("name: x\nmodel: conv4-mpt@0.9\n", r"key 'model' is 'conv4-mpt@0.9'; allowed: .*mlp"),  # shorthand: CLI only
+        ("name: x\nmodel: conv4-mpt\nmodel_options: {prune_ratio: 1.5}\n",
+         r"key 'model_options': model conv4-mpt: option prune_ratio=1.5 is not a number in \[0, 1\)"),
+        ("name: x\nmodel: conv4-mpt\nmodel_options: {prune_ratio: '0.9'}\n", r"option prune_ratio='0.9' is not a number"),
+        ("name: x\nmodel: conv4\nmodel_options: {width: 2}\n",
+         r"key 'model_options': model conv4 has no option 'width'; it takes no options"),
+        ("name: x\nmodel_options: [1]\n", r"key 'model_options' must be a mapping"),
         ("name: x\nbatch_size: 0\n", r"key 'batch_size' must be positive"),
         ("name: x\nlocal_epochs: true\n", r"key 'local_epochs' must be"),
         ("name: x\nmax_epochs: 0\n", r"key 'max_epochs' must be positive"),

@@ -58,11 +58,13 @@ def test_normalisation_constants_and_ranges() -> None:
     assert set(rows) == set(NORMALISATION)
     for name, (mean, std) in NORMALISATION.items():
         row = rows[name]
-        assert (float(row[2]), float(row[3])) == (mean, std)
+        assert (tuple(float(v) for v in row[2].split(",")), tuple(float(v) for v in row[3].split(","))) == (mean, std)
         lo, hi = (float(v) for v in re.findall(r"-?\d+\.\d+", row[4]))
-        got = _normalise(np.array([0, 255], dtype=np.uint8), mean, std)
+        channels = int(re.findall(r"\d+", row[1])[0])
+        got = _normalise(np.array([0, 255], dtype=np.uint8).reshape(2, 1, 1, 1).repeat(channels, axis=1), (mean, std))
         assert got.dtype == np.float32
-        assert got == pytest.approx([lo, hi], abs=1e-4)
+        assert got[:, 0].reshape(-1) == pytest.approx([lo, hi], abs=1e-4)
+        assert np.array_equal(got, got[:, :1].repeat(channels, axis=1))  # one value: the same for every channel
 
 
 def test_training_defaults_and_keys() -> None:
@@ -175,3 +177,22 @@ def test_refused_and_failed_status_records_as_documented() -> None:
     rerun = TaskMessage("f", "run-1", 3, 2, ["d"], 1764120300.5, {}, "open")  # the same round re-run: a new deadline
     assert declined_in({"state": "online", "failed": record}, rerun) is None
     assert declined_in({"state": "online", "failed": {**record, "deadline": None}}, task) is None
+
+
+def test_model_options_table_matches_the_registrations() -> None:
+    from fedge.models.registry import model_names, option_schema
+
+    documented = {}
+    for row in _table_rows("| models | option |"):
+        for model in re.findall(r"`([^`]+)`", row[0]):
+            documented[model, row[1].strip("`")] = (row[2], row[3])
+    registered = {(name, o.name): o for name in model_names() for o in option_schema(name)}
+    assert set(documented) == set(registered)
+    for key, option in registered.items():
+        kind, default = documented[key]
+        assert str(option.default) == default, key
+        assert kind.startswith({int: "int", float: "number"}[option.kind]), key
+        bounds = re.search(r"\[([^,]+), ([^\])]+)([\])])", kind)
+        low, high = (eval(v.replace("^", "**"), {"__builtins__": {}}) for v in bounds.group(1, 2))  # "2^32 - 1"
+        assert (low, high, bounds.group(3) == ")") == (option.low, option.high, option.high_open), key
+    assert "| `model_options` | object |" in DOC

@@ -6,7 +6,7 @@ a graph from a fedge model message), never torch.
 * `LiveModel` (live.py)      the model currently served; `swap()` replaces it atomically, requests
                    already running finish on the model they started with.
 * `ModelFollower` (live.py)  subscribes to the fleet's model topic and swaps in every new global model
-                   (rebuilt torch-free by models.onnx_graph).
+                   (rebuilt torch-free: models.onnx_graph fills the model's graph template).
 * `make_server` (server.py)    a small JSON HTTP endpoint (standard library http.server) for local
                    clients: GET /health, GET /model, POST /predict. Binds 127.0.0.1 by default.
 * `load_inputs` (inputs.py)    .npy arrays and (with Pillow) grayscale/RGB images -> a float32 batch.

@@ -1,4 +1,5 @@
-"""Files on the device -> a float32 batch: .npy arrays and (with Pillow) grayscale/RGB images."""
+"""Files on the device -> a float32 batch: .npy arrays of any channel count and (with Pillow)
+grayscale/RGB images. Raw pixels are normalised per channel (models/normalisation.py)."""
 
 from __future__ import annotations
 
@@ -8,59 +9,73 @@ from pathlib import Path
 
 import numpy as np
 
-from fedge.models.normalisation import NORMALISATION
+from fedge.models.errors import ConfigError
+from fedge.models.normalisation import NORMALISATION, normalise
 
 from .predictor import InferenceError
 
 FASHION_MEAN, FASHION_STD = NORMALISATION["fashion-mnist"]  # the default for `fedge agent predict`
+Stat = float | Sequence[float]  # one value for every channel, or one per channel
 FASHION_LABELS = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                   "Ankle boot")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".pgm", ".gif", ".webp")
 
 
-def _image(path: Path, in_shape: tuple[int, ...], mean: float, std: float) -> np.ndarray:
+def _normalised(path: Path, pixels: np.ndarray, mean: Stat, std: Stat) -> np.ndarray:
+    """A batch of raw pixels [N, C, H, W] normalised per channel; a bad mean/std names the file."""
+    try:
+        return normalise(pixels, mean, std, channel_axis=1)
+    except ConfigError as exc:
+        raise InferenceError(f"{path}: {exc}") from None
+
+
+def _image(path: Path, in_shape: tuple[int, ...], mean: Stat, std: Stat) -> np.ndarray:
     try:
         from PIL import Image  # noqa: PLC0415 - Pillow is optional: only image inputs need it
     except ImportError:
         raise InferenceError(f"{path}: reading images needs Pillow (pip install pillow); or pass .npy arrays") from None
     if len(in_shape) != 3 or in_shape[0] not in (1, 3):
-        raise InferenceError(f"{path}: images need a model input of 1 or 3 channels, the model takes {in_shape}")
+        raise InferenceError(f"{path}: an image file fills a model input of 1 or 3 channels, the model takes "
+                             f"{list(in_shape)}; give inputs of other channel counts (e.g. a 6-channel image pair) "
+                             f"as .npy arrays [C, H, W] or [N, C, H, W]")
     channels, height, width = in_shape
     with Image.open(path) as img:
         img = img.convert("L" if channels == 1 else "RGB")
         if img.size != (width, height):
             img = img.resize((width, height), Image.BILINEAR)
-        arr = np.asarray(img, dtype=np.float32) / 255.0
+        arr = np.asarray(img, dtype=np.uint8)
     arr = arr[None] if channels == 1 else arr.transpose(2, 0, 1)
-    return ((arr - mean) / std).astype(np.float32)
+    return _normalised(path, arr[None], mean, std)[0]
 
 
-def _array(path: Path, in_shape: tuple[int, ...], mean: float, std: float) -> np.ndarray:
+def _array(path: Path, in_shape: tuple[int, ...], mean: Stat, std: Stat) -> np.ndarray:
     try:
         arr = np.load(path, allow_pickle=False)
     except (ValueError, OSError) as exc:
         raise InferenceError(f"{path}: not a readable .npy array: {exc}") from None
     if not isinstance(arr, np.ndarray) or arr.dtype.kind not in "fiu":
         raise InferenceError(f"{path}: expected a numeric array")
-    if arr.dtype == np.uint8:  # raw pixels: scale and normalise like an image
-        arr = (arr.astype(np.float32) / 255.0 - mean) / std
-    arr = arr.astype(np.float32)
     if arr.shape == in_shape:
-        return arr[None]
-    if arr.shape[1:] == in_shape:
-        return arr
-    if in_shape[0] == 1 and arr.shape[-2:] == in_shape[1:] and arr.ndim in (2, 3):
-        return arr.reshape(-1, *in_shape)
-    raise InferenceError(f"{path}: shape {arr.shape} fits neither {in_shape} nor [N, *{in_shape}]")
+        batch = arr[None]
+    elif arr.shape[1:] == in_shape:
+        batch = arr
+    elif in_shape[0] == 1 and arr.shape[-2:] == in_shape[1:] and arr.ndim in (2, 3):
+        batch = arr.reshape(-1, *in_shape)  # [H, W] or [N, H, W] for a 1-channel model
+    else:
+        raise InferenceError(f"{path}: shape {arr.shape} fits neither {in_shape} nor [N, *{in_shape}]")
+    if batch.dtype == np.uint8:  # raw pixels: scale and normalise per channel, like an image
+        return _normalised(path, batch, mean, std)
+    return batch.astype(np.float32)
 
 
 def load_inputs(
-    paths: Iterable[str | os.PathLike], in_shape: Sequence[int], mean: float = FASHION_MEAN, std: float = FASHION_STD,
+    paths: Iterable[str | os.PathLike], in_shape: Sequence[int], mean: Stat = FASHION_MEAN, std: Stat = FASHION_STD,
 ) -> tuple[np.ndarray, list[str]]:
     """Stack inputs into one float32 batch; also returns a label per row ("file" or "file[i]").
 
-    .npy float arrays are taken as already normalised model inputs (one sample or a batch);
-    .npy uint8 arrays and image files are raw pixels: scaled to [0, 1], then (x - mean) / std.
+    .npy float arrays are taken as already normalised model inputs (one sample or a batch, any
+    channel count); .npy uint8 arrays and image files are raw pixels: scaled to [0, 1], then
+    (x - mean[c]) / std[c] per channel c (`mean`, `std`: one value for all channels, or one each).
     """
     in_shape = tuple(int(d) for d in in_shape)
     batches, labels = [], []

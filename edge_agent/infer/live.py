@@ -86,14 +86,15 @@ class ModelFollower:
     re-delivered after a reconnect). Version 0 of a run, its untrained initial model, is never
     served: the previous model keeps serving until the run's first trained version. `guard_file`
     keeps the newest accepted (epoch, run, version) across restarts. With `verifier`, only models
-    signed by the hub's Ed25519 key are accepted. A message that fails to decode, verify or build is logged and counted; the
-    previous model keeps serving.
+    signed by the hub's Ed25519 key are accepted. A message that fails to decode, verify or build
+    is logged and counted; the previous model keeps serving. `templates`: a folder of graph
+    templates (models/onnx_graph.py) for models beyond the shipped ones.
     """
 
     def __init__(
         self, live: LiveModel, fleet: str | None = None, verifier: Any = None, threads: int = 1,
         max_bytes: int | None = None, save_to: str | os.PathLike | None = None,
-        guard_file: str | os.PathLike | None = None,
+        guard_file: str | os.PathLike | None = None, templates: str | os.PathLike | None = None,
     ) -> None:
         self.live = live
         self.fleet = fleet
@@ -104,6 +105,7 @@ class ModelFollower:
         self.threads = threads
         self.max_bytes = max_bytes
         self.save_to = Path(save_to) if save_to else None
+        self.templates = templates  # graph templates folder (default: the shipped ones)
         self.accepted = 0
         self.ignored = 0
         self.rejected = 0
@@ -121,7 +123,8 @@ class ModelFollower:
             return False  # a cleared retained message
         with self._lock:
             try:
-                proto, msg = onnx_graph.from_envelope(payload, verifier=self.verifier, max_bytes=self.max_bytes)
+                proto, msg = onnx_graph.from_envelope(payload, verifier=self.verifier, max_bytes=self.max_bytes,
+                                                      templates=self.templates)
                 if self.fleet is not None and msg.fleet != self.fleet:
                     raise InferenceError(f"model of fleet {msg.fleet!r}, this device serves fleet {self.fleet!r}")
                 position = Position.of(msg)
@@ -159,7 +162,7 @@ class ModelFollower:
                 self._save(proto)
             self.live.swap(predictor)
             self.accepted += 1
-        log.info("serving %s run %s version %d", msg.model, msg.run, msg.version)
+        log.info("serving %s run %s version %d", msg.spec, msg.run, msg.version)
         return True
 
     def _save(self, proto: onnx.ModelProto) -> None:

@@ -52,7 +52,8 @@ def make_server(
     GET  /model    the served model's description
     POST /predict  JSON {"inputs": [...], "probabilities": false, "logits": false} or a raw .npy body
                    (Content-Type: application/x-npy) -> {"classes": [...], "confidence": [...],
-                   "labels": [...] (when known), "model": {...}}
+                   "labels": [...] (when known), "model": {...}}; a segmentation model answers
+                   {"masks": [N x 1 x H x W of 0/1], "positive_fraction": [...], "confidence": [...], "model": {...}}
     """
 
     class Handler(BaseHTTPRequestHandler):
@@ -109,10 +110,13 @@ def make_server(
                 log.exception("prediction failed")
                 self._send(500, {"error": f"{type(exc).__name__}: {exc}"})
                 return
-            out: dict[str, Any] = {"classes": pred.classes.tolist(), "confidence": pred.confidence.tolist(),
-                                   "model": predictor.describe()}
-            if labels:
-                out["labels"] = [labels[c] if c < len(labels) else str(c) for c in out["classes"]]
+            out: dict[str, Any] = {"confidence": pred.confidence.tolist(), "model": predictor.describe()}
+            if pred.mask is not None:  # segmentation: the per-pixel masks (0/1) and their positive share
+                out.update({"masks": pred.mask.astype(np.uint8).tolist(), "positive_fraction": pred.positive_fraction.tolist()})
+            elif pred.classes is not None:
+                out["classes"] = pred.classes.tolist()
+                if labels:
+                    out["labels"] = [labels[c] if c < len(labels) else str(c) for c in out["classes"]]
             if opts.get("probabilities") or query.get("probabilities", ["0"])[0] not in ("0", "false"):
                 out["probabilities"] = pred.probabilities.tolist()
             if opts.get("logits") or query.get("logits", ["0"])[0] not in ("0", "false"):

@@ -14,6 +14,7 @@ Roles:
   fedge agent       a device (Raspberry Pi, Jetson, ...): trains on local data when selected
   fedge partition   split a dataset into per-device files for real agents
   fedge profiles    list, show or validate firmware profiles
+  fedge models      the registered models, their task family and the options each takes
   fedge export      a run's model as ONNX (optionally int8) for torch-free devices
   fedge agent predict | serve   torch-free inference with ONNX Runtime
   fedge keys        hub signing key and per-device keys (models signed, updates authenticated)
@@ -40,7 +41,7 @@ def _run_profiles(args: argparse.Namespace) -> int:
     if not args.names:
         for name in available_profiles():
             prof = load_profile(name)
-            print(f"{name:12s} {prof.device:4s} {prof.model:8s} {prof.mode:5s} batch {prof.batch_size:<4d} "
+            print(f"{name:12s} {prof.device:4s} {str(prof.model):8s} {prof.mode:5s} batch {prof.batch_size:<4d} "
                   f"{prof.memory_budget_mb:>6d} MiB  {prof.description}")
         return 0
     status = 0
@@ -51,6 +52,25 @@ def _run_profiles(args: argparse.Namespace) -> int:
             print(f"error: {exc}", file=sys.stderr)
             status = 2
     return status
+
+
+def _add_models_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("models", help="list the registered models and the options each takes",
+                              description="Each registered model: its task family, private tensors and options "
+                                          "(set with --model NAME --model-option OPTION=VALUE, or `model_options` "
+                                          "in a profile file).")
+    p.set_defaults(func=_run_models)
+
+
+def _run_models(args: argparse.Namespace) -> int:
+    from fedge.models.registry import model_family, model_names, option_schema, private_patterns  # noqa: PLC0415
+
+    for name in model_names():
+        private = f", private {', '.join(private_patterns(name))}" if private_patterns(name) else ""
+        print(f"{name} ({model_family(name).name}{private})")
+        for option in option_schema(name):
+            print(f"    {option.describe()}: {option.help}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     agent = add_agent_parser(sub)
     add_partition_parser(sub)
     _add_profiles_parser(sub)
+    _add_models_parser(sub)
     add_keys_parser(sub)
     add_acl_parser(sub)
     _add_optional_commands(sub, agent)

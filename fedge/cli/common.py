@@ -1,4 +1,5 @@
-"""Command-line pieces shared by `fedge agent` and `fedge hub`: broker flags and logging."""
+"""Command-line pieces shared by `fedge agent`, `fedge hub` and `fedge export`: broker flags,
+logging, and the model flags (--model NAME --model-option NAME=VALUE)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,31 @@ import os
 import signal
 import threading
 
+from fedge.models.spec import ModelSpec
 from fedge.models.wire.topics import ROOT
 from fedge.models.wire.transport import BrokerConfig
+
+MODEL_OPTION_HELP = ("an option of the model, NAME=VALUE (repeatable), e.g. prune_ratio=0.9 for the MPT models, "
+                     "hidden=100 for the MLPs; `fedge models` lists each model's options")
+
+
+def model_spec_from_args(model: str | ModelSpec, options: list[str] | None = None) -> ModelSpec:
+    """The checked ModelSpec of --model and its --model-option flags: where the command line's
+    text becomes a spec, the one place that also reads the old shorthand NAME@RATIO
+    (`conv4-mpt@0.9` = `--model conv4-mpt --model-option prune_ratio=0.9`)."""
+    from fedge.models.errors import ConfigError  # noqa: PLC0415 - keeps `fedge --help` light
+    from fedge.models.registry import model_spec, parse_model_options  # noqa: PLC0415 - torch, needed only here
+
+    name, at, ratio = model.partition("@") if isinstance(model, str) else (model.name, "", "")
+    base = model if isinstance(model, ModelSpec) else ModelSpec(name)
+    if at and not ratio:
+        raise ConfigError(f"--model {model}: the shorthand is NAME@RATIO, e.g. conv4-mpt@0.9")
+    given = parse_model_options(name, [f"prune_ratio={ratio}"]) if at else {}
+    flags = parse_model_options(name, options or [])
+    clash = sorted(set(given) & set(flags))
+    if clash:
+        raise ConfigError(f"--model {model} already sets {', '.join(clash)}; drop the @ shorthand or the --model-option")
+    return model_spec(base, {**given, **flags})
 
 
 def add_broker_args(parser: argparse.ArgumentParser, required: bool = True, default: str | None = None,

@@ -9,7 +9,16 @@ import os
 import sys
 from pathlib import Path
 
-from fedge.cli.common import add_broker_args, add_logging_args, broker_from_args, setup_logging, stop_event_on_signals
+from fedge.cli.common import (
+    MODEL_OPTION_HELP,
+    add_broker_args,
+    add_logging_args,
+    broker_from_args,
+    model_spec_from_args,
+    setup_logging,
+    stop_event_on_signals,
+)
+from fedge.cli.status import add_status_args, status_server
 from fedge.hub.config import HubConfig
 from fedge.hub.plan import parse_plan
 from fedge.hub.strategies import STRATEGIES
@@ -32,21 +41,27 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _add_round_args(parser: argparse.ArgumentParser, title: str) -> None:
+def _add_round_args(parser: argparse.ArgumentParser,
+                    title: str = "rounds (defaults come from the recipe, else fedge's defaults)") -> None:
     g = parser.add_argument_group(title)
-    g.add_argument("--model", help="model name (mlp, conv4, ...)")
+    g.add_argument("--model", help="registered model name (mlp, conv4, conv4-mpt, ...; `fedge models` lists them)")
+    g.add_argument("--model-option", action="append", metavar="NAME=VALUE", help=MODEL_OPTION_HELP)
     g.add_argument("--rounds", type=_positive_int, help="maximum number of rounds (at least 1)")
     g.add_argument("--plan", metavar="KIND:ROUNDS,...",
                    help="the run as stages, in order, instead of --rounds: e.g. train:20,evaluate:1 trains 20 rounds, "
-                        "then every selected device evaluates the final model on its own data and reports loss and "
-                        "accuracy (no tensors sent; the run store records each device's and the sample-weighted mean). "
-                        "Kinds: " + ", ".join(TASK_KINDS) + ". Stop rules (--target-accuracy, --min-weight-change) end "
+                        "then every selected device evaluates the final model on its own data and reports the model "
+                        "family's metrics, e.g. loss and accuracy (no tensors sent; the run store records each device's "
+                        "and the sample-weighted mean). Kinds: " + ", ".join(TASK_KINDS) + ". Stop rules (--target, "
+                        "--min-weight-change) end "
                         "a train stage early; --resume continues at the stage where the run stopped")
     g.add_argument("--clients-per-round", type=int, help="devices selected per round (0 = all online)")
     g.add_argument("--deadline", type=float, help="seconds a round waits for stragglers")
     g.add_argument("--quorum", type=float, help="fraction of selected devices whose updates close a round early")
     g.add_argument("--min-updates", type=int, help="fewest updates to aggregate; fewer re-runs the round")
-    g.add_argument("--target-accuracy", type=float, help="stop once test accuracy reaches this (0-1)")
+    g.add_argument("--target", "--target-accuracy", dest="target_score", type=float, metavar="SCORE",
+                   help="stop once the global model's headline test metric reaches this (0-1): the model family's, "
+                        "accuracy for classification, f1 for segmentation, probe_accuracy for contrastive "
+                        "(--target-accuracy: the old name)")
     g.add_argument("--min-weight-change", type=float, help="stop once the relative weight change falls below this")
     g.add_argument("--strategy", choices=list(STRATEGIES), metavar="NAME",
                    help=f"aggregation rule: {', '.join(STRATEGIES)} (default fedavg); the options below "
@@ -81,9 +96,11 @@ def _add_round_args(parser: argparse.ArgumentParser, title: str) -> None:
 
 
 def _apply_round_args(cfg, args: argparse.Namespace) -> None:  # noqa: ANN001 - HubConfig
-    mapping = {"model": "model", "rounds": "rounds", "clients_per_round": "clients_per_round",
+    if getattr(args, "model", None) or getattr(args, "model_option", None):
+        cfg.model = model_spec_from_args(args.model or cfg.model, args.model_option)
+    mapping = {"rounds": "rounds", "clients_per_round": "clients_per_round",
                "deadline": "deadline_s", "quorum": "quorum", "min_updates": "min_updates",
-               "target_accuracy": "target_accuracy", "min_weight_change": "min_weight_change",
+               "target_score": "target_score", "min_weight_change": "min_weight_change",
                "strategy": "strategy", "update_codec": "update_codec", "model_codec": "model_codec",
                "eval_size": "eval_size", "seed": "seed", "max_samples": "max_samples"}
     for arg, attr in mapping.items():
@@ -135,7 +152,8 @@ def add_hub_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Track online devices, run rounds (select, deadline, quorum, stop rule), aggregate, "
                     "evaluate on a server test set, and persist every round in runs/<id>/ "
                     "(SQLite + checkpoints) so `--resume` continues after a crash.",
-        epilog="example: fedge hub --broker mqtt://localhost --model mlp --rounds 30 --min-devices 4",
+        epilog="examples: fedge hub --broker mqtt://localhost --model mlp --rounds 30 --min-devices 4;  "
+               "fedge hub --broker mqtt://localhost --model conv4-mpt --model-option prune_ratio=0.9",
     )
     add_broker_args(p, required=False)
     _add_round_args(p, f"rounds (unset: fedge's defaults, e.g. {HUB_DEFAULTS.rounds} rounds, deadline "
@@ -157,6 +175,7 @@ def add_hub_parser(subparsers: argparse._SubParsersAction) -> None:
                         "folder; the hub prints the exact command when it starts")
     p.add_argument("--keys-dir", help="keys folder from `fedge keys init/enroll`: sign models and tasks, "
                                       "accept only updates tagged with an enrolled device's key")
+    add_status_args(p)
     add_logging_args(p)
     p.set_defaults(func=run_hub)
 
@@ -175,8 +194,8 @@ def _find_run(args: argparse.Namespace) -> Path:
 
 
 def resume_command(args: argparse.Namespace, run_dir: Path) -> str:
-    """The command that continues this run from any folder: the same broker and evaluation
-    flags, the run folder's absolute --runs-dir (never a password: that stays in
+    """The command that continues this run from any folder: the same broker, evaluation and
+    status-page flags, the run folder's absolute --runs-dir (never a password: that stays in
     FEDGE_MQTT_PASSWORD or --password)."""
     import shlex  # noqa: PLC0415 - only here
 
@@ -194,6 +213,10 @@ def resume_command(args: argparse.Namespace, run_dir: Path) -> str:
             words += ["--dataset", args.dataset]
         if args.data_root:
             words += ["--data-root", str(Path(args.data_root).resolve())]
+    if args.status_port is not None:  # the resumed hub serves its status page where this one did
+        words += ["--status-port", str(args.status_port)]
+        if args.status_host != "127.0.0.1":
+            words += ["--status-host", args.status_host]
     words += ["--runs-dir", str(run_dir.parent.resolve()), "--resume", run_dir.name]
     return shlex.join(words)
 
@@ -201,7 +224,7 @@ def resume_command(args: argparse.Namespace, run_dir: Path) -> str:
 def run_hub(args: argparse.Namespace) -> int:
     from fedge.hub.config import HubConfig  # noqa: PLC0415
     from fedge.hub.hub import Hub  # noqa: PLC0415
-    from fedge.hub.report import summarise, write_final_model  # noqa: PLC0415
+    from fedge.hub.report import final_summary, summarise, write_final_model  # noqa: PLC0415
     from fedge.hub.sim.fleet import new_run_id  # noqa: PLC0415
     from fedge.hub.store import RunStore  # noqa: PLC0415
     from fedge.models.data import load_dataset  # noqa: PLC0415
@@ -247,15 +270,18 @@ def run_hub(args: argparse.Namespace) -> int:
 
     threading.Thread(target=lambda: (stop.wait(), hub.stop()), daemon=True).start()
     try:
-        history = hub.run()
+        with status_server(args, hub):
+            history = hub.run()
     except (FedgeError, TimeoutError):
         print(f"run {run_dir.name} is kept; continue it with: {again}", file=sys.stderr)
         raise
     if stop.is_set():
         print(f"hub stopped after {len(history)} round(s); continue with: {again}", file=sys.stderr)
     files, _ = write_final_model(run_dir, hub) if history and not stop.is_set() else ({}, None)
+    # the last round's test metrics (of --eval-size images; `fedge fleet` scores the final model on all)
     summary = {"run_dir": str(run_dir), "rounds": len(history),
-               "final_accuracy": history[-1]["accuracy"] if history else None, **summarise(history), "files": files}
+               **final_summary(hub.family, history[-1]["metrics"] if history else None),
+               **summarise(history, hub.family), "files": files}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary, indent=1))
     return 0 if not stop.is_set() else 130
@@ -268,10 +294,12 @@ def add_fleet_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Run N virtual devices (each with its own connection and data partition) and a hub "
                     "in one process. With --transport mqtt (default) and no --broker an MQTT broker is started "
                     "in-process; --transport inproc runs the same hub and agents over an in-memory broker. Writes "
-                    "runs/<id>/run.json (with the transport), final_model.fedge, partition.json and accuracy.png.",
+                    "runs/<id>/run.json (with the transport), final_model.fedge, partition.json and a plot of the model "
+                    "family's headline metric (accuracy.png; f1.png for segmentation, probe_accuracy.png for contrastive).",
         epilog="examples:\n  fedge fleet                          # 10 devices, Fashion-MNIST, 10 rounds\n"
                "  fedge fleet --recipe paper001        # paper 001 (30 rounds + centralised baseline)\n"
-               "  fedge fleet --broker mqtt://127.0.0.1:1883 --devices 20 --partition dirichlet --alpha 0.3",
+               "  fedge fleet --broker mqtt://127.0.0.1:1883 --devices 20 --partition dirichlet --alpha 0.3\n"
+               "  fedge fleet --model conv4-mpt --model-option prune_ratio=0.9 --model-option seed=7",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--recipe", help="a paper's experiment design (paper001, paper003); flags below override it")
@@ -288,7 +316,8 @@ def add_fleet_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--fleet", help="fleet id (topic level)")
     p.add_argument("--topic-prefix", help="topic root (default fedge/v1)")
     p.add_argument("--devices", type=int, help="number of virtual devices (default 10)")
-    p.add_argument("--dataset", choices=DATASETS, help="fashion-mnist (default), mnist, cifar10, synthetic")
+    p.add_argument("--dataset", choices=DATASETS,
+                   help="fashion-mnist (default), mnist, cifar10, synthetic, synthetic-pairs (6-channel image pairs)")
     p.add_argument("--data-root", help="dataset folder")
     p.add_argument("--partition", choices=PARTITIONERS, help="how data is split over devices (default dominant)")
     p.add_argument("--per-device", type=int, help="images per device (iid, dominant)")
@@ -304,7 +333,8 @@ def add_fleet_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--runs-dir", help="where runs/<id>/ is written (default runs)")
     p.add_argument("--run-id", help="name of the run folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _add_round_args(p, "rounds (defaults come from the recipe, else fedge's defaults)")
+    _add_round_args(p)
+    add_status_args(p)
     add_logging_args(p)
     p.set_defaults(func=run_fleet)
 
@@ -360,14 +390,18 @@ def run_fleet(args: argparse.Namespace) -> int:
         import threading  # noqa: PLC0415
 
         threading.Thread(target=lambda: (stop.wait(), hub.stop()), daemon=True).start()
-        report = fleet.run(hub)
-    keys = ("run_id", "final_accuracy", "device_accuracy", "central_accuracy", "federated_over_central", "rounds_completed",
+        with status_server(args, hub):
+            report = fleet.run(hub)
+    # the family's names (final_metrics: every metric; headline: the one it leads with), and for
+    # classification the *_accuracy keys from before families
+    keys = ("run_id", "family", "headline", "final_metrics", "final_accuracy", "device_metrics_mean", "device_accuracy",
+            "central_metrics", "central_accuracy", "federated_over_central", "rounds_completed",
             "uplink_bytes_per_device", "downlink_bytes_per_device", "seconds_per_round", "wall_time_s")
-    print(json.dumps({k: report.get(k) for k in keys}, indent=1))
+    print(json.dumps({k: report[k] for k in keys if k in report}, indent=1))
     model_files = "final_model.fedge/.onnx" if report.get("files", {}).get("onnx") else "final_model.fedge"
-    print(f"results: {fleet.run_dir}/ (run.json, accuracy.png, {model_files}, partition.json)")
-    if report.get("final_accuracy") is None and hub.private_names:
-        print(f"no test accuracy: {hub.config.model} keeps its head on each device; the hub holds only the "
+    print(f"results: {fleet.run_dir}/ (run.json, {report['files']['plot']}, {model_files}, partition.json)")
+    if report.get("final_metrics") is None and hub.private_names:
+        print(f"no test metrics: {hub.config.model} keeps its head on each device; the hub holds only the "
               f"shared tensors (docs/protocol.md 6.6)")
     if stop.is_set():  # interrupted (Ctrl-C, SIGTERM): what ran is saved, but the run did not finish
         print(f"stopped after {report.get('rounds_completed')} round(s)", file=sys.stderr)

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fedge.cli.common import add_broker_args, broker_from_args
+from fedge.cli.common import MODEL_OPTION_HELP, add_broker_args, broker_from_args, model_spec_from_args
 from fedge.models.errors import FedgeError
 
 
@@ -57,19 +57,32 @@ def _add_common_infer(p: argparse.ArgumentParser) -> None:
 
 
 # ----------------------------------------------------------------------------- predict
+def _floats(text: str) -> tuple[float, ...]:
+    """'0.5' or '0.48,0.46,0.41' (one per channel)."""
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected numbers separated by commas, e.g. 0.5 or 0.48,0.46,0.41") from None
+
+
 def add_predict_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
-        "predict", help="classify .npy arrays or images with an ONNX model (no torch needed)",
-        description="Classify inputs with ONNX Runtime. --model takes an .onnx file or a fedge model "
-                    "message (.fedge, e.g. runs/<id>/final_model.fedge), whose graph is rebuilt without torch. "
+        "predict", help="classify (or segment) .npy arrays or images with an ONNX model (no torch needed)",
+        description="Classify inputs with ONNX Runtime (a segmentation model prints each input's share of positive "
+                    "pixels, and its mask with --json). --model takes an .onnx file or a fedge model "
+                    "message (.fedge, e.g. runs/<id>/final_model.fedge; MPT and BNN models too), whose graph "
+                    "template is filled without torch. "
                     "Inputs: .npy float32 arrays shaped like the model input or a batch [N, C, H, W] "
                     "(already normalised), .npy uint8 pixels, or images (.png, .jpg; needs Pillow), which are "
                     "scaled to [0,1] and normalised with --mean/--std.",
     )
     p.add_argument("--model", required=True, help=".onnx file or .fedge model message")
     p.add_argument("inputs", nargs="+", help=".npy arrays and/or image files")
-    p.add_argument("--mean", type=float, default=None, help="normalisation mean for pixels (default: Fashion-MNIST 0.2860)")
-    p.add_argument("--std", type=float, default=None, help="normalisation std for pixels (default: Fashion-MNIST 0.3530)")
+    p.add_argument("--mean", type=_floats, default=None,
+                   help="normalisation mean for pixels: one value for every channel or one per channel, comma-separated "
+                        "(default: Fashion-MNIST 0.2860)")
+    p.add_argument("--std", type=_floats, default=None,
+                   help="normalisation std for pixels, like --mean (default: Fashion-MNIST 0.3530)")
     p.add_argument("--json", action="store_true", help="print one JSON object per input instead of a table")
     _add_common_infer(p)
     p.set_defaults(func=cmd_predict)
@@ -88,6 +101,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
     except (FedgeError, OSError) as exc:
         print(f"fedge agent predict: error: {exc}", file=sys.stderr)
         return 2
+    if pred.mask is not None:  # segmentation: the share of positive pixels per input (the mask itself with --json)
+        for name, mask, share, conf in zip(names, pred.mask, pred.positive_fraction.tolist(), pred.confidence.tolist()):
+            if args.json:
+                print(json.dumps({"input": name, "positive_fraction": round(share, 6), "confidence": round(conf, 6),
+                                  "mask": mask.astype(int).tolist()}))
+            else:
+                print(f"{name}\t{share:.4f}\t{conf:.4f}")
+        return 0
     for name, cls, conf in zip(names, pred.classes.tolist(), pred.confidence.tolist()):
         label = labels[cls] if labels and cls < len(labels) else None
         if args.json:
@@ -180,7 +201,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             follower.stop()
         return 2
     host, port = server.server_address[:2]
-    print(f"serving predictions on http://{host}:{port} (GET /health, POST /predict); Ctrl-C stops", flush=True)
+    current = live.peek()
+    model = f"{current.spec or 'an unnamed model'}" if current is not None else "no model until the hub sends one"
+    print(f"serving predictions on http://{host}:{port} (GET /health, POST /predict) with {model}; Ctrl-C stops", flush=True)
     stop = threading.Event()
 
     def on_signal(signum: int, frame: object) -> None:  # noqa: ARG001
@@ -214,9 +237,11 @@ def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
         "export", help="export a run's final model (or a model) to ONNX, optionally int8",
         description="Export to ONNX (dynamic batch axis, opset 17), check it with onnx.checker and against torch. "
                     "RUN_OR_MODEL: a run folder (uses final_model.fedge or its newest checkpoint), a run id under "
-                    "--runs-dir, a .fedge model message, or a registry model name (fresh seeded weights).",
+                    "--runs-dir, a .fedge model message, or a registry model name (fresh seeded weights) with "
+                    "its --model-option flags.",
     )
     p.add_argument("source", metavar="RUN_OR_MODEL")
+    p.add_argument("--model-option", action="append", metavar="NAME=VALUE", help=MODEL_OPTION_HELP)
     p.add_argument("--out", default=None, help="output .onnx (default: next to the source, or ./<model>.onnx)")
     p.add_argument("--runs-dir", default="runs", help="where run ids are looked up (default runs)")
     p.add_argument("--int8", choices=("dynamic", "static"), default=None,
@@ -226,7 +251,8 @@ def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--calib-size", type=int, default=512, help="calibration samples (default 512)")
     p.add_argument("--data-root", default=None, help="dataset folder for --calib fashion-mnist")
     p.add_argument("--builder", choices=("torch", "graph"), default="torch",
-                   help="torch: torch.onnx legacy exporter (default); graph: fedge's torch-free graph builder")
+                   help="torch: torch.onnx legacy exporter (default); graph: fill the model's shipped graph "
+                        "template without torch, as a device does")
     p.add_argument("--in-shape", type=_shape, default=(1, 28, 28), help="input shape for a model name (default 1,28,28)")
     p.add_argument("--num-classes", type=int, default=10, help="classes for a model name (default 10)")
     p.add_argument("--seed", type=int, default=0, help="init seed for a model name (default 0)")
@@ -250,12 +276,26 @@ def _calibration(args: argparse.Namespace, n: int):  # noqa: ANN202
     return ds.train.x[:n]
 
 
+def _export_source(args: argparse.Namespace) -> Any:
+    """RUN_OR_MODEL as export() takes it: a run or file path as given, a model name with its
+    --model-option flags (or the old NAME@RATIO shorthand) as a ModelSpec."""
+    from fedge.models.errors import ConfigError  # noqa: PLC0415
+
+    on_disk = Path(args.source).exists() or (Path(args.runs_dir) / args.source).is_dir()
+    if on_disk:
+        if args.model_option:
+            raise ConfigError(f"--model-option sets an option of a model name, not of the run or file {args.source}")
+        return args.source
+    return model_spec_from_args(args.source, args.model_option) if "@" in args.source or args.model_option \
+        else args.source
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from fedge.models.export import export, summary_json  # noqa: PLC0415
 
     try:
         calib = _calibration(args, args.calib_size) if args.int8 == "static" else None
-        summary = export(args.source, out=args.out, runs_dir=args.runs_dir, int8=args.int8, calibration=calib,
+        summary = export(_export_source(args), out=args.out, runs_dir=args.runs_dir, int8=args.int8, calibration=calib,
                          builder=args.builder, in_shape=tuple(args.in_shape), num_classes=args.num_classes, seed=args.seed)
     except (FedgeError, OSError) as exc:
         print(f"fedge export: error: {exc}", file=sys.stderr)

@@ -32,6 +32,7 @@ from fedge.hub.store import RunStore
 from fedge.models.data import Dataset, load_dataset
 from fedge.models.errors import ConfigError
 from fedge.models.partition import PartitionSpec, class_counts, partition
+from fedge.models.registry import model_spec
 from fedge.models.wire import Topics
 from fedge.models.wire.inproc import InprocBroker
 from fedge.models.wire.keys import HUB_PRIVATE, device_key, enroll_device, hub_verifier, init_hub_keys
@@ -99,6 +100,7 @@ class Fleet:
         hub.in_shape = ds.in_shape
         hub.num_classes = ds.num_classes
         hub.eval_device = load_profile(cfg.profile).device
+        hub.model = model_spec(hub.model)  # a bad model, option or value fails here, before any device starts
         self.parts = partition(ds.train.y, cfg.devices, cfg.partition, seed=cfg.seed, num_classes=ds.num_classes)
         if cfg.transport not in TRANSPORTS:
             raise ConfigError(f"transport {cfg.transport!r}: choose one of {', '.join(TRANSPORTS)}")
@@ -174,6 +176,7 @@ class Fleet:
         """Run the hub to completion (or resume it), then write runs/<id>/ and return run.json."""
         started = time.time()
         hub = hub or self.make_hub()
+        headline = hub.family.headline
         bar = None
         if self.cfg.progress:
             bar = tqdm(total=hub.config.total_rounds(), desc=f"fleet {self.run_id}", unit="round", initial=hub.store.last_round())
@@ -183,9 +186,9 @@ class Fleet:
             if stop_after is not None and record["round"] >= stop_after and stop_after < hub.config.total_rounds():
                 hub.stop()  # the loop ends after this round; the run stays resumable
             if bar is not None:
-                acc = record.get("accuracy")
-                bar.set_postfix(acc=f"{acc:.3f}" if acc is not None else "n/a",
-                                up=f"{record['bytes_up'] / 2**20:.1f}MiB", down=f"{record['bytes_down'] / 2**20:.1f}MiB")
+                score = (record.get("metrics") or {}).get(headline)
+                bar.set_postfix({headline: f"{score:.3f}" if score is not None else "n/a",
+                                 "up": f"{record['bytes_up'] / 2**20:.1f}MiB", "down": f"{record['bytes_down'] / 2**20:.1f}MiB"})
                 bar.update(1)
 
         hub.on_round = on_round
@@ -194,11 +197,11 @@ class Fleet:
         finally:
             if bar is not None:
                 bar.close()
-        final_loss, final_acc = hub.evaluate(hub.global_state, full=True)
+        final = hub.metrics(hub.global_state, full=True)
         train_rounds = sum(1 for r in history if r.get("kind", "train") == "train")
         central = self.train_central(hub.config, epochs=train_rounds) if self.cfg.central else None
         return write_run_report(
-            run_dir=self.run_dir, hub=hub, history=history, final=(final_loss, final_acc), central=central,
+            run_dir=self.run_dir, hub=hub, history=history, final=final, central=central,
             partition_counts=class_counts(self.dataset.train.y, self.parts, self.dataset.num_classes),
             fleet_config=self.cfg, wall_time=time.time() - started,
         )

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from fedge.hub.config import HubConfig
 from fedge.models.errors import ConfigError
 from fedge.models.partition import PartitionSpec
+from fedge.models.registry import model_spec
 
 from .fleet import FleetConfig
 
@@ -60,9 +61,9 @@ def paper003(method: str = "mpt-fl-1/32", prune_ratio: float = 0.8) -> FleetConf
     if method not in PAPER003_METHODS:
         raise ConfigError(f"unknown paper003 method {method!r}; choose one of {', '.join(PAPER003_METHODS)}")
     spec = PAPER003_METHODS[method]
-    model = spec["model"]
-    if prune_ratio != 0.8 and model in ("conv4-mpt", "conv4-mpt11"):
-        model = f"{model}@{prune_ratio}"
+    # the prune ratio is an option of the MPT models only; the dense and BNN methods prune nothing
+    takes_ratio = spec["model"] in ("conv4-mpt", "conv4-mpt11")
+    model = model_spec(spec["model"], {"prune_ratio": float(prune_ratio)} if takes_ratio else None)
     return FleetConfig(
         devices=100,
         dataset="fashion-mnist",

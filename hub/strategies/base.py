@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from fedge.models.errors import ConfigError
+from fedge.models.spec import ModelSpec
 from fedge.models.wire.codecs import UPDATE_CARRIES
 
 from .utils import State, Update
@@ -66,7 +67,7 @@ class Strategy(ABC):
                               f"{self.name} cannot aggregate; use a float codec (fp32, fp16)")
         return requested
 
-    def check_fits(self, model: str, state: State) -> None:
+    def check_fits(self, model: ModelSpec, state: State) -> None:
         """Refuse, at start, a model whose updates this strategy cannot aggregate (any, by default)."""
         return None
 
@@ -110,7 +111,7 @@ class ServerOptimizer(Strategy):
     def configure_train(self, train: Mapping[str, Any]) -> dict[str, Any]:
         return self.inner.configure_train(train)
 
-    def check_fits(self, model: str, state: State) -> None:
+    def check_fits(self, model: ModelSpec, state: State) -> None:
         self.inner.check_fits(model, state)
 
     @abstractmethod

@@ -15,6 +15,7 @@ import numpy as np
 
 from fedge.models.bits import SCORES_SUFFIX, keep_count, keep_probability, topk_mask
 from fedge.models.errors import ConfigError
+from fedge.models.spec import ModelSpec
 
 from .base import Strategy
 from .utils import State, Update, require_updates
@@ -44,14 +45,14 @@ class MptMask(Strategy):
             out[name] = (np.where(prev < 0, -1.0, 1.0) * moved).astype(np.float32)
         return out
 
-    def check_fits(self, model: str, state: State) -> None:
+    def check_fits(self, model: ModelSpec, state: State) -> None:
         """A mask carries only supermask scores ('*.scores'): a dense model has none, and a 1/1
         MPT model's BatchNorm statistics could never be updated."""
         others = [k for k in state if not k.endswith(SCORES_SUFFIX)]
         if len(others) == len(state):
             raise ConfigError(f"strategy {self.name} needs a supermask model (conv4-mpt, mlp-mpt, ...); "
-                              f"model {model!r} has no pruning scores")
+                              f"model {model} has no pruning scores")
         if others:
-            raise ConfigError(f"strategy {self.name} uploads only masks, but model {model!r} also has other state "
+            raise ConfigError(f"strategy {self.name} uploads only masks, but model {model} also has other state "
                               f"({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}); use sign-delta or "
                               f"mpt-score-avg for it")

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from ..spec import ModelSpec, OptionValue
 from .codecs import decode_tensors, encode_tensors
 from .envelope import Envelope, EnvelopeError, Signer, encode
 
@@ -55,20 +56,43 @@ class ModelMessage:
     fleet: str
     run: str
     version: int
-    model: str
+    model: str  # the registered name
     tensors: OrderedDict[str, np.ndarray]
     meta: dict[str, Any] = field(default_factory=dict)
     epoch: int = 0  # the run's epoch (models/wire/freshness.py); 0 = a hub from before epochs
+    model_options: dict[str, OptionValue] = field(default_factory=dict)  # non-default options; {}: the defaults
+
+    @property
+    def spec(self) -> ModelSpec:
+        """The model as the hub specified it; the receiver checks it (registry.model_spec) before use."""
+        return ModelSpec(self.model, self.model_options)
 
 
 def build_model_message(
-    fleet: str, run: str, version: int, model: str, tensors: Mapping[str, np.ndarray], codec: str = "fp32",
+    fleet: str, run: str, version: int, model: ModelSpec | str, tensors: Mapping[str, np.ndarray], codec: str = "fp32",
     meta: Mapping[str, Any] | None = None, signer: Signer | None = None, epoch: int = 0,
 ) -> bytes:
+    """The model envelope. `model` is a ModelSpec (a plain name means its defaults): the header
+    carries its name in "model" and its options, when it has any, in "model_options"."""
+    spec = model if isinstance(model, ModelSpec) else ModelSpec(model)
     fields_, body = encode_tensors(tensors, codec)
     header = {"kind": "model", "fleet": fleet, "run": run, "epoch": int(epoch), "version": int(version),
-              "model": model, "meta": dict(meta or {}), "created": time.time(), **fields_}
+              "model": spec.name, "meta": dict(meta or {}), "created": time.time(), **fields_}
+    if spec.options:
+        header["model_options"] = spec.options_dict()
     return encode(header, body, signer=signer)
+
+
+def _model_options(header: Mapping[str, Any]) -> dict[str, OptionValue]:
+    """The header's "model_options": an object of numbers and strings; absent (every hub before
+    specs, or a model at its defaults) is {}."""
+    options = header.get("model_options", {})
+    if not isinstance(options, dict):
+        raise EnvelopeError("header field 'model_options' must be an object")
+    for key, value in options.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise EnvelopeError(f"model option {key!r} must be a number or a string, got {type(value).__name__}")
+    return dict(options)
 
 
 def parse_model(env: Envelope) -> ModelMessage:
@@ -81,6 +105,7 @@ def parse_model(env: Envelope) -> ModelMessage:
     return ModelMessage(
         fleet=_field(h, "fleet", str), run=_field(h, "run", str), version=_field(h, "version", int),
         model=_field(h, "model", str), tensors=decode_tensors(h, env.body), meta=dict(meta), epoch=_epoch(h),
+        model_options=_model_options(h),
     )
 
 
