@@ -373,3 +373,21 @@ def test_hub_stopped_mid_round_says_it_is_shutting_down(tmp_path, mosquitto_url,
     assert "shutting down: round 1 stays open with 0/1 answer(s); --resume continues it" in hub.text
     assert "ignored for this round" not in hub.text and "Traceback" not in hub.text
     assert f"hub stopped after 0 round(s); continue with: fedge hub --broker {mosquitto_url}" in hub.text
+
+
+@pytest.mark.parametrize(("argv", "typo", "meant"), [
+    (["agent", "--devcie-id", "pi-x", "--data", "synthetic"], "--devcie-id", "--device-id"),
+    (["agent", "--brokr", "mqtt://127.0.0.1:1883"], "--brokr", "--broker"),
+    (["hub", "--rouds", "5"], "--rouds", "--rounds"),
+    (["agent", "serve", "--topic-prefx", "a/v1"], "--topic-prefx", "--topic-prefix"),
+])
+def test_a_misspelt_flag_is_named_with_the_closest_real_one(argv, typo, meant, capsys):
+    """argparse alone answered `fedge agent --devcie-id pi-x` with "invalid choice: 'pi-x'"
+    (the value taken for the agent's ACTION), never naming the typo."""
+    from fedge.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"unrecognized option {typo} (did you mean {meant}?)" in err and "invalid choice" not in err

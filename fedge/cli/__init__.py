@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import sys
 
 DESCRIPTION = """\
@@ -104,8 +105,47 @@ def _add_optional_commands(sub: argparse._SubParsersAction, agent: argparse.Argu
     infer_cli.add_export_parser(sub)
 
 
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:  # noqa: SLF001 - argparse keeps its subcommands here
+        if isinstance(action, argparse._SubParsersAction):  # noqa: SLF001
+            return dict(action.choices)
+    return {}
+
+
+def check_options(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """Refuse a misspelt --flag by name, with the closest real one. argparse alone would hand
+    `fedge agent --devcie-id pi-x` the value to the agent's ACTION positional and answer
+    "invalid choice: 'pi-x'", which never names the typo."""
+    if not argv:
+        return
+    commands = _subparsers(parser)
+    if argv[0] not in commands:
+        return
+    command, rest = commands[argv[0]], argv[1:]
+    actions = _subparsers(command)
+    for i, token in enumerate(rest):
+        if token == "--":
+            return
+        if token in actions:  # a nested action (agent predict|serve) checks its own flags
+            check_options(command, rest[i:])
+            return
+        if not token.startswith("--"):
+            continue
+        name = token.split("=", 1)[0]
+        known = [o for o in command._option_string_actions if o.startswith("--")]  # noqa: SLF001
+        if name in known or any(o.startswith(name) for o in known):
+            continue  # exact, or an abbreviation argparse resolves (or calls ambiguous itself)
+        shown = [o for o, a in command._option_string_actions.items()  # noqa: SLF001 - hidden aliases stay hidden
+                 if o.startswith("--") and a.help != argparse.SUPPRESS]
+        close = difflib.get_close_matches(name, shown, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        command.error(f"unrecognized option {name}{hint}; see {command.prog} --help")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    check_options(parser, argv)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
