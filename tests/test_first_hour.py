@@ -391,3 +391,26 @@ def test_a_misspelt_flag_is_named_with_the_closest_real_one(argv, typo, meant, c
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert f"unrecognized option {typo} (did you mean {meant}?)" in err and "invalid choice" not in err
+
+
+def test_two_clients_with_one_device_id_get_a_warning_that_says_so(mosquitto_url, caplog):
+    """Two agents started with the same --device-id take the MQTT session from each other
+    forever; before, each only logged "disconnected (Unspecified error); reconnecting" at INFO."""
+    import logging
+    import secrets
+
+    from fedge.models.wire.transport import QUICK_DROPS_TO_WARN, BrokerConfig, MqttLink
+
+    client_id = f"same-id-{secrets.token_hex(4)}"
+    caplog.set_level(logging.WARNING, logger="fedge")
+    links = [MqttLink(BrokerConfig.from_url(mosquitto_url), client_id, clean_session=True) for _ in range(2)]
+    try:
+        for link in links:
+            link.start(timeout=10)
+        deadline = time.time() + 30
+        while time.time() < deadline and "must be unique" not in caplog.text:
+            time.sleep(0.2)
+    finally:
+        for link in links:
+            link.stop()
+    assert f"right after {QUICK_DROPS_TO_WARN} connects in a row: is another client using the id {client_id!r}" in caplog.text

@@ -116,6 +116,11 @@ class BrokerConfig:
 PERMANENT_REFUSALS = frozenset({132, 133, 134, 135})
 
 
+# a connection dropped this soon after it was made, this many times in a row, gets a warning
+QUICK_DROP_S = 5.0
+QUICK_DROPS_TO_WARN = 3
+
+
 class MqttLink:
     """A paho client with a persistent session, automatic reconnect and topic handlers.
 
@@ -139,6 +144,8 @@ class MqttLink:
         self._pending_subacks: set[int] = set()
         self._on_connect_hooks: list[Callable[[], None]] = []
         self._lock = threading.Lock()
+        self._connected_at = 0.0
+        self._quick_drops = 0  # disconnects in a row that came right after a connect
         self.client = mqtt.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=client_id,
@@ -249,6 +256,7 @@ class MqttLink:
                     self._pending_subacks.add(mid)
             if not self._pending_subacks:
                 self._subscribed.set()
+        self._connected_at = time.monotonic()
         self._connected.set()
         for hook in self._on_connect_hooks:
             try:
@@ -274,6 +282,12 @@ class MqttLink:
     ) -> None:
         if self._connected.is_set() and not self._stopping:
             log.info("%s: disconnected (%s); reconnecting with backoff", self.client_id, reason_code)
+            quick = time.monotonic() - self._connected_at < QUICK_DROP_S
+            self._quick_drops = self._quick_drops + 1 if quick else 0
+            if self._quick_drops == QUICK_DROPS_TO_WARN:  # two clients with one id take the session from each other
+                log.warning("%s: the broker dropped this connection right after %d connects in a row: is another "
+                            "client using the id %r? MQTT client ids (fedge device ids) must be unique",
+                            self.client_id, self._quick_drops, self.client_id)
         self._connected.clear()
 
     def _handle_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
