@@ -414,3 +414,15 @@ def test_two_clients_with_one_device_id_get_a_warning_that_says_so(mosquitto_url
         for link in links:
             link.stop()
     assert f"right after {QUICK_DROPS_TO_WARN} connects in a row: is another client using the id {client_id!r}" in caplog.text
+
+
+def test_resuming_a_finished_run_says_it_is_finished(tmp_path, mosquitto_url, topic_prefix):
+    """Before, `--resume` of a finished run printed its summary again with no word that nothing ran."""
+    done = _run(["fleet", "--transport", "inproc", "--dataset", "synthetic", "--partition", "iid", "--devices", "2",
+                 "--rounds", "1", "--runs-dir", str(tmp_path), "--run-id", "done1", "--no-progress", "-q"])
+    assert done.returncode == 0, done.stderr
+    again = _run(["hub", "--broker", mosquitto_url, "--topic-prefix", topic_prefix, "--runs-dir", str(tmp_path),
+                  "--resume", "done1", "--no-eval"])
+    assert again.returncode == 0, again.stderr
+    assert "run done1 already finished after round 1: nothing to train" in again.stderr
+    assert json.loads(again.stdout[again.stdout.index("{"):])["rounds"] == 1  # the run's one round, not a new one

@@ -236,6 +236,9 @@ def run_hub(args: argparse.Namespace) -> int:
         run_dir = _find_run(args)
         store = RunStore(run_dir)
         cfg = HubConfig.from_json(store.get_meta("config"))
+        if store.get_meta("status") == "finished" and args.rounds is None:
+            print(f"run {run_dir.name} already finished after round {store.last_round()}: nothing to train; its "
+                  f"summary follows (--rounds N with --resume trains it further)", file=sys.stderr)
         if args.rounds is not None:
             if cfg.plan:
                 raise ConfigError(f"--resume --rounds: run {run_dir.name} follows a plan "
