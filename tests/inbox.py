@@ -1,10 +1,15 @@
-"""What an MQTT link received in a test, and a way to wait for a message without sleeping."""
+"""What an MQTT link received in a test, a way to wait for a message without sleeping, and a
+plain paho client for tests that play a device or a hub by hand."""
 
 from __future__ import annotations
 
 import threading
 import time
 from collections.abc import Callable
+
+import paho.mqtt.client as mqtt
+
+from fedge.models.wire.transport import BrokerConfig
 
 
 class Inbox:
@@ -36,3 +41,12 @@ class Inbox:
     def payloads(self) -> list[bytes]:
         with self._cond:
             return [p for _, p in self.items]
+
+
+def raw_client(url: str) -> mqtt.Client:
+    """A bare paho client, connected and looping, outside fedge's link (no fedge behaviour in the way)."""
+    cfg = BrokerConfig.from_url(url)
+    client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2)
+    client.connect(cfg.host, cfg.port)
+    client.loop_start()
+    return client

@@ -18,23 +18,17 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
-import paho.mqtt.client as mqtt
 import pytest
 
 from fedge.models.wire.transport import BrokerConfig
 
+from .inbox import raw_client
 from .test_cli import FEDGE, _run
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 
 
-def _client(url: str) -> mqtt.Client:
-    cfg = BrokerConfig.from_url(url)
-    client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2)
-    client.connect(cfg.host, cfg.port)
-    client.loop_start()
-    return client
 
 
 def _npz(path: Path, x: np.ndarray, y: np.ndarray) -> Path:
@@ -231,7 +225,7 @@ def test_serve_keeps_the_trained_model_when_a_new_run_starts(tmp_path, mosquitto
     new run's first trained version. serve takes the broker flags of hub and agent (--topic-prefix)."""
     serve = _popen(["agent", "serve", "--broker", mosquitto_url, "--topic-prefix", topic_prefix, "--fleet", "home",
                     "--port", "0"])
-    hub = _client(mosquitto_url)
+    hub = raw_client(mosquitto_url)
     topic = f"{topic_prefix}/home/model"
     try:
         port = int(serve.wait_for(r"serving predictions on http://127\.0\.0\.1:(\d+)").group(1))
@@ -356,7 +350,7 @@ def test_hub_stopped_mid_round_says_it_is_shutting_down(tmp_path, mosquitto_url,
     """A device is selected and never answers; SIGTERM stops the hub: it says it shuts down and how to
     continue, and does not call the device late."""
     status = f"{topic_prefix}/home/dev/pi-quiet/status"
-    device = _client(mosquitto_url)
+    device = raw_client(mosquitto_url)
     device.publish(status, json.dumps({"state": "online", "num_samples": 100}), qos=1, retain=True).wait_for_publish(5)
     hub = _popen(["hub", "--broker", mosquitto_url, "--topic-prefix", topic_prefix, "--fleet", "home", "--no-eval",
                   "--rounds", "2", "--deadline", "120", "--runs-dir", str(tmp_path), "--run-id", "quiet"])
@@ -399,7 +393,7 @@ def test_two_clients_with_one_device_id_get_a_warning_that_says_so(mosquitto_url
     import logging
     import secrets
 
-    from fedge.models.wire.transport import QUICK_DROPS_TO_WARN, BrokerConfig, MqttLink
+    from fedge.models.wire.transport import QUICK_DROPS_TO_WARN, MqttLink
 
     client_id = f"same-id-{secrets.token_hex(4)}"
     caplog.set_level(logging.WARNING, logger="fedge")

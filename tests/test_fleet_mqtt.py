@@ -9,14 +9,14 @@ import threading
 import time
 
 import numpy as np
-import paho.mqtt.client as mqtt
 import pytest
 
 from fedge.hub.config import HubConfig
 from fedge.hub.sim.fleet import Fleet, FleetConfig
 from fedge.models.partition import PartitionSpec
 from fedge.models.wire.messages import build_update_message
-from fedge.models.wire.transport import BrokerConfig
+
+from .inbox import raw_client
 
 
 def _fleet(broker_url: str, prefix: str, tmp_path, data, devices: int = 4, **hub_kw) -> Fleet:
@@ -27,12 +27,6 @@ def _fleet(broker_url: str, prefix: str, tmp_path, data, devices: int = 4, **hub
     return Fleet(cfg, dataset=data)
 
 
-def _raw_client(url: str) -> mqtt.Client:
-    cfg = BrokerConfig.from_url(url)
-    client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2)
-    client.connect(cfg.host, cfg.port)
-    client.loop_start()
-    return client
 
 
 def test_four_devices_three_rounds_learn(broker_url, topic_prefix, tmp_path, small_data):
@@ -76,7 +70,7 @@ def test_malformed_updates_are_logged_and_the_hub_carries_on(broker_url, topic_p
     fleet.cfg.hub.rounds = 2
     with fleet:
         hub = fleet.make_hub()
-        attacker = _raw_client(broker_url)
+        attacker = raw_client(broker_url)
         topic = hub.topics.device_update("dev000")
         good = build_update_message("t", hub.run_id, "dev000", 1, 0, hub.reference, num_samples=5)
         bad_shape = {k: np.zeros((3,), np.float32) for k in hub.reference}
