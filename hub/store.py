@@ -26,7 +26,7 @@ CREATE TABLE IF NOT EXISTS rounds (
     round INTEGER PRIMARY KEY, model_version INTEGER NOT NULL, accuracy REAL, loss REAL,
     participants TEXT NOT NULL, selected TEXT NOT NULL, bytes_up INTEGER NOT NULL, bytes_down INTEGER NOT NULL,
     seconds REAL NOT NULL, weight_change REAL, train_loss REAL, completed_at REAL NOT NULL,
-    kind TEXT, stage INTEGER, device_accuracy REAL, device_loss REAL, device_metrics TEXT);
+    kind TEXT, stage INTEGER, device_accuracy REAL, device_loss REAL, device_metrics TEXT, metrics TEXT);
 CREATE TABLE IF NOT EXISTS open_round (round INTEGER PRIMARY KEY, task TEXT NOT NULL, started_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS pending (
     round INTEGER NOT NULL, device TEXT NOT NULL, payload BLOB NOT NULL, received_at REAL NOT NULL,
@@ -59,7 +59,11 @@ class RunStore:
         have = {row[1] for row in self._db.execute("PRAGMA table_info(rounds)")}
         for name, sql_type in ROUND_COLUMNS_ADDED:
             if name not in have:
-                self._db.execute(f"ALTER TABLE rounds ADD COLUMN {name} {sql_type}")
+                try:
+                    self._db.execute(f"ALTER TABLE rounds ADD COLUMN {name} {sql_type}")
+                except sqlite3.OperationalError as exc:  # another process (a monitor, a resumed hub) added it first
+                    if "duplicate column" not in str(exc):
+                        raise
 
     def close(self) -> None:
         with self._lock:

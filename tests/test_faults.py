@@ -155,3 +155,46 @@ def test_slow_device_is_dropped_for_its_round_and_never_mixed_into_the_next(
     reasons = [r["reason"] for r in hub.store.rejections()]
     assert any("late or replayed: round 1 is already closed" in r for r in reasons), reasons
     assert "ignored for this round: dev000" in caplog.text
+
+
+
+def test_a_store_upgraded_by_another_process_meanwhile_still_opens(tmp_path, monkeypatch):
+    """A store from before the newer round columns, opened at once by two processes (the CI saw
+    a resumed hub and the test's reader race): between this process reading the columns and
+    adding them, the other adds one. Opening must still work."""
+    import sqlite3
+
+    from fedge.hub import store as store_module
+
+    old = sqlite3.connect(tmp_path / "run.sqlite")
+    old.execute("CREATE TABLE rounds (round INTEGER PRIMARY KEY, model_version INTEGER NOT NULL, accuracy REAL, loss REAL, "
+                "participants TEXT NOT NULL, selected TEXT NOT NULL, bytes_up INTEGER NOT NULL, bytes_down INTEGER NOT NULL, "
+                "seconds REAL NOT NULL, weight_change REAL, train_loss REAL, completed_at REAL NOT NULL)")
+    old.close()
+    connect = sqlite3.connect
+
+    class OtherProcessFirst:
+        """A connection whose column listing is followed at once by another connection's ALTER."""
+
+        def __init__(self, *args, **kwargs) -> None:
+            self._db = connect(*args, **kwargs)
+
+        def execute(self, sql: str, *args):
+            result = self._db.execute(sql, *args)
+            if sql.startswith("PRAGMA table_info(rounds)"):
+                rows = result.fetchall()
+                other = connect(tmp_path / "run.sqlite")
+                other.execute("ALTER TABLE rounds ADD COLUMN metrics TEXT")
+                other.commit()
+                other.close()
+                return iter(rows)
+            return result
+
+        def __getattr__(self, name: str):
+            return getattr(self._db, name)
+
+    monkeypatch.setattr(store_module.sqlite3, "connect", OtherProcessFirst)
+    store_module.RunStore(tmp_path).close()
+    monkeypatch.setattr(store_module.sqlite3, "connect", connect)
+    columns = {row[1] for row in sqlite3.connect(tmp_path / "run.sqlite").execute("PRAGMA table_info(rounds)")}
+    assert {"kind", "stage", "metrics", "device_metrics"} <= columns
