@@ -36,9 +36,10 @@ from fedge.models.wire.messages import (
 )
 from fedge.models.wire.transport import BrokerConfig, LinkFactory, make_link
 
-from .pool import TrainingPool
+from .pool import Pool
 from .private_store import PrivateStore
 from .profile import Profile, ProfileError
+from .shared_data import DeviceData, LocalData
 from .task_checks import Refused, check_input
 from .tasks import HANDLERS, Job
 from .trainer import estimate_training_mb, initial_private
@@ -58,7 +59,7 @@ class Agent:
         topics: Topics,
         data: Split,
         num_classes: int,
-        pool: TrainingPool,
+        pool: Pool,
         seed: int = 0,
         max_payload: int = DEFAULT_MAX_BYTES,
         tamper: Callable[[Mapping[str, np.ndarray], Mapping[str, np.ndarray]], Mapping[str, np.ndarray]] | None = None,
@@ -67,6 +68,7 @@ class Agent:
         guard: RunGuard | None = None,
         warn_unverified: bool = True,
         private_state: str | Path | None = None,
+        data_ref: DeviceData | None = None,
     ) -> None:
         self.device_id = device_id
         self.profile = profile
@@ -75,6 +77,8 @@ class Agent:
         self.in_shape = tuple(int(d) for d in data.x.shape[1:])
         self.x = torch.from_numpy(np.ascontiguousarray(data.x))
         self.y = torch.from_numpy(np.ascontiguousarray(data.y))
+        # how a training worker reaches the data: these tensors, or (simulator) the same data in shared memory
+        self.data: DeviceData = data_ref or LocalData(self.x, self.y)
         self.class_counts = label_counts(data.y, num_classes)
         self.pool = pool
         self.seed = seed
@@ -280,7 +284,7 @@ class Agent:
 
         self.training.set()
         log.debug("%s: round %d: running the %s task", self.device_id, task.round, task.kind)
-        self.pool.submit((spec, self.in_shape, self.num_classes), job.work, done)
+        self.pool.submit((spec, self.in_shape, self.num_classes), job.request, done)
 
     def private_tensors(self, spec: ModelSpec) -> dict[str, np.ndarray]:
         """This device's own private tensors (its head): those kept from earlier rounds or an
@@ -301,6 +305,8 @@ class Agent:
             self._busy.discard(key)
             if not self._busy:
                 self.training.clear()
+        if not isinstance(result, Exception):
+            job.settle(result)  # what the device keeps (private tensors, timing), sent or not
         if self._dead:
             return
         if isinstance(result, Refused):

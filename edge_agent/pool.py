@@ -1,7 +1,9 @@
-"""Training workers: one thread each, each with its own resident trainer per model.
+"""The training pool of a standalone agent: worker threads in the agent's own process, each
+with its own resident trainer per model.
 
-A standalone agent uses a pool of one; the fleet simulator shares one pool among all its
-virtual devices, so N devices cost W model instances, not N.
+A pool is anything with `submit(key, request, done)` and `close()` (`Pool`): this one, or the
+fleet simulator's worker processes and Ray actors (hub/sim/workers.py), which run the same
+requests through the same `work.run_group`.
 """
 
 from __future__ import annotations
@@ -10,19 +12,26 @@ import logging
 import queue
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from fedge.models.errors import ConfigError
-from fedge.models.spec import ModelSpec
 
 from .trainer import LocalTrainer
+from .work import ModelKey, Outcome, Request, run_group
 
 log = logging.getLogger("fedge.pool")
 
-Job = Callable[[LocalTrainer], Any]
-Done = Callable[[Any], None]
+Done = Callable[[Outcome], None]
+
+
+class Pool(Protocol):
+    """Runs requests of the agents that share it; `done` gets the result or the exception."""
+
+    def submit(self, model_key: ModelKey, request: Request, done: Done) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class TrainingPool:
@@ -39,10 +48,10 @@ class TrainingPool:
         for t in self._threads:
             t.start()
 
-    def submit(self, model_key: tuple[ModelSpec, tuple[int, ...], int], job: Job, done: Done) -> None:
-        """Run `job(trainer)` on a worker with the trainer of `model_key` (spec, in_shape,
+    def submit(self, model_key: ModelKey, request: Request, done: Done) -> None:
+        """Run `request` on a worker with the trainer of `model_key` (spec, in_shape,
         num_classes); `done` gets the result or the exception raised."""
-        self._jobs.put((model_key, job, done))
+        self._jobs.put((model_key, request, done))
 
     def close(self) -> None:
         for _ in self._threads:
@@ -51,16 +60,16 @@ class TrainingPool:
             t.join(timeout=30)
 
     def _work(self) -> None:
-        trainers: dict[tuple, LocalTrainer] = {}
+        trainers: dict[ModelKey, LocalTrainer] = {}
         while True:
             item = self._jobs.get()
             if item is None:
                 return
-            key, job, done = item
+            key, request, done = item
             try:
                 if key not in trainers:
                     trainers[key] = LocalTrainer(key[0], key[1], key[2], device=self.device)
-                result: Any = job(trainers[key])
+                result: Any = run_group(trainers[key], [request])[0]
             except Exception as exc:  # noqa: BLE001 - handed to the caller (who reports it), worker survives
                 log.debug("training job failed", exc_info=True)  # the traceback: -v
                 result = exc

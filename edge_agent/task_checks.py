@@ -12,7 +12,8 @@ status message so the operator sees it on the hub.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -132,13 +133,20 @@ def check_input(meta: Mapping[str, Any], in_shape: tuple[int, ...], num_classes:
                       f"(fedge agent --num-classes {classes})")
 
 
-def time_budget(profile: Profile) -> Callable[[float], None]:
-    """A per-step check for the trainer: Refused once training has run past max_train_seconds."""
-    limit = profile.max_train_seconds
+@dataclass(frozen=True)
+class TimeBudget:
+    """A per-step check for the trainer: Refused once training has run past max_train_seconds.
+    Plain data (not a closure) so a request carrying it runs in a worker process too."""
 
-    def check(elapsed: float) -> None:
-        if elapsed > limit:
-            raise Refused(f"training stopped after {elapsed:.1f} s: above max_train_seconds={limit:g} "
-                          f"(profile {profile.name!r})")
+    limit: float
+    profile: str
 
-    return check
+    def __call__(self, elapsed: float) -> None:
+        if elapsed > self.limit:
+            raise Refused(f"training stopped after {elapsed:.1f} s: above max_train_seconds={self.limit:g} "
+                          f"(profile {self.profile!r})")
+
+
+def time_budget(profile: Profile) -> TimeBudget:
+    """The profile's training time budget (max_train_seconds)."""
+    return TimeBudget(float(profile.max_train_seconds), profile.name)

@@ -3,8 +3,8 @@
 A handler gets the round's task and the model it names (already checked by the agent:
 `model.spec` is a valid ModelSpec and `check_input` found the model built for this device's
 input shape and class count), checks them (raising Refused, which
-the agent reports in its status), and returns a Job: the work, run on a TrainingPool worker
-with the worker's LocalTrainer, and how its result becomes the envelope sent back (an
+the agent reports in its status), and returns a Job: the work as a request (plain data, edge_agent/work.py) that any
+training pool runs, and how its result becomes the envelope sent back (an
 `update` with tensors, or a `report` with numbers only). A task kind not in HANDLERS is
 refused with the list of the kinds this device runs (docs/protocol.md 4.2.2).
 """
@@ -20,7 +20,8 @@ from fedge.models.registry import private_patterns
 from fedge.models.wire.messages import ModelMessage, TaskMessage, build_report_message, build_update_message
 
 from .task_checks import check_evaluate_params, check_model, check_train_settings, time_budget
-from .trainer import LocalTrainer, TrainConfig, TrainResult, job_seed, uplink_state
+from .trainer import TrainConfig, TrainResult, job_seed
+from .work import EvaluateRequest, Request, TrainRequest
 
 if TYPE_CHECKING:
     from .agent import Agent
@@ -28,13 +29,15 @@ if TYPE_CHECKING:
 
 @dataclass
 class Job:
-    """What the agent runs for one task: `work` on a pool worker, then `message` on its result
-    gives the payload published on the device's uplink topic, and `describe` the agent's log
-    line for the round (samples, loss, seconds)."""
+    """What the agent runs for one task: `request` (plain data) on a pool worker, then on the
+    agent `settle` keeps what the device keeps of the result (its private tensors, its timing),
+    `message` gives the payload published on the device's uplink topic, and `describe` the
+    agent's log line for the round (samples, loss, seconds)."""
 
-    work: Callable[[LocalTrainer], Any]
+    request: Request
     message: Callable[[Any], bytes]
     describe: Callable[[Any], str]
+    settle: Callable[[Any], None] = lambda result: None
 
 
 Handler = Callable[["Agent", TaskMessage, ModelMessage], Job]
@@ -46,18 +49,17 @@ def train(agent: Agent, task: TaskMessage, model: ModelMessage) -> Job:
     check_train_settings(task.train, agent.profile, len(agent.y), agent.seconds_per_sample)
     check_model(model.tensors, model.version)
     cfg = TrainConfig.resolve(agent.profile, task.train)
-    seed = job_seed(agent.seed, task.round, agent.device_id)
     tensors = model.tensors
-    budget = time_budget(agent.profile)
+    request = TrainRequest(
+        state=tensors, data=agent.data, cfg=cfg, seed=job_seed(agent.seed, task.round, agent.device_id),
+        codec=task.codec, private=agent.private_tensors(model.spec) if private_patterns(model.spec) else None,
+        budget=time_budget(agent.profile),
+    )
 
-    def work(trainer: LocalTrainer) -> TrainResult:
-        private = agent.private_tensors(model.spec) if private_patterns(model.spec) else None
-        result = trainer.train(tensors, agent.x, agent.y, cfg, seed, after_step=budget, private=private)
+    def settle(result: TrainResult) -> None:
         if result.private:
             agent.private.save(model.spec, result.private)
         agent.seconds_per_sample = result.seconds / max(1, cfg.epochs * len(agent.y))
-        result.state = uplink_state(trainer, result, task.codec, tensors)
-        return result
 
     def message(result: TrainResult) -> bytes:
         state = agent.tamper(tensors, result.state) if agent.tamper is not None else result.state
@@ -71,7 +73,7 @@ def train(agent: Agent, task: TaskMessage, model: ModelMessage) -> Job:
     def describe(result: TrainResult) -> str:
         return f"trained on {result.num_samples} samples, loss {result.loss:.4f}, {result.seconds:.1f} s"
 
-    return Job(work, message, describe)
+    return Job(request, message, describe, settle)
 
 
 def evaluate(agent: Agent, task: TaskMessage, model: ModelMessage) -> Job:
@@ -80,14 +82,9 @@ def evaluate(agent: Agent, task: TaskMessage, model: ModelMessage) -> Job:
     with a `report`, no tensors."""
     batch_size = check_evaluate_params(task.params)
     check_model(model.tensors, model.version)
-    took: list[float] = []
-
-    def work(trainer: LocalTrainer) -> dict[str, float]:
-        started = time.monotonic()
-        private = agent.private_tensors(model.spec) if private_patterns(model.spec) else None
-        metrics = trainer.evaluate(model.tensors, agent.x, agent.y, private=private, batch_size=batch_size)
-        took.append(time.monotonic() - started)
-        return metrics
+    request = EvaluateRequest(state=model.tensors, data=agent.data, batch_size=batch_size,
+                              private=agent.private_tensors(model.spec) if private_patterns(model.spec) else None)
+    started = time.monotonic()
 
     def message(metrics: dict[str, float]) -> bytes:
         return build_report_message(
@@ -98,9 +95,9 @@ def evaluate(agent: Agent, task: TaskMessage, model: ModelMessage) -> Job:
 
     def describe(metrics: dict[str, float]) -> str:
         scores = ", ".join(f"{name} {value:.4f}" for name, value in metrics.items())
-        return f"evaluated on {len(agent.y)} samples, {scores}, {took[-1] if took else 0.0:.1f} s"
+        return f"evaluated on {len(agent.y)} samples, {scores}, {time.monotonic() - started:.1f} s"
 
-    return Job(work, message, describe)
+    return Job(request, message, describe)
 
 
 HANDLERS: dict[str, Handler] = {"train": train, "evaluate": evaluate}

@@ -329,7 +329,12 @@ def add_fleet_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--images-per-class", type=int, help="shards: images per label per device")
     p.add_argument("--alpha", type=float, help="dirichlet concentration")
     p.add_argument("--sizes", help="sizes: comma-separated images per device")
-    p.add_argument("--workers", type=int, help="training workers (threads) shared by all devices (default 1)")
+    p.add_argument("--backend", choices=("process", "thread", "ray"),
+                   help="where the devices' training runs: process (default: worker processes beside the "
+                        "fleet, the devices' data in shared memory), thread (inside the fleet process) or "
+                        "ray (Ray actors, a local Ray or the cluster of RAY_ADDRESS; pip install ray)")
+    p.add_argument("--workers", type=int, help="training workers shared by all devices (default: one per core; "
+                                                "one with a GPU profile)")
     p.add_argument("--threads", type=int, help="torch threads for training in total (default: all cores)")
     p.add_argument("--central", action=argparse.BooleanOptionalAction, default=None,
                    help="also train the same model centrally on the union of the partitions")
@@ -360,7 +365,7 @@ def fleet_config_from_args(args: argparse.Namespace):  # noqa: ANN201 - FleetCon
     for arg, attr in (("profile", "profile"), ("transport", "transport"), ("broker", "broker"), ("devices", "devices"),
                       ("dataset", "dataset"),
                       ("data_root", "data_root"),
-                      ("workers", "workers"), ("threads", "threads"), ("central", "central"),
+                      ("backend", "backend"), ("workers", "workers"), ("threads", "threads"), ("central", "central"),
                       ("runs_dir", "runs_dir"), ("run_id", "run_id"), ("seed", "seed")):
         value = getattr(args, arg, None)
         if value is not None:

@@ -1,5 +1,6 @@
 """The fleet simulator: N virtual devices in one process, each a real agent with its own
-data partition, sharing a small pool of training workers; plus the real hub. The hub cannot
+data partition, sharing a few training workers (processes by default, hub/sim/workers.py);
+plus the real hub. The hub cannot
 tell these devices from real ones.
 
 Transports: `mqtt` (each device an MQTT client of an embedded broker, or of `broker`) or
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -22,8 +22,9 @@ import numpy as np
 from tqdm import tqdm
 
 from fedge.edge_agent.agent import Agent
-from fedge.edge_agent.pool import TrainingPool
+from fedge.edge_agent.pool import Pool
 from fedge.edge_agent.profile import load_profile
+from fedge.edge_agent.shared_data import DataArena
 from fedge.hub.broker import EmbeddedBroker
 from fedge.hub.config import HubConfig
 from fedge.hub.hub import Hub
@@ -40,6 +41,7 @@ from fedge.models.wire.transport import BrokerConfig, LinkFactory
 
 from .attacks import ATTACKS
 from .central import train_central
+from .workers import make_pool
 
 log = logging.getLogger("fedge.fleet")
 
@@ -55,7 +57,8 @@ class FleetConfig:
     data_root: str | None = None
     partition: PartitionSpec = field(default_factory=PartitionSpec)
     profile: str = "sim"
-    workers: int = 1
+    backend: str = "process"  # training workers: process (default), thread (in this process) or ray
+    workers: int = 0  # training workers (0: one per core on the CPU, one on a GPU)
     threads: int = 0  # torch threads for training in total (0 = all cores)
     transport: str = "mqtt"  # mqtt: real MQTT clients; inproc: the same hub and agents over an in-memory broker
     broker: str | None = None  # mqtt only; None: start an embedded broker in this process
@@ -81,7 +84,8 @@ class Fleet:
         self.cfg = cfg
         self.dataset = dataset
         self.broker: EmbeddedBroker | None = None
-        self.pool: TrainingPool | None = None
+        self.pool: Pool | None = None
+        self.arena: DataArena | None = None  # the devices' data in shared memory (process and ray workers)
         self.agents: list[Agent] = []
         self.parts: list[np.ndarray] = []
         self.run_id = cfg.run_id or new_run_id(cfg.recipe or "fleet")
@@ -114,15 +118,20 @@ class Fleet:
         else:
             self.broker = EmbeddedBroker().start()
             self.broker_config = self.connect = BrokerConfig.from_url(self.broker.url)
-        threads = cfg.threads or os.cpu_count() or 1
         profile = dataclasses.replace(load_profile(cfg.profile), model=hub.model)
-        self.pool = TrainingPool(workers=cfg.workers, threads_per_worker=max(1, threads // cfg.workers),
-                                 device=profile.device)
+        self.pool = make_pool(cfg.backend, cfg.workers or None, cfg.threads or None, profile.device)
+        splits = [ds.train.subset(idx) for idx in self.parts]
+        refs: list[Any] = [None] * len(splits)
+        if cfg.backend != "thread":  # workers in other processes map the devices' data once
+            self.arena = DataArena(splits)
+            if hasattr(self.pool, "block"):
+                self.pool.block = self.arena.name
+            splits, refs = [self.arena.split(i) for i in range(len(splits))], list(self.arena.slices)
         topics = Topics(hub.fleet, hub.prefix)
-        for i, idx in enumerate(self.parts):
+        for i, split in enumerate(splits):
             agent = Agent(
                 device_id=f"dev{i:03d}", profile=profile, broker=self.connect, topics=topics,
-                data=ds.train.subset(idx), num_classes=ds.num_classes, pool=self.pool, seed=cfg.seed,
+                data=split, data_ref=refs[i], num_classes=ds.num_classes, pool=self.pool, seed=cfg.seed,
                 tamper=ATTACKS[cfg.attackers[i]]() if i in cfg.attackers else None,
                 warn_unverified=bool(cfg.broker),  # an embedded or in-memory broker is this process's own
                 private_state=Path(cfg.private_dir) / f"dev{i:03d}.npz" if cfg.private_dir else None,
@@ -154,6 +163,9 @@ class Fleet:
             self.pool.close()
         if self.broker:
             self.broker.stop()
+        if self.arena:
+            self.agents = []  # their views into the block go with them
+            self.arena.close()
 
     def __enter__(self) -> Fleet:
         return self.start()
