@@ -18,8 +18,7 @@ import torch
 
 from fedge.models.errors import ConfigError
 
-from .trainer import LocalTrainer
-from .work import ModelKey, Outcome, Request, run_group
+from .work import ModelKey, Outcome, Request, Worker
 
 log = logging.getLogger("fedge.pool")
 
@@ -60,19 +59,13 @@ class TrainingPool:
             t.join(timeout=30)
 
     def _work(self) -> None:
-        trainers: dict[ModelKey, LocalTrainer] = {}
+        worker = Worker(self.device)
         while True:
             item = self._jobs.get()
             if item is None:
                 return
             key, request, done = item
-            try:
-                if key not in trainers:
-                    trainers[key] = LocalTrainer(key[0], key[1], key[2], device=self.device)
-                result: Any = run_group(trainers[key], [request])[0]
-            except Exception as exc:  # noqa: BLE001 - handed to the caller (who reports it), worker survives
-                log.debug("training job failed", exc_info=True)  # the traceback: -v
-                result = exc
+            result: Any = worker.run([(key, request)])[0]  # an exception is handed to the caller, who reports it
             try:
                 done(result)
             except Exception:  # noqa: BLE001

@@ -12,12 +12,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import torch
 
-from fedge.models.registry import split_state
+from fedge.models.registry import Registered, adopt, split_state
 from fedge.models.spec import ModelSpec
 from fedge.models.wire.codecs import UPDATE_CARRIES
 
@@ -54,7 +54,7 @@ class EvaluateRequest:
     private: Mapping[str, np.ndarray] | None = None
 
 
-Request = Union[TrainRequest, EvaluateRequest]
+Request = TrainRequest | EvaluateRequest
 Outcome = Any  # TrainResult, a metrics dict, or the exception the work raised
 
 
@@ -127,6 +127,36 @@ def _train_stacked(trainer: LocalTrainer, group: Sequence[TrainRequest]) -> list
         result.state, result.private = dict(trained), dict(kept)
         result.state = uplink_state(trainer, result, request.codec, request.state)
     return results
+
+
+class Worker:
+    """A training worker's resident trainers (one per model, built on first use) and the body of
+    its loop: a batch of (model key, request) in, one outcome per request out, in order. The
+    agent's thread pool, the simulator's worker processes and its Ray actors all run this."""
+
+    def __init__(self, device: str = "cpu") -> None:
+        self.device = device
+        self.trainers: dict[ModelKey, LocalTrainer] = {}
+
+    def run(self, batch: Sequence[tuple[ModelKey, Request]],
+            models: Mapping[str, Registered] | None = None) -> list[Outcome]:
+        """`models`: registrations of the program's own models the batch uses (registry.registrations)."""
+        adopt(models or {})
+        outcomes: list[Outcome] = [None] * len(batch)
+        by_key: dict[ModelKey, list[int]] = {}
+        for i, (key, _) in enumerate(batch):
+            by_key.setdefault(key, []).append(i)
+        for key, indices in by_key.items():
+            try:
+                if key not in self.trainers:
+                    self.trainers[key] = LocalTrainer(key[0], key[1], key[2], device=self.device)
+                results = run_group(self.trainers[key], [batch[i][1] for i in indices])
+            except Exception as exc:  # noqa: BLE001 - e.g. the model cannot be built: each request says so
+                log.debug("training batch failed", exc_info=True)
+                results = [exc] * len(indices)
+            for i, result in zip(indices, results):
+                outcomes[i] = result
+        return outcomes
 
 
 def set_worker_threads(threads: int | None) -> None:

@@ -91,6 +91,19 @@ MODELS: dict[str, Registered] = {
     # paper 002's self-supervised backbone: the MLP encoder under a projection head, trained with NT-Xent
     "mlp-contrastive": Registered(ContrastiveMLP, family="contrastive", options=(HIDDEN,)),
 }
+BUILTIN_MODELS = frozenset(MODELS)  # fedge's own; any other entry was registered by the running program
+
+
+def registrations(names: Iterable[str]) -> dict[str, Registered]:
+    """The registrations of those of `names` that fedge does not ship (a program's own models):
+    what a training worker in another process or machine must be given to build them."""
+    return {name: _registered(name) for name in names if name not in BUILTIN_MODELS}
+
+
+def adopt(models: Mapping[str, Registered]) -> None:
+    """Register another process's own models here (a training worker), keeping any of ours."""
+    for name, reg in models.items():
+        MODELS.setdefault(name, reg)
 
 
 def model_names() -> list[str]:

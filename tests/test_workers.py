@@ -129,7 +129,7 @@ def test_a_closed_fleet_leaves_no_mapping_of_its_data_in_the_shared_workers(smal
                                     train={"lr": 0.05, "batch_size": 32}))
     fleet = Fleet(cfg, dataset=small_data).start()
     try:
-        block = fleet.arena.name
+        block = fleet.pool.arena.name
         run = fleet.run()
         assert run["final_accuracy"] > 0.5  # 10 classes: chance 0.1
     finally:

@@ -22,9 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from fedge.edge_agent.agent import Agent
-from fedge.edge_agent.pool import Pool
 from fedge.edge_agent.profile import load_profile
-from fedge.edge_agent.shared_data import DataArena
 from fedge.hub.broker import EmbeddedBroker
 from fedge.hub.config import HubConfig
 from fedge.hub.hub import Hub
@@ -41,7 +39,7 @@ from fedge.models.wire.transport import BrokerConfig, LinkFactory
 
 from .attacks import ATTACKS
 from .central import train_central
-from .workers import make_pool
+from .workers import FleetPool, make_pool, process_unsafe
 
 log = logging.getLogger("fedge.fleet")
 
@@ -84,8 +82,7 @@ class Fleet:
         self.cfg = cfg
         self.dataset = dataset
         self.broker: EmbeddedBroker | None = None
-        self.pool: Pool | None = None
-        self.arena: DataArena | None = None  # the devices' data in shared memory (process and ray workers)
+        self.pool: FleetPool | None = None
         self.agents: list[Agent] = []
         self.parts: list[np.ndarray] = []
         self.run_id = cfg.run_id or new_run_id(cfg.recipe or "fleet")
@@ -119,14 +116,14 @@ class Fleet:
             self.broker = EmbeddedBroker().start()
             self.broker_config = self.connect = BrokerConfig.from_url(self.broker.url)
         profile = dataclasses.replace(load_profile(cfg.profile), model=hub.model)
-        self.pool = make_pool(cfg.backend, cfg.workers or None, cfg.threads or None, profile.device)
-        splits = [ds.train.subset(idx) for idx in self.parts]
-        refs: list[Any] = [None] * len(splits)
-        if cfg.backend != "thread":  # workers in other processes map the devices' data once
-            self.arena = DataArena(splits)
-            if hasattr(self.pool, "block"):
-                self.pool.block = self.arena.name
-            splits, refs = [self.arena.split(i) for i in range(len(splits))], list(self.arena.slices)
+        backend = cfg.backend
+        if backend == "process" and (why := process_unsafe(hub.model)):
+            log.warning("%s: training in threads of this process instead (define it in an importable "
+                        "module to use worker processes)", why)
+            backend = "thread"
+        self.pool = make_pool(backend, cfg.workers or None, cfg.threads or None, profile.device)
+        # where the workers read each device's data (process: one shared-memory block; ray: the object store)
+        splits, refs = self.pool.place([ds.train.subset(idx) for idx in self.parts])
         topics = Topics(hub.fleet, hub.prefix)
         for i, split in enumerate(splits):
             agent = Agent(
@@ -163,9 +160,6 @@ class Fleet:
             self.pool.close()
         if self.broker:
             self.broker.stop()
-        if self.arena:
-            self.agents = []  # their views into the block go with them
-            self.arena.close()
 
     def __enter__(self) -> Fleet:
         return self.start()

@@ -18,26 +18,31 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import logging
-import multiprocessing as mp
 import os
-import pickle
+import secrets
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Sequence
-from multiprocessing.connection import Connection
-from typing import Any
+from multiprocessing.connection import Connection, Listener
+from typing import Any, Protocol
 
 import numpy as np
 
-from fedge.edge_agent.pool import Done, Pool, TrainingPool
-from fedge.edge_agent.shared_data import forget_block
-from fedge.edge_agent.work import ModelKey, Outcome, Request, run_group, set_worker_threads
+from fedge.edge_agent.pool import Done, TrainingPool
+from fedge.edge_agent.shared_data import DataArena, DeviceData
+from fedge.edge_agent.work import ModelKey, Outcome, Request
+from fedge.models.data import Split
 from fedge.models.errors import ConfigError
+from fedge.models.registry import Registered, registrations
+from fedge.models.spec import ModelSpec
 
 log = logging.getLogger("fedge.workers")
 
 Item = tuple[ModelKey, Request, Done]
 BACKENDS = ("process", "thread", "ray")
+WORKER_KEY_ENV = "FEDGE_WORKER_KEY"  # the worker's connection key: in its environment, not on its command line
 
 
 def default_workers(device: str = "cpu") -> int:
@@ -157,6 +162,11 @@ class GatheringPool:
             done(RuntimeError("the training pool closed before this job ran"))
 
 
+def own_models(batch: list[tuple[ModelKey, Request]]) -> dict[str, Registered]:
+    """The program's own model registrations a batch needs (a worker knows only fedge's)."""
+    return registrations({key[0].name for key, _ in batch})
+
+
 def share_states(batch: list[tuple[ModelKey, Request]]) -> list[tuple[ModelKey, Request]]:
     """Requests whose received tensors are equal get one shared dict, so pickle writes the global
     model once per batch instead of once per device (each agent decoded its own copy)."""
@@ -182,53 +192,11 @@ def _same_tensors(a: Any, b: Any) -> bool:
     return all(a[k].shape == b[k].shape and a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]) for k in a)
 
 
-# -- worker processes --------------------------------------------------------------------
-
-def _worker_main(conn: Connection, threads: int | None, device: str) -> None:
-    """A worker process: resident trainers by model, batches in, outcomes out, until told to stop."""
-    from fedge.edge_agent.trainer import LocalTrainer  # noqa: PLC0415
-
-    set_worker_threads(threads)
-    trainers: dict[ModelKey, LocalTrainer] = {}
-    while True:
-        try:
-            batch = conn.recv()
-        except EOFError:
-            return
-        if batch is None:
-            return
-        if isinstance(batch, str):  # a data block the simulator has closed: drop this worker's mapping
-            forget_block(batch)
-            continue
-        outcomes: list[Outcome] = [None] * len(batch)
-        by_key: dict[ModelKey, list[int]] = {}
-        for i, (key, _) in enumerate(batch):
-            by_key.setdefault(key, []).append(i)
-        for key, indices in by_key.items():
-            try:
-                if key not in trainers:
-                    trainers[key] = LocalTrainer(key[0], key[1], key[2], device=device)
-                results = run_group(trainers[key], [batch[i][1] for i in indices])
-            except Exception as exc:  # noqa: BLE001 - e.g. the model cannot be built: each job says so
-                results = [exc] * len(indices)
-            for i, result in zip(indices, results):
-                outcomes[i] = result
-        conn.send([_picklable(o) for o in outcomes])
-
-
-def _picklable(outcome: Outcome) -> Outcome:
-    if isinstance(outcome, BaseException):
-        try:
-            pickle.dumps(outcome)
-        except Exception:  # noqa: BLE001
-            return RuntimeError(f"{type(outcome).__name__}: {outcome}")
-    return outcome
-
-
 class ProcessPool(GatheringPool):
-    """`workers` training processes (spawned: a clean interpreter, no inherited broker threads),
-    each with `threads` torch threads; a worker that dies is replaced and its jobs fail with
-    the reason (the devices report them as failed, the hub stops waiting for them)."""
+    """`workers` training processes (`python -m fedge.hub.sim.worker_proc`: a clean interpreter
+    that neither inherits the broker's threads nor re-runs the caller's script), each with
+    `threads` torch threads; a worker that dies is replaced and its jobs fail with the reason
+    (the devices report them as failed, the hub stops waiting for them)."""
 
     def __init__(self, workers: int | None = None, threads: int | None = None, device: str = "cpu",
                  gather_s: float = 0.02) -> None:
@@ -236,29 +204,26 @@ class ProcessPool(GatheringPool):
         super().__init__(workers, gather_s=gather_s)
         self.threads = threads or max(1, (os.cpu_count() or 1) // workers)
         self.device = device
-        self._ctx = mp.get_context("spawn")
-        self._procs: list[Any] = [None] * workers
+        self._procs: list[subprocess.Popen | None] = [None] * workers
         self._conns: list[Connection | None] = [None] * workers
-        self._readers: list[threading.Thread | None] = [None] * workers
         for slot in range(workers):
             self._spawn(slot)
         self.start()
 
     def _spawn(self, slot: int) -> None:
-        parent, child = self._ctx.Pipe(duplex=True)
-        proc = self._ctx.Process(target=_worker_main, args=(child, self.threads, self.device),
-                                 name=f"fedge-train-{slot}", daemon=True)
-        proc.start()
-        child.close()
-        self._procs[slot], self._conns[slot] = proc, parent
-        reader = threading.Thread(target=self._read, args=(slot, parent), name=f"fedge-results-{slot}", daemon=True)
-        self._readers[slot] = reader
-        reader.start()
+        authkey = secrets.token_bytes(32)
+        with Listener(family="AF_UNIX", authkey=authkey) as listener:
+            env = {**os.environ, WORKER_KEY_ENV: authkey.hex()}
+            proc = subprocess.Popen([sys.executable, "-m", "fedge.hub.sim.worker_proc", str(listener.address),
+                                     str(self.threads), self.device], env=env)
+            conn = _accept(listener, proc, slot)
+        self._procs[slot], self._conns[slot] = proc, conn
+        threading.Thread(target=self._read, args=(slot, conn), name=f"fedge-results-{slot}", daemon=True).start()
 
     def _send(self, slot: int, batch: list[tuple[ModelKey, Request]]) -> None:
         conn = self._conns[slot]
         assert conn is not None
-        conn.send(share_states(batch))
+        conn.send((own_models(batch), share_states(batch)))
 
     def _read(self, slot: int, conn: Connection) -> None:
         while True:
@@ -266,12 +231,19 @@ class ProcessPool(GatheringPool):
                 outcomes = conn.recv()
             except (EOFError, OSError):
                 break
-            self._complete(slot, outcomes)
+            if isinstance(outcomes, str):  # the worker could not read the batch: every job of it fails so
+                self._fail_inflight(slot, outcomes)
+            else:
+                self._complete(slot, outcomes)
         if self._closed:
             return
         proc = self._procs[slot]
-        proc.join(timeout=5)
-        reason = f"training worker {slot} (pid {proc.pid}) died with exit code {proc.exitcode}"
+        assert proc is not None
+        try:
+            code = proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            code = None
+        reason = f"training worker {slot} (pid {proc.pid}) died with exit code {code}"
         log.error("%s; starting a new one", reason)
         self._spawn(slot)
         self._fail_inflight(slot, reason)
@@ -299,12 +271,35 @@ class ProcessPool(GatheringPool):
                 pass
         for proc in self._procs:
             if proc is not None:
-                proc.join(timeout=10)
-                if proc.is_alive():
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
                     proc.kill()
         for conn in self._conns:
             if conn is not None:
                 conn.close()
+
+
+def _accept(listener: Listener, proc: subprocess.Popen, slot: int, timeout: float = 120.0) -> Connection:
+    """The new worker's connection; an error naming the worker if it exits or stays silent."""
+    got: list[Any] = []
+    waiter = threading.Thread(target=lambda: got.append(_try(listener.accept)), daemon=True)
+    waiter.start()
+    deadline = time.monotonic() + timeout
+    while waiter.is_alive() and proc.poll() is None and time.monotonic() < deadline:
+        waiter.join(0.05)
+    if got and isinstance(got[0], Connection):
+        return got[0]
+    proc.kill()
+    why = f"exited with code {proc.returncode}" if proc.poll() is not None else f"did not connect in {timeout:.0f} s"
+    raise RuntimeError(f"training worker {slot} (python -m fedge.hub.sim.worker_proc) {why}")
+
+
+def _try(call: Any) -> Any:
+    try:
+        return call()
+    except Exception as exc:  # noqa: BLE001
+        return exc
 
 
 _SHARED: list[tuple[tuple, ProcessPool]] = []  # this process's worker processes, kept between fleets
@@ -330,33 +325,77 @@ def _close_shared() -> None:
         _SHARED.pop()[1].close()
 
 
-class Lease:
-    """A fleet's use of a shared pool: submits go through; close() only unmaps the fleet's data."""
+class FleetPool(Protocol):
+    """What a fleet trains with: a Pool that also places the devices' data where its workers
+    read it (`place`: the splits the agents keep and, per device, the reference a request carries)."""
+
+    def submit(self, model_key: ModelKey, request: Request, done: Done) -> None: ...
+
+    def place(self, splits: list[Split]) -> tuple[list[Split], list[DeviceData | None]]: ...
+
+    def close(self) -> None: ...
+
+
+class ProcessLease:
+    """A fleet's use of this process's shared worker processes: its data goes into one
+    shared-memory block; close() unmaps and removes that block, the workers stay."""
 
     def __init__(self, pool: ProcessPool) -> None:
         self.pool = pool
-        self.block: str | None = None  # the fleet's DataArena, unmapped by the workers on close
+        self.arena: DataArena | None = None
 
     def submit(self, model_key: ModelKey, request: Request, done: Done) -> None:
         self.pool.submit(model_key, request, done)
 
+    def place(self, splits: list[Split]) -> tuple[list[Split], list[DeviceData | None]]:
+        self.arena = DataArena(splits)
+        return [self.arena.split(i) for i in range(len(splits))], list(self.arena.slices)
+
     def close(self) -> None:
-        if self.block:
-            self.pool.forget(self.block)
+        if self.arena is not None:
+            self.pool.forget(self.arena.name)
+            self.arena.close()
+            self.arena = None
 
 
-def make_pool(backend: str, workers: int | None, threads: int | None, device: str) -> Pool:
+class ThreadLease:
+    """The agent's own thread pool inside the fleet process (`--backend thread`): data by reference."""
+
+    def __init__(self, pool: TrainingPool) -> None:
+        self.pool = pool
+
+    def submit(self, model_key: ModelKey, request: Request, done: Done) -> None:
+        self.pool.submit(model_key, request, done)
+
+    def place(self, splits: list[Split]) -> tuple[list[Split], list[DeviceData | None]]:
+        return splits, [None] * len(splits)
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+def process_unsafe(model: ModelSpec) -> str | None:
+    """Why worker processes cannot build `model` (None: they can): a model class defined in the
+    running script (`__main__`) cannot be imported by another process."""
+    reg = registrations([model.name]).get(model.name)
+    if reg is not None and getattr(reg.build, "__module__", None) == "__main__":
+        return f"model {model.name!r} is defined in the running script (__main__), which worker processes cannot import"
+    return None
+
+
+def make_pool(backend: str, workers: int | None, threads: int | None, device: str) -> FleetPool:
     """The fleet's pool for `backend`: process (default), thread (the agent's own pool, in the
-    fleet process; e.g. to debug a job) or ray. `threads`: torch threads in total (0/None: all cores)."""
+    fleet process; e.g. to debug a job) or ray. `threads`: torch threads in total (None: all cores)."""
     if backend not in BACKENDS:
         raise ConfigError(f"backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     if backend == "thread":
         workers = workers or 1
         total = threads or os.cpu_count() or 1
-        return TrainingPool(workers, max(1, total // workers), device)
+        return ThreadLease(TrainingPool(workers, max(1, total // workers), device))
     if backend == "ray":
         from .ray_workers import RayPool  # noqa: PLC0415 - Ray is optional
 
-        return RayPool(workers=workers, threads=threads, device=device)  # type: ignore[return-value]
+        return RayPool(workers=workers, threads=max(1, threads // workers) if threads and workers else None,
+                       device=device)
     workers = workers or default_workers(device)
-    return Lease(shared_process_pool(workers, max(1, threads // workers) if threads else None, device))
+    return ProcessLease(shared_process_pool(workers, max(1, threads // workers) if threads else None, device))
