@@ -44,6 +44,16 @@ class LocalData:
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.x, self.y
 
+    def __reduce__(self) -> tuple:
+        """Sent to another process (an agent whose data is not in a DataArena, e.g. one started
+        beside a fleet): by value, as arrays, not by torch's shared-memory handles, which only
+        a process of the same multiprocessing family may open."""
+        return (_local_from_arrays, (self.x.numpy(), self.y.numpy()))
+
+
+def _local_from_arrays(x: np.ndarray, y: np.ndarray) -> LocalData:
+    return LocalData(torch.from_numpy(x), torch.from_numpy(y))
+
 
 _ATTACHED: dict[str, shared_memory.SharedMemory] = {}  # blocks this process has mapped, by name
 

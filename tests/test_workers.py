@@ -142,3 +142,23 @@ def test_a_closed_fleet_leaves_no_mapping_of_its_data_in_the_shared_workers(smal
         time.sleep(0.2)
     assert not any(block in open(f"/proc/{pid}/maps").read() for pid in pool.pids())
     assert not os.path.exists(f"/dev/shm/{block}")
+
+
+def test_an_agent_with_its_own_data_trains_on_worker_processes_too(small_data) -> None:
+    """An agent started beside a fleet (not by it) holds its data itself: the request carries it."""
+    import torch
+
+    from fedge.edge_agent.shared_data import LocalData
+    from fedge.hub.sim.workers import ProcessPool
+
+    pool = ProcessPool(workers=1, threads=1)
+    try:
+        data = LocalData(torch.from_numpy(small_data.train.x[:300]), torch.from_numpy(small_data.train.y[:300]))
+        spec, request = _request(data)
+        waiter = _Waiter(1)
+        pool.submit((spec, (1, 28, 28), 10), request, waiter.done(0))
+        assert waiter.event.wait(120)
+        assert not isinstance(waiter.outcomes[0], Exception), waiter.outcomes[0]
+        assert waiter.outcomes[0].num_samples == 300
+    finally:
+        pool.close()
