@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import sys
 import threading
-import time
 from collections import Counter
 from types import FrameType
 
@@ -65,9 +64,12 @@ class StackSampler:
     def table(self, top: int = 15) -> dict:
         """The busiest functions: share of the busy samples as innermost frame and on the stack."""
         n = max(1, self.busy)
+
+        def rows(counts: Counter[tuple[str, str]]) -> list[dict]:
+            return [{"function": f"{f}:{fn}", "share": round(c / n, 4)} for (f, fn), c in counts.most_common(top)]
+
         return {"busy_samples": self.busy, "idle_samples": self.idle, "interval_s": self.interval,
-                "self": [{"function": f"{f}:{fn}", "share": round(c / n, 4)} for (f, fn), c in self.self_counts.most_common(top)],
-                "total": [{"function": f"{f}:{fn}", "share": round(c / n, 4)} for (f, fn), c in self.total_counts.most_common(top)]}
+                "self": rows(self.self_counts), "total": rows(self.total_counts)}
 
 
 def print_table(table: dict, out=sys.stdout) -> None:  # noqa: ANN001
