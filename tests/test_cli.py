@@ -229,8 +229,8 @@ def test_strategy_option_for_another_strategy_is_a_clear_error():
 def test_fleet_per_device_is_kept_with_devices():
     """--per-device with --devices sizes each device (1,000 devices x 60 images); without it the
     whole training set is split over the devices."""
-    from fedge.cli.hub import fleet_config_from_args
     from fedge.cli import build_parser
+    from fedge.cli.hub import fleet_config_from_args
 
     def part(*argv: str):  # noqa: ANN202
         return fleet_config_from_args(build_parser().parse_args(["fleet", "--dataset", "synthetic", *argv])).partition
