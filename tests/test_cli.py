@@ -224,3 +224,16 @@ def test_strategy_option_for_another_strategy_is_a_clear_error():
     assert out.returncode == 2
     assert "strategy median has no option server_momentum" in out.stderr, out.stderr
     assert "--proximal-mu" in _run(["hub", "--help"]).stdout
+
+
+def test_fleet_per_device_is_kept_with_devices():
+    """--per-device with --devices sizes each device (1,000 devices x 60 images); without it the
+    whole training set is split over the devices."""
+    from fedge.cli import build_parser
+    from fedge.cli.hub import fleet_config_from_args
+
+    def part(*argv: str):  # noqa: ANN202
+        return fleet_config_from_args(build_parser().parse_args(["fleet", "--dataset", "synthetic", *argv])).partition
+
+    assert part("--devices", "1000", "--partition", "iid", "--per-device", "60").per_device == 60
+    assert part("--devices", "1000", "--partition", "iid").per_device is None

@@ -373,7 +373,7 @@ def fleet_config_from_args(args: argparse.Namespace):  # noqa: ANN201 - FleetCon
     part = _apply_partition_args(cfg.partition, args)
     if args.partition and args.partition != "dominant" and not args.per_device and args.recipe is None:
         part.per_device = None
-    if args.devices is not None and args.recipe is None:
+    if args.devices is not None and args.recipe is None and not args.per_device:
         part.per_device = None  # split the whole training set over the requested devices
     if args.fleet:
         cfg.hub.fleet = args.fleet

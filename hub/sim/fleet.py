@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import time
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ from fedge.models.registry import model_spec
 from fedge.models.wire import Topics
 from fedge.models.wire.inproc import InprocBroker
 from fedge.models.wire.keys import HUB_PRIVATE, device_key, enroll_device, hub_verifier, init_hub_keys
-from fedge.models.wire.transport import BrokerConfig, LinkFactory
+from fedge.models.wire.transport import BrokerConfig, LinkFactory, SharedLoopLinks
 
 from .attacks import ATTACKS
 from .central import train_central
@@ -67,6 +68,7 @@ class FleetConfig:
     recipe: str | None = None
     seed: int = 0
     progress: bool = True
+    connect_parallel: int = 32  # devices connecting at once at start-up (a bound, so the broker is not stormed)
     attackers: dict[int, str] = field(default_factory=dict)  # device index -> hub.attacks name
     private_dir: str | None = None  # models with private tensors: each device's kept in <dir>/<device>.npz; None: memory
     hub: HubConfig = field(default_factory=HubConfig)
@@ -89,7 +91,8 @@ class Fleet:
         self.run_dir = Path(cfg.runs_dir) / self.run_id
         self.broker_config: BrokerConfig | None = None  # transport mqtt
         self.inproc: InprocBroker | None = None  # transport inproc
-        self.connect: BrokerConfig | LinkFactory | None = None  # what the hub and the agents connect with
+        self.connect: BrokerConfig | LinkFactory | None = None  # what the hub connects with (and extra agents)
+        self.device_links: SharedLoopLinks | None = None  # mqtt: the devices' links, all on one network thread
 
     # -- set-up ----------------------------------------------------------------------
     def start(self) -> Fleet:
@@ -125,19 +128,50 @@ class Fleet:
         # where the workers read each device's data (process: one shared-memory block; ray: the object store)
         splits, refs = self.pool.place([ds.train.subset(idx) for idx in self.parts])
         topics = Topics(hub.fleet, hub.prefix)
+        if self.broker_config is not None:  # one network thread for every device, not one each
+            self.device_links = SharedLoopLinks(self.broker_config)
+        agents = []
         for i, split in enumerate(splits):
-            agent = Agent(
-                device_id=f"dev{i:03d}", profile=profile, broker=self.connect, topics=topics,
+            agents.append(Agent(
+                device_id=f"dev{i:03d}", profile=profile, broker=self.device_links or self.connect, topics=topics,
                 data=split, data_ref=refs[i], num_classes=ds.num_classes, pool=self.pool, seed=cfg.seed,
                 tamper=ATTACKS[cfg.attackers[i]]() if i in cfg.attackers else None,
                 warn_unverified=bool(cfg.broker),  # an embedded or in-memory broker is this process's own
                 private_state=Path(cfg.private_dir) / f"dev{i:03d}.npz" if cfg.private_dir else None,
                 **self._device_keys(f"dev{i:03d}"),
-            )
-            self.agents.append(agent.start())
+            ))
+        self._start_agents(agents)
         where = self.broker_config.url if self.broker_config else "the in-memory broker"
         log.info("%d virtual devices connected to %s", len(self.agents), where)
         return self
+
+    def _start_agents(self, agents: list[Agent]) -> None:
+        """Connect the devices, `connect_parallel` at a time (each waits for its CONNACK and SUBACK),
+        with a progress bar. The first failure cancels the devices not yet connecting and is
+        raised once those connecting have ended; every device that did connect is in self.agents."""
+        bar = tqdm(total=len(agents), desc=f"connecting {len(agents)} devices", unit="device",
+                   disable=not self.cfg.progress, leave=False)
+        futures: list[Future] = []
+        errors: list[BaseException] = []
+        try:
+            with ThreadPoolExecutor(max_workers=max(1, min(self.cfg.connect_parallel, len(agents))),
+                                    thread_name_prefix="fedge-connect") as ex:
+                futures = [ex.submit(agent.start) for agent in agents]
+                for future in as_completed(futures):
+                    if future.cancelled():
+                        continue
+                    if future.exception() is not None:
+                        if not errors:
+                            ex.shutdown(wait=False, cancel_futures=True)
+                        errors.append(future.exception())
+                        continue
+                    bar.update(1)
+        finally:
+            bar.close()
+            self.agents = [agent for agent, f in zip(agents, futures)  # close() stops these
+                           if f.done() and not f.cancelled() and f.exception() is None]
+        if errors:
+            raise errors[0]
 
     def _device_keys(self, device: str) -> dict:
         """With hub.keys_dir set, each virtual device is enrolled and verifies the hub."""
@@ -156,6 +190,8 @@ class Fleet:
                 agent.stop()
             except Exception:  # noqa: BLE001 - best effort on shutdown
                 pass
+        if self.device_links:
+            self.device_links.close()
         if self.pool:
             self.pool.close()
         if self.broker:

@@ -21,6 +21,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from ..errors import ConfigError
+from .mqtt_loop import MqttLoop
 
 log = logging.getLogger("fedge.mqtt")
 
@@ -125,7 +126,9 @@ class MqttLink:
     """A paho client with a persistent session, automatic reconnect and topic handlers.
 
     Subscriptions are re-sent on every (re)connect; QoS 1 messages published while the
-    broker is away stay in paho's queue and go out after reconnect.
+    broker is away stay in paho's queue and go out after reconnect. The network runs on an
+    `MqttLoop`: `loop` shares one among many links (the fleet simulator's devices); without
+    it the link starts a loop of its own (a standalone agent or hub).
     """
 
     def __init__(
@@ -135,9 +138,12 @@ class MqttLink:
         will: tuple[str, bytes] | None = None,
         clean_session: bool = False,
         max_queued: int = 0,
+        loop: MqttLoop | None = None,
     ) -> None:
         self.config = config
         self.client_id = client_id
+        self._shared_loop = loop
+        self._loop: MqttLoop | None = None  # the loop serving this link while started
         self._subs: dict[str, tuple[int, Handler]] = {}
         self._connected = threading.Event()
         self._subscribed = threading.Event()  # the broker acknowledged every subscription of this connection
@@ -171,7 +177,6 @@ class MqttLink:
         self.client.on_disconnect = self._handle_disconnect
         self.client.on_message = self._handle_message
         self.client.on_subscribe = self._handle_subscribe
-        self.client.on_connect_fail = self._handle_connect_fail
         self.last_error: str | None = None
         self._refused = threading.Event()  # the broker answered the first connect with a permanent refusal
         self._stopping = False
@@ -186,16 +191,18 @@ class MqttLink:
         the SUBACKs of the subscriptions made before start: a hub must not open a round before the
         broker routes updates to it."""
         end = time.monotonic() + timeout
+        self._stopping = False
         self.client.connect_async(self.config.host, self.config.port, keepalive=self.config.keepalive)
-        self.client.loop_start()
+        self._loop = self._shared_loop or MqttLoop(name=f"fedge-mqtt-{self.client_id}")
+        self._loop.attach(self.client, self._handle_connect_fail)
         while not self._connected.wait(0.05) and not self._refused.is_set() and time.monotonic() < end:
             pass
         if self._refused.is_set():  # retrying cannot help: fail now, with the broker's reason
-            self.client.loop_stop()
+            self._release(close=True)
             raise ConnectionError(f"{self.client_id}: {self.config.url} refused the login (check the username, the "
                                   f"password or FEDGE_MQTT_PASSWORD, and the broker's password file): {self.last_error}")
         if not (self._connected.is_set() and self._subscribed.wait(max(0.0, end - time.monotonic()))):
-            self.client.loop_stop()
+            self._release(close=True)
             reason = f": {self.last_error}" if self.last_error else ""
             raise ConnectionError(f"{self.client_id}: no connection to {self.config.url} within {timeout}s{reason}")
         return self
@@ -209,17 +216,25 @@ class MqttLink:
             except (RuntimeError, ValueError):
                 pass
         self._stopping = True
-        self.client.disconnect()
-        self.client.loop_stop()
+        self.client.disconnect()  # the loop sends DISCONNECT, then paho closes the socket
+        self._release(close=False)
         self._connected.clear()
 
     def kill(self) -> None:
         """Drop the connection without a goodbye (a device dying): the broker publishes the will."""
-        sock = self.client.socket()
         self._stopping = True
-        self.client.loop_stop()
-        if sock is not None:
-            sock.close()
+        self._release(close=True)
+        self._connected.clear()
+
+    def _release(self, close: bool) -> None:
+        """Take the client off its loop (closing its socket at once with `close`), and end the
+        loop if it was this link's own."""
+        loop, self._loop = self._loop, None
+        if loop is None:
+            return
+        loop.detach(self.client, close=close)
+        if loop is not self._shared_loop:
+            loop.close()
 
     @property
     def connected(self) -> bool:
@@ -257,6 +272,8 @@ class MqttLink:
             if not self._pending_subacks:
                 self._subscribed.set()
         self._connected_at = time.monotonic()
+        if self._loop is not None:
+            self._loop.reset_backoff(client)
         self._connected.set()
         for hook in self._on_connect_hooks:
             try:
@@ -271,11 +288,11 @@ class MqttLink:
             if not self._pending_subacks:
                 self._subscribed.set()
 
-    def _handle_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
+    def _handle_connect_fail(self, detail: str = "") -> None:
         """TCP or TLS failed before MQTT could answer (wrong port, CA or host name)."""
         self.last_error = f"could not open {'a TLS' if self.config.tls else 'a TCP'} connection to {self.config.url}" + (
             " (check the CA file, the broker's certificate host name and that the port speaks TLS)"
-            if self.config.tls else "")
+            if self.config.tls else "") + (f" [{detail}]" if detail else "")
 
     def _handle_disconnect(
         self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any = None
@@ -306,3 +323,19 @@ def make_link(broker: BrokerConfig | LinkFactory, client_id: str, will: tuple[st
     if isinstance(broker, BrokerConfig):
         return MqttLink(broker, client_id, will=will, clean_session=clean_session)
     return broker(client_id, will=will, clean_session=clean_session)
+
+
+class SharedLoopLinks:
+    """A LinkFactory of MqttLinks that all run on one `MqttLoop` (one network thread, one socket
+    each): how the fleet simulator gives 1,000 virtual devices their own MQTT connections."""
+
+    def __init__(self, config: BrokerConfig, loop: MqttLoop | None = None) -> None:
+        self.config = config
+        self.loop = loop or MqttLoop(name="fedge-mqtt-shared")
+
+    def __call__(self, client_id: str, will: tuple[str, bytes] | None = None, clean_session: bool = False) -> MqttLink:
+        return MqttLink(self.config, client_id, will=will, clean_session=clean_session, loop=self.loop)
+
+    def close(self) -> None:
+        """End the loop: call after every link on it has stopped."""
+        self.loop.close()
