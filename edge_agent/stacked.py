@@ -14,6 +14,13 @@ stops stepping (no parameter, momentum or Adam change) and costs nothing. A devi
 partial batch is filled up to the batch shape with rows of weight 0, so its loss and
 gradient are the mean over its real samples only.
 
+"Equal" is within float rounding: on 1 thread the trained tensors match to ~1e-8 after
+hundreds of steps; with more threads the batched kernels may sum in another order, and a
+ReLU whose input sits within rounding of 0 then flips, which moved one device of paper001's
+6,000-image job by up to ~1e-3 (the same happens to LocalTrainer.train on another machine).
+A hand-written torch.baddbmm forward for the Linear-only MLP was no clear gain over vmap
+(4-9 ms vs 6-15 ms per step, within the shared machine's noise), so vmap serves every model.
+
 What cannot be made equal is refused by `stackable` with its reason; `prefer_stacked` says
 when stacking is also faster (benchmarks/stacked_training.py).
 """
@@ -95,13 +102,22 @@ def stackable(model: nn.Module, family: Family, cfg: TrainConfig) -> str | None:
     return None
 
 
+#: fewest jobs worth stacking (benchmarks/stacked_training.py, 1 thread: 4 MLP jobs 0.89x, 8 jobs 0.93-1.31x,
+#: 10 jobs 1.4x and more)
+MIN_STACK_JOBS = 8
+
+
 def prefer_stacked(model: nn.Module, family: Family, cfg: TrainConfig, n_jobs: int) -> bool:
-    """Whether to train `n_jobs` jobs with train_stacked rather than one by one: it must be
-    stackable, and faster. See benchmarks/stacked_training.py (docs/benchmarks.md): for
-    Linear-only models (the MLPs) stacking wins from two jobs up; convolutions under vmap become
-    grouped convolutions, which were slower than one device at a time on the CPU, so a model
-    with a convolution trains one by one there."""
-    if n_jobs < 2 or stackable(model, family, cfg) is not None:
+    """Whether to train `n_jobs` jobs with train_stacked rather than one by one: stackable, at
+    least MIN_STACK_JOBS of them, and no convolution on the CPU.
+
+    From benchmarks/stacked_training.py on the 2-core CPU VM (docs/benchmarks.md; taken under
+    load, ratios = one-by-one seconds / stacked seconds): MLPs gain from about 8 jobs up
+    (paper001's 10 x 6,000 images 1.4x on 1 thread, 100 x 60 images 1.8x; 4 jobs 0.89x);
+    Conv-4 loses (0.85x on 1 thread, 0.29x on 2): convolutions under vmap become grouped
+    convolutions, slower on the CPU than one device at a time. Not measured on a GPU, where
+    the rule lets convolutions stack."""
+    if n_jobs < MIN_STACK_JOBS or stackable(model, family, cfg) is not None:
         return False
     has_conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
     on_cpu = all(p.device.type == "cpu" for p in model.parameters())

@@ -106,7 +106,7 @@ def test_batchnorm_and_dropout_are_refused() -> None:
 def test_prefer_stacked_picks_linear_models_of_several_jobs_on_the_cpu() -> None:
     mlp, conv = LocalTrainer("mlp", SHAPE, 10), LocalTrainer("conv4", SHAPE, 10)
     assert prefer_stacked(mlp.model, mlp.family, TrainConfig(), 10)
-    assert not prefer_stacked(mlp.model, mlp.family, TrainConfig(), 1)
+    assert not prefer_stacked(mlp.model, mlp.family, TrainConfig(), 2)
     assert not prefer_stacked(conv.model, conv.family, TrainConfig(), 10)
 
 
