@@ -218,6 +218,8 @@ class Agent:
             return
         with self._lock:
             self._task = task
+            if self._last_update is not None and self._last_update[0] != (task.run, task.round):
+                self._last_update = None  # its round is over: no re-send will be needed (memory: 1,000 devices)
         if task.state == "finished":
             self.finished.set()
             return

@@ -1,0 +1,171 @@
+"""Stacked training (edge_agent/stacked.py) vs LocalTrainer.train one job at a time: the same
+jobs, the same machine and torch threads, in one run; reported as a ratio (sequential seconds /
+stacked seconds: above 1, stacking is faster).
+
+Cases (random data of the stated shape, labels random: only the timing matters, and the
+stacked result is checked against the sequential one):
+
+* paper001: 10 devices x 6,000 images 1x28x28, mlp (hidden 200), batch 32, 1 epoch, SGD lr 0.01
+  momentum 0.9 (paper 001's recipe, Fashion-MNIST-shaped data);
+* fleet1000: 100 devices x 60 images (a 1,000-device fleet's 10 % per round), mlp, batch 10
+  (paper 003's small-device batch), 1 epoch, the same SGD;
+* conv4: 10 devices x 60 images 1x28x28, conv4, batch 10, 1 epoch, the same SGD;
+* fleet4, fleet8 (only with --cases): 4 or 8 devices x 60 images, mlp, batch 10: small groups;
+* stack sizes: fleet1000 again with at most 5 ... 100 devices per stacked step (max_stack),
+  which sets edge_agent.stacked.CPU_STACK_BYTES.
+
+    python benchmarks/stacked_training.py          # writes benchmarks/results/stacked_training.{json,png}
+    python benchmarks/stacked_training.py --cases fleet4,fleet8 --threads 1 --repeats 5 --stack-sizes '' \
+        --out benchmarks/results/stacked_training_small.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from fedge.edge_agent.stacked import StackJob, stack_size, train_stacked  # noqa: E402
+from fedge.edge_agent.trainer import LocalTrainer, TrainConfig  # noqa: E402
+from fedge.hub.report import machine_info  # noqa: E402
+from fedge.models.registry import build_model, count_parameters, get_state  # noqa: E402
+
+CASES = {  # name: (model, devices, images per device, batch size)
+    "paper001": ("mlp", 10, 6000, 32),
+    "fleet1000": ("mlp", 100, 60, 10),
+    "conv4": ("conv4", 10, 60, 10),
+    "fleet4": ("mlp", 4, 60, 10),  # small groups: where stacking stops paying (prefer_stacked's threshold)
+    "fleet8": ("mlp", 8, 60, 10),
+}
+DEFAULT_CASES = "paper001,fleet1000,conv4"
+SHAPE = (1, 28, 28)
+
+
+def _jobs(model: str, devices: int, per_device: int) -> list[StackJob]:
+    gen = torch.Generator().manual_seed(0)
+    state = get_state(build_model(model, SHAPE, 10, seed=0))
+    return [StackJob(state, torch.randn(per_device, *SHAPE, generator=gen),
+                     torch.randint(0, 10, (per_device,), generator=gen), seed=i) for i in range(devices)]
+
+
+def _time(fn) -> float:  # noqa: ANN001
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _case(name: str, threads: int, repeats: int) -> dict:
+    model, devices, per_device, batch = CASES[name]
+    torch.set_num_threads(threads)
+    trainer = LocalTrainer(model, SHAPE, 10)
+    cfg = TrainConfig(epochs=1, batch_size=batch, lr=0.01, momentum=0.9)
+    jobs = _jobs(model, devices, per_device)
+
+    def sequential() -> list:
+        return [trainer.train(j.state, j.x, j.y, cfg, j.seed) for j in jobs]
+
+    def stacked() -> list:
+        return train_stacked(trainer.model, trainer.family, jobs, cfg)
+
+    ref, got = sequential(), stacked()  # warm-up (first vmap call), and the equality check
+    diff = max(float(np.abs(r.state[k] - g.state[k]).max()) for r, g in zip(ref, got) for k in r.state)
+    seq_s, stk_s = [], []
+    for _ in range(repeats):  # interleaved, so a slow spell of a shared machine hits both
+        seq_s.append(_time(sequential))
+        stk_s.append(_time(stacked))
+    seq, stk = statistics.median(seq_s), statistics.median(stk_s)
+    row = {"case": name, "model": model, "devices": devices, "per_device": per_device, "batch_size": batch,
+           "threads": threads, "parameters": count_parameters(trainer.model), "stack_size": stack_size(trainer.model),
+           "sequential_s": seq_s, "stacked_s": stk_s, "median_sequential_s": seq, "median_stacked_s": stk,
+           "ratio": seq / stk, "max_abs_diff": diff}
+    print(f"{name:10s} threads={threads}: sequential {seq:.2f} s, stacked {stk:.2f} s, ratio {seq / stk:.2f}x "
+          f"(max |diff| {diff:.1e})", flush=True)
+    return row
+
+
+def _stack_sweep(threads: int, repeats: int, sizes: list[int]) -> list[dict]:
+    model, devices, per_device, batch = CASES["fleet1000"]
+    torch.set_num_threads(threads)
+    trainer = LocalTrainer(model, SHAPE, 10)
+    cfg = TrainConfig(epochs=1, batch_size=batch, lr=0.01, momentum=0.9)
+    jobs = _jobs(model, devices, per_device)
+    train_stacked(trainer.model, trainer.family, jobs[:10], cfg)
+    rows = []
+    for size in sizes:
+        secs = [_time(lambda s=size: train_stacked(trainer.model, trainer.family, jobs, cfg, max_stack=s))
+                for _ in range(repeats)]
+        rows.append({"max_stack": size, "threads": threads, "seconds": secs, "median_s": statistics.median(secs)})
+        print(f"fleet1000 max_stack={size:3d} threads={threads}: {statistics.median(secs):.2f} s", flush=True)
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", default="1,2", help="torch thread counts, comma-separated")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per mode (median reported)")
+    ap.add_argument("--cases", default=DEFAULT_CASES, help=f"comma-separated, of {', '.join(CASES)}")
+    ap.add_argument("--stack-sizes", default="5,10,20,50,100", help="max_stack values for the sweep ('' skips it)")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "stacked_training.json"))
+    args = ap.parse_args()
+    threads = [int(t) for t in args.threads.split(",")]
+    results: dict = {"command": "python benchmarks/stacked_training.py " + " ".join(sys.argv[1:]),
+                     "machine": machine_info(), "data": "random tensors of the stated shape (timing only)",
+                     "optimizer": {"name": "sgd", "lr": 0.01, "momentum": 0.9, "epochs": 1}, "rows": [], "sweep": []}
+    for t in threads:
+        for name in args.cases.split(","):
+            results["rows"].append(_case(name, t, args.repeats))
+    if args.stack_sizes:
+        for t in threads:
+            results["sweep"] += _stack_sweep(t, args.repeats, [int(s) for s in args.stack_sizes.split(",")])
+    results["machine"]["torch_threads"] = threads
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1))
+    _plot(results, out.with_suffix(".png"))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+    return 0
+
+
+def _plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sweep = results["sweep"]
+    fig, axes = plt.subplots(1, 2 if sweep else 1, figsize=(11 if sweep else 6.5, 3.8), squeeze=False)
+    ax = axes[0][0]
+    rows = results["rows"]
+    labels = [f"{r['case']}\n{r['threads']} thr" for r in rows]
+    bars = ax.bar(labels, [r["ratio"] for r in rows], color=["#1f77b4" if r["ratio"] >= 1 else "#d62728" for r in rows])
+    for bar, r in zip(bars, rows):
+        ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height(), f"{r['ratio']:.2f}x", ha="center", va="bottom")
+    ax.axhline(1.0, color="#888", lw=1)
+    ax.set_ylabel("sequential s / stacked s")
+    ax.set_title("stacked vs one-by-one local training (>1: stacked faster)")
+    if sweep:
+        ax2 = axes[0][1]
+        for t in sorted({s["threads"] for s in sweep}):
+            pts = [s for s in sweep if s["threads"] == t]
+            ax2.plot([s["max_stack"] for s in pts], [s["median_s"] for s in pts], marker="o", label=f"{t} threads")
+        ax2.set_xscale("log")
+        ax2.set_xlabel("devices per stacked step (max_stack)")
+        ax2.set_ylabel("seconds, 100 devices x 60 images")
+        ax2.set_title("fleet1000: stack size")
+        ax2.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
