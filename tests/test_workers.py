@@ -162,3 +162,32 @@ def test_an_agent_with_its_own_data_trains_on_worker_processes_too(small_data) -
         assert waiter.outcomes[0].num_samples == 300
     finally:
         pool.close()
+
+
+def test_a_worker_stacks_many_small_mlp_jobs_with_the_one_by_one_result(small_data) -> None:
+    """run_group (every pool's code path) trains >= MIN_STACK_JOBS MLP jobs as one stack, and
+    what each device sends equals its job trained alone; a conv model is not stacked on the CPU."""
+    import torch
+
+    from fedge.edge_agent.shared_data import LocalData
+    from fedge.edge_agent.stacked import MIN_STACK_JOBS
+    from fedge.edge_agent.trainer import LocalTrainer
+    from fedge.edge_agent.work import _stackable_groups, run_group, run_one
+
+    n = max(MIN_STACK_JOBS, 8)
+    requests = []
+    for i in range(n):
+        rows = slice(i * 40, i * 40 + 25 + i)  # different sizes: partial last batches
+        data = LocalData(torch.from_numpy(small_data.train.x[rows]), torch.from_numpy(small_data.train.y[rows]))
+        spec, request = _request(data, epochs=2, seed=i)
+        requests.append(request)
+    trainer = LocalTrainer(spec, (1, 28, 28), 10)
+    assert _stackable_groups(trainer, requests) == [list(range(n))]
+    stacked = run_group(trainer, requests)
+    for request, result in zip(requests, stacked):
+        alone = run_one(trainer, request)
+        assert result.num_samples == alone.num_samples
+        for name in alone.state:
+            np.testing.assert_allclose(result.state[name], alone.state[name], rtol=1e-4, atol=1e-5)
+    conv = LocalTrainer("conv4", (1, 28, 28), 10)
+    assert _stackable_groups(conv, requests) == []
