@@ -31,6 +31,7 @@ from fedge.models.wire.messages import (
     TaskMessage,
     declined_record,
     parse_model,
+    parse_status,
     parse_task,
     status_payload,
 )
@@ -100,6 +101,7 @@ class Agent:
         self._dead = False
         self._fits: set[ModelSpec] = set()
         self._last_update: tuple[tuple[str, int], bytes] | None = None
+        self._hub_status_seen: bytes | None = None  # the last hub status acted on (a re-delivery is skipped)
         self._refused: dict[str, Any] | None = None  # the latest round refused, reported in the status
         self._failed: dict[str, Any] | None = None  # the latest round whose job raised, reported in the status
         self.seconds_per_sample: float | None = None  # measured: one sample, one epoch (time budget)
@@ -123,6 +125,7 @@ class Agent:
         # The model topic is subscribed only while this device is selected and lacks the
         # round's model: unselected devices never download it (fewer bytes on the air).
         self.link.subscribe(self.topics.round, self._on_task)
+        self.link.subscribe(self.topics.hub_status, self._on_hub_status)
         self.link.on_connect(self._announce)
         self.link.start(timeout)
         return self
@@ -177,6 +180,22 @@ class Agent:
         self.link.publish(self.topics.device_status(self.device_id), status_payload("online", **info), retain=True)
 
     # -- inbound ---------------------------------------------------------------------
+    def _on_hub_status(self, topic: str, payload: bytes) -> None:
+        """Announce again when the hub says it is online (it does after every (re)connect, once
+        subscribed). A broker that sends no retained messages to a wildcard subscription (RabbitMQ's
+        MQTT plugin: the hub reads `dev/+/status`) never hands a hub that starts after this device
+        the status retained before it; without this, such a hub waits for devices that are there."""
+        if not payload or self._dead or payload == self._hub_status_seen:  # a re-delivered copy
+            return
+        self._hub_status_seen = payload
+        try:
+            online = parse_status(payload)["state"] == "online"
+        except EnvelopeError as exc:
+            log.warning("%s: ignored hub status: %s", self.device_id, exc)
+            return
+        if online:
+            self._announce()
+
     def _receive(self, payload: bytes, what: str, parse: Callable[[Any], Any]) -> Any | None:
         """Decode, verify and parse a hub message; None (with the reason logged) if it is bad
         or belongs to another fleet. An empty payload (a cleared retained topic) is ignored."""

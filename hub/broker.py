@@ -2,6 +2,11 @@
 
 amqtt is asyncio-based; it runs on its own event loop in a daemon thread so the rest of
 fedge (paho clients, torch training) stays synchronous.
+
+A quirk of amqtt 0.12 that this module does not change: a client that connects is also sent the
+retained messages matching *other* clients' subscriptions. fedge's links pass on only topics they
+subscribed to (models/wire/transport.py), so the hub and the agents never see them; a bare test
+client that records everything does.
 """
 
 from __future__ import annotations

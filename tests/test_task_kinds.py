@@ -61,7 +61,11 @@ class _Tap:
         # its own client id: an empty one may share a session with other tests' clients on amqtt
         self.client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
                                   client_id=f"tap-{topics.base.replace('/', '-')}")
-        self.client.on_message = lambda c, u, m: self.payloads.append(bytes(m.payload))
+        # only the uplink: amqtt 0.12 hands a connecting client the retained messages of every client's
+        # subscriptions (e.g. the hub's status, which the agents read), not only of its own
+        uplink = topics.all_device_updates
+        self.client.on_message = lambda c, u, m: (self.payloads.append(bytes(m.payload))
+                                                  if mqtt.topic_matches_sub(uplink, m.topic) else None)
         self.client.on_subscribe = lambda *a: subscribed.set()
         self.client.connect(cfg.host, cfg.port)
         self.client.loop_start()
