@@ -63,10 +63,10 @@ def _time(fn) -> float:  # noqa: ANN001
     return time.perf_counter() - start
 
 
-def _case(name: str, threads: int, repeats: int) -> dict:
+def _case(name: str, threads: int, repeats: int, device: str = "cpu") -> dict:
     model, devices, per_device, batch = CASES[name]
     torch.set_num_threads(threads)
-    trainer = LocalTrainer(model, SHAPE, 10)
+    trainer = LocalTrainer(model, SHAPE, 10, device=device)
     cfg = TrainConfig(epochs=1, batch_size=batch, lr=0.01, momentum=0.9)
     jobs = _jobs(model, devices, per_device)
 
@@ -84,10 +84,10 @@ def _case(name: str, threads: int, repeats: int) -> dict:
         stk_s.append(_time(stacked))
     seq, stk = statistics.median(seq_s), statistics.median(stk_s)
     row = {"case": name, "model": model, "devices": devices, "per_device": per_device, "batch_size": batch,
-           "threads": threads, "parameters": count_parameters(trainer.model), "stack_size": stack_size(trainer.model),
+           "threads": threads, "device": device, "parameters": count_parameters(trainer.model), "stack_size": stack_size(trainer.model),
            "sequential_s": seq_s, "stacked_s": stk_s, "median_sequential_s": seq, "median_stacked_s": stk,
            "ratio": seq / stk, "max_abs_diff": diff}
-    print(f"{name:10s} threads={threads}: sequential {seq:.2f} s, stacked {stk:.2f} s, ratio {seq / stk:.2f}x "
+    print(f"{name:10s} {device} threads={threads}: sequential {seq:.2f} s, stacked {stk:.2f} s, ratio {seq / stk:.2f}x "
           f"(max |diff| {diff:.1e})", flush=True)
     return row
 
@@ -114,6 +114,7 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per mode (median reported)")
     ap.add_argument("--cases", default=DEFAULT_CASES, help=f"comma-separated, of {', '.join(CASES)}")
     ap.add_argument("--stack-sizes", default="5,10,20,50,100", help="max_stack values for the sweep ('' skips it)")
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda (the rule for GPUs in stacked.prefer_stacked)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "stacked_training.json"))
     args = ap.parse_args()
     threads = [int(t) for t in args.threads.split(",")]
@@ -122,7 +123,7 @@ def main() -> int:
                      "optimizer": {"name": "sgd", "lr": 0.01, "momentum": 0.9, "epochs": 1}, "rows": [], "sweep": []}
     for t in threads:
         for name in args.cases.split(","):
-            results["rows"].append(_case(name, t, args.repeats))
+            results["rows"].append(_case(name, t, args.repeats, args.device))
     if args.stack_sizes:
         for t in threads:
             results["sweep"] += _stack_sweep(t, args.repeats, [int(s) for s in args.stack_sizes.split(",")])
@@ -145,7 +146,7 @@ def _plot(results: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 2 if sweep else 1, figsize=(11 if sweep else 6.5, 3.8), squeeze=False)
     ax = axes[0][0]
     rows = results["rows"]
-    labels = [f"{r['case']}\n{r['threads']} thr" for r in rows]
+    labels = [f"{r['case']}\n{r.get('device', 'cpu')} {r['threads']} thr" for r in rows]
     bars = ax.bar(labels, [r["ratio"] for r in rows], color=["#1f77b4" if r["ratio"] >= 1 else "#d62728" for r in rows])
     for bar, r in zip(bars, rows):
         ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height(), f"{r['ratio']:.2f}x", ha="center", va="bottom")
