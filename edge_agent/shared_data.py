@@ -9,6 +9,7 @@ and offsets, a few dozen bytes) instead of pickling the images with every job.
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import dataclass
 from multiprocessing import shared_memory
 from typing import Protocol
@@ -77,9 +78,7 @@ class SharedSlice:
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
         shm = _ATTACHED.get(self.block)
         if shm is None:
-            # the simulator owns the block; a worker only maps it (Python < 3.13 would also
-            # register it with its resource tracker, which the owner's unlink then reconciles)
-            shm = _ATTACHED[self.block] = shared_memory.SharedMemory(name=self.block)
+            shm = _ATTACHED[self.block] = _attach(self.block)
         x = np.ndarray(self.x_shape, dtype=self.x_dtype, buffer=shm.buf, offset=self.x_offset)
         y = np.ndarray(self.y_shape, dtype=self.y_dtype, buffer=shm.buf, offset=self.y_offset)
         return x, y
@@ -87,6 +86,18 @@ class SharedSlice:
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = self.arrays()
         return torch.from_numpy(x), torch.from_numpy(y)
+
+
+def _attach(name: str) -> shared_memory.SharedMemory:
+    """Map a block the simulator owns. Python < 3.13 registers every mapped block with this
+    process's resource tracker, which unlinks it when this process ends: a worker that died
+    (or was replaced) would take the fleet's data with it. The owner alone may unlink it."""
+    shm = shared_memory.SharedMemory(name=name)
+    if sys.version_info < (3, 13):
+        from multiprocessing import resource_tracker  # noqa: PLC0415
+
+        resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
+    return shm
 
 
 def forget_block(name: str) -> None:

@@ -112,6 +112,8 @@ def test_a_dead_worker_fails_its_jobs_with_the_reason_and_is_replaced(small_data
         assert second.event.wait(120)
         assert pool.pids()[0] != victim
         assert second.outcomes[0].num_samples == len(small_data.train)
+        time.sleep(1.0)  # the dead worker's resource tracker has had time to clean up after it
+        assert os.path.exists(f"/dev/shm/{arena.name}"), "a dead worker took the fleet's data block with it"
     finally:
         pool.close()
         arena.close()
