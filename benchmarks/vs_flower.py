@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 import statistics
 import subprocess
@@ -214,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
                  f"{args.actors} Ray actors x 1 torch thread (client_resources num_cpus=1), server evaluation in the "
                  "driver process", "runs": {}}
     for name in names:
+        load_before = os.getloadavg()[0]
         if name == "flower":
             results["runs"][name] = run_flower(args.flower_python, rounds, work, exp_path, args.data_root, args.actors)
         elif name == "fedge-mosquitto" and not _reachable(args.broker):
@@ -222,6 +224,10 @@ def main(argv: list[str] | None = None) -> int:
             results["runs"][name] = {"skipped": why}
         else:
             results["runs"][name] = run_fedge(name, rounds, work, args.broker, args.data_root, counts)
+        if "skipped" not in results["runs"][name]:
+            # the machine's 1-minute load average before and after: on a shared machine, a run under more
+            # load than the others is slower for that reason alone
+            results["runs"][name]["load_average_1min"] = [load_before, os.getloadavg()[0]]
     flower = results["runs"].get("flower", {})
     for name, run in results["runs"].items():
         if name != "flower" and "skipped" not in run and "skipped" not in flower and flower:

@@ -108,6 +108,7 @@ def test_one_round_fedge_side_and_missing_flower_venv(bench, tmp_path, capsys):
     fedge = result["runs"]["fedge-inproc"]
     assert fedge["final_accuracy"] > 0.5  # one FedAvg round of paper001 (chance: 0.1)
     assert fedge["rounds"] == 1 and fedge["transport"] == "inproc" and fedge["total_wall_seconds"] > fedge["seconds"][0]
+    assert len(fedge["load_average_1min"]) == 2  # the machine's load beside the times
     assert "--recipe paper001 --no-central" in fedge["command"] and "--transport inproc" in fedge["command"]
     assert "flwr[simulation]" in result["runs"]["flower"]["skipped"] and "fedge_over_flower" not in fedge
     assert out.with_suffix(".png").stat().st_size > 0
