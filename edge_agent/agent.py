@@ -296,6 +296,11 @@ class Agent:
                 self._busy.discard(key)
             self._decline(task, "refused", str(exc))
             return
+        except Exception as exc:  # noqa: BLE001 - preparing the job failed (e.g. a corrupt private-state file)
+            with self._lock:
+                self._busy.discard(key)
+            self._decline(task, "failed", f"{type(exc).__name__}: {exc}")
+            return
 
         def done(result: Any) -> None:
             if self.publish_delay_s > 0:
