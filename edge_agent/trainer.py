@@ -108,9 +108,13 @@ class LocalTrainer:
         model = self.model.train()
         params = [p for p in model.parameters() if p.requires_grad]
         if cfg.optimizer == "adam":
-            opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+            opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                                          foreach=True)
         else:
-            opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+            # foreach: one kernel per step for all tensors; torch picks it by default only on CUDA,
+            # and per-tensor updates were ~15 % of a small MLP's CPU step (py-spy, paper001)
+            opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                                  foreach=True)
         # FedProx's anchor: the weights as received; no term (and no copy) when mu is 0
         prox = (cfg.proximal_mu, params, [p.detach().clone() for p in params]) if cfg.proximal_mu > 0 else None
         gen = torch.Generator().manual_seed(seed)
