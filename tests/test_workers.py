@@ -59,8 +59,8 @@ def test_worker_processes_train_like_the_agents_own_pool_from_shared_memory(smal
         # a request names its data (a few hundred bytes), it does not carry the images
         assert len(pickle.dumps(arena.slices[0])) < 1000 < splits[0].x.nbytes
         # equal received models from three devices pickle as one
-        one = len(pickle.dumps([(key, shared_reqs[0])]))
-        copies = [(key, _request(arena.slices[i], seed=i)[1]) for i in range(3)]
+        one = len(pickle.dumps([(0, key, shared_reqs[0])]))
+        copies = [(i, key, _request(arena.slices[i], seed=i)[1]) for i in range(3)]
         assert len(pickle.dumps(share_states(copies))) < 1.2 * one
 
         remote, here = _Waiter(3), _Waiter(3)

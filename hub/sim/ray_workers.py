@@ -59,8 +59,9 @@ class _Trainer:
         set_worker_threads(threads)
         self.worker = Worker(device)
 
-    def run(self, models: dict[str, Any], batch: list[tuple[ModelKey, Request]]) -> list[Outcome]:
-        return self.worker.run(batch, models)
+    def run(self, models: dict[str, Any], batch: list[tuple[int, ModelKey, Request]]) -> list[tuple[int, Outcome]]:
+        outcomes = self.worker.run([(key, request) for _, key, request in batch], models)
+        return [(tag, outcome) for (tag, _, _), outcome in zip(batch, outcomes)]
 
     def node(self) -> str:
         return f"{os.uname().nodename}:{os.getpid()}"
@@ -105,7 +106,7 @@ class RayPool(GatheringPool):
             refs.append(RayData(ref, len(split)))
         return splits, refs
 
-    def _send(self, slot: int, batch: list[tuple[ModelKey, Request]]) -> None:
+    def _send(self, slot: int, batch: list[tuple[int, ModelKey, Request]]) -> None:
         future = self._actors[slot].run.remote(own_models(batch), share_states(batch)).future()
         future.add_done_callback(lambda f: self._finished(slot, f))
 

@@ -34,8 +34,9 @@ def main(argv: list[str]) -> int:
         if isinstance(batch, str):  # a data block the simulator has closed: drop this worker's mapping
             forget_block(batch)
             continue
-        models, requests = batch
-        conn.send([_picklable(outcome) for outcome in worker.run(requests, models)])
+        models, tagged = batch
+        outcomes = worker.run([(key, request) for _, key, request in tagged], models)
+        conn.send([(tag, _picklable(outcome)) for (tag, _, _), outcome in zip(tagged, outcomes)])
 
 
 def _picklable(outcome: object) -> object:

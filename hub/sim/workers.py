@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import itertools
 import logging
 import os
 import secrets
@@ -67,7 +68,8 @@ class GatheringPool:
         self.max_gather_s = max_gather_s
         self._pending: list[Item] = []
         self._idle = list(range(slots))
-        self._inflight: dict[int, list[Done]] = {}
+        self._inflight: dict[int, dict[int, Done]] = {}  # slot -> {job tag: its device's callback}
+        self._tags = itertools.count()
         self._cond = threading.Condition()
         self._last_submit = 0.0
         self._closed = False
@@ -101,17 +103,19 @@ class GatheringPool:
                     if quiet >= self.gather_s or now - first >= self.max_gather_s:
                         break
                     self._cond.wait(timeout=min(self.gather_s - quiet, self.max_gather_s - (now - first)))
-                plan = self._plan()
-                for slot, items in plan:
+                plan = []
+                for slot, items in self._plan():
                     self._idle.remove(slot)
-                    self._inflight[slot] = [done for _, _, done in items]
-            for slot, items in plan:
+                    tagged = [(next(self._tags), key, request, done) for key, request, done in items]
+                    self._inflight[slot] = {tag: done for tag, _, _, done in tagged}
+                    plan.append((slot, [(tag, key, request) for tag, key, request, _ in tagged]))
+            for slot, batch in plan:
                 try:
-                    self._send(slot, [(key, request) for key, request, _ in items])
+                    self._send(slot, batch)
                     self.batches_sent += 1
                 except Exception as exc:  # noqa: BLE001 - the batch fails, the pool goes on
                     log.exception("could not hand a batch to training worker %d", slot)
-                    self._complete(slot, [exc] * len(items))
+                    self._complete(slot, [(tag, exc) for tag, _, _ in batch])
 
     def _plan(self) -> list[tuple[int, list[Item]]]:
         """Split the pending requests into one share per worker (largest first onto the lightest
@@ -128,25 +132,32 @@ class GatheringPool:
         self._pending = [item for item in self._pending if id(item) not in handed]
         return given
 
-    def _complete(self, slot: int, outcomes: Sequence[Outcome]) -> None:
-        """A slot's batch is done (outcomes in the batch's order): free the slot, tell each device."""
+    def _complete(self, slot: int, outcomes: Sequence[tuple[int, Outcome]]) -> None:
+        """A slot's batch is done: free the slot, hand each outcome to the device whose job
+        carries its tag (a tag the batch did not hold is logged, never given to another)."""
         with self._cond:
-            dones = self._inflight.pop(slot, [])
+            dones = self._inflight.pop(slot, {})
             if slot not in self._idle:
                 self._idle.append(slot)
             self._cond.notify_all()
-        for done, outcome in zip(dones, outcomes):
+        for tag, outcome in outcomes:
+            done = dones.pop(tag, None)
+            if done is None:
+                log.error("training worker %d answered job %d, which it was not given", slot, tag)
+                continue
             try:
                 done(outcome)
             except Exception:  # noqa: BLE001
                 log.exception("training completion callback failed")
+        for done in dones.values():  # a job the worker did not answer
+            done(RuntimeError(f"training worker {slot} returned no result for this job"))
 
     def _fail_inflight(self, slot: int, reason: str) -> None:
         with self._cond:
-            count = len(self._inflight.get(slot, []))
-        self._complete(slot, [RuntimeError(reason)] * count)
+            tags = list(self._inflight.get(slot, {}))
+        self._complete(slot, [(tag, RuntimeError(reason)) for tag in tags])
 
-    def _send(self, slot: int, batch: list[tuple[ModelKey, Request]]) -> None:
+    def _send(self, slot: int, batch: list[tuple[int, ModelKey, Request]]) -> None:
         raise NotImplementedError
 
     @property
@@ -162,17 +173,17 @@ class GatheringPool:
             done(RuntimeError("the training pool closed before this job ran"))
 
 
-def own_models(batch: list[tuple[ModelKey, Request]]) -> dict[str, Registered]:
+def own_models(batch: list[tuple[int, ModelKey, Request]]) -> dict[str, Registered]:
     """The program's own model registrations a batch needs (a worker knows only fedge's)."""
-    return registrations({key[0].name for key, _ in batch})
+    return registrations({key[0].name for _, key, _ in batch})
 
 
-def share_states(batch: list[tuple[ModelKey, Request]]) -> list[tuple[ModelKey, Request]]:
+def share_states(batch: list[tuple[int, ModelKey, Request]]) -> list[tuple[int, ModelKey, Request]]:
     """Requests whose received tensors are equal get one shared dict, so pickle writes the global
     model once per batch instead of once per device (each agent decoded its own copy)."""
     seen: list[dict] = []
     out = []
-    for key, request in batch:
+    for tag, key, request in batch:
         state = request.state
         for known in seen:
             if _same_tensors(known, state):
@@ -180,7 +191,7 @@ def share_states(batch: list[tuple[ModelKey, Request]]) -> list[tuple[ModelKey, 
                 break
         else:
             seen.append(state)  # type: ignore[arg-type]
-        out.append((key, request))
+        out.append((tag, key, request))
     return out
 
 
@@ -220,7 +231,7 @@ class ProcessPool(GatheringPool):
         self._procs[slot], self._conns[slot] = proc, conn
         threading.Thread(target=self._read, args=(slot, conn), name=f"fedge-results-{slot}", daemon=True).start()
 
-    def _send(self, slot: int, batch: list[tuple[ModelKey, Request]]) -> None:
+    def _send(self, slot: int, batch: list[tuple[int, ModelKey, Request]]) -> None:
         conn = self._conns[slot]
         assert conn is not None
         conn.send((own_models(batch), share_states(batch)))
