@@ -1,8 +1,9 @@
 """The device agent: announce, wait for round tasks, run each (train locally, or another task kind
 of edge_agent/tasks.py), publish one answer (an update or a report) per round.
 
-All network handling is on paho's thread; training runs on a TrainingPool worker so the
-MQTT keepalive never stalls behind a long epoch.
+All network handling is on the link's thread; training runs on a pool worker (a thread of the
+agent's own TrainingPool, or a simulator's worker process) so the MQTT keepalive never stalls
+behind a long epoch.
 """
 
 from __future__ import annotations
