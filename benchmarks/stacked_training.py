@@ -84,7 +84,8 @@ def _case(name: str, threads: int, repeats: int, device: str = "cpu") -> dict:
         stk_s.append(_time(stacked))
     seq, stk = statistics.median(seq_s), statistics.median(stk_s)
     row = {"case": name, "model": model, "devices": devices, "per_device": per_device, "batch_size": batch,
-           "threads": threads, "device": device, "parameters": count_parameters(trainer.model), "stack_size": stack_size(trainer.model),
+           "threads": threads, "device": device, "parameters": count_parameters(trainer.model),
+           "stack_size": stack_size(trainer.model),
            "sequential_s": seq_s, "stacked_s": stk_s, "median_sequential_s": seq, "median_stacked_s": stk,
            "ratio": seq / stk, "max_abs_diff": diff}
     print(f"{name:10s} {device} threads={threads}: sequential {seq:.2f} s, stacked {stk:.2f} s, ratio {seq / stk:.2f}x "
