@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from fedge.hub.report import machine_info  # noqa: E402
+from fedge.hub.report import machine_info, write_results  # noqa: E402
 from fedge.hub.sim.fleet import Fleet  # noqa: E402
 from fedge.hub.sim.recipes import PAPER003_METHODS, paper003  # noqa: E402
 from fedge.models.data import load_dataset  # noqa: E402
@@ -149,10 +149,7 @@ def main() -> int:
             for codec in args.codecs:
                 results["cells"].append(run_cell(method, seed, codec, args, ds))
     results["summary"] = summary(results["cells"])
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1))
-    plot(results, out.with_suffix(".png"))
+    out = write_results(results, args.out, plot)
     for row in results["summary"]:
         diff = row.get("best_minus_fp32_per_seed")
         extra = f"  fp16 - fp32 per seed: {', '.join(f'{d:+.2f}' for d in diff)}" if diff else ""

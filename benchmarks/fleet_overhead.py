@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from fedge.hub.config import HubConfig  # noqa: E402
-from fedge.hub.report import machine_info  # noqa: E402
+from fedge.hub.report import machine_info, write_results  # noqa: E402
 from fedge.hub.sim.fleet import Fleet, FleetConfig  # noqa: E402
 from fedge.models.data import load_dataset, synthetic  # noqa: E402
 from fedge.models.partition import PartitionSpec  # noqa: E402
@@ -92,10 +92,7 @@ def main() -> int:
         if name != "inproc":
             summary[name]["same_accuracy_as_inproc"] = run["accuracy"] == results["runs"]["inproc"]["accuracy"]
     results["summary"] = summary
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1))
-    _plot(results, out.with_suffix(".png"))
+    out = write_results(results, args.out, _plot)
     print(json.dumps(summary, indent=1))
     print(f"wrote {out} and {out.with_suffix('.png')}")
     return 0

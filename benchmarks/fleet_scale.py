@@ -31,7 +31,7 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from fedge.hub.report import machine_info  # noqa: E402
+from fedge.hub.report import machine_info, write_results  # noqa: E402
 
 ROUND_OPEN = re.compile(r"round 1 \(train\) open")
 
@@ -113,10 +113,7 @@ def main() -> int:
         row = run_one(n, args)
         print(json.dumps({k: v for k, v in row.items() if k != "error"}), flush=True)
         results["runs"].append(row)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1))
-    _plot(results, out.with_suffix(".png"))
+    out = write_results(results, args.out, _plot)
     print(f"wrote {out} and {out.with_suffix('.png')}")
     return 0
 

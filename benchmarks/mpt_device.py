@@ -103,7 +103,7 @@ def main() -> int:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "mpt_device.json"))
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
-    from fedge.hub.report import machine_info
+    from fedge.hub.report import machine_info, write_results
 
     results = {"command": "python benchmarks/mpt_device.py", "machine": machine_info(), "threads": 1,
                "repeats": REPEATS, "statistic": "median over fresh processes", "allocators": ALLOCATORS, "modes": {}}
@@ -129,10 +129,7 @@ def main() -> int:
         row["peak_rss_vs_fedavg_mb"] = row["peak_rss_mb"] - dense["peak_rss_mb"]
         row["fixed_mmap_threshold"]["peak_rss_vs_fedavg_mb"] = (
             row["fixed_mmap_threshold"]["peak_rss_mb"] - dense["fixed_mmap_threshold"]["peak_rss_mb"])
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1))
-    _plot(results, out.with_suffix(".png"))
+    out = write_results(results, args.out, _plot)
     print(f"wrote {out} and {out.with_suffix('.png')}")
     return 0
 

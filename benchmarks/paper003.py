@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from fedge.hub.report import machine_info, summarise  # noqa: E402
+from fedge.hub.report import machine_info, summarise, write_results  # noqa: E402
 from fedge.hub.sim.central import train_central  # noqa: E402
 from fedge.hub.sim.fleet import Fleet  # noqa: E402
 from fedge.hub.sim.recipes import PAPER003_METHODS, paper003  # noqa: E402
@@ -270,9 +270,7 @@ def _longest_per_cell(cells: list[dict]) -> list[dict]:
 def _write(results: dict, out: Path) -> int:
     """Table, JSON, plot and a printed summary of whatever cells `results` holds."""
     results["table"] = table(results["cells"])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1))
-    _plot(results, out.with_suffix(".png"))
+    write_results(results, out, _plot)
     for row in results["table"]:
         common = (f"  best in {row['common_rounds']} rounds {row['best_at_common_mean']:6.2f} +- "
                   f"{row['best_at_common_std']:.2f}") if "common_rounds" in row else ""

@@ -10,7 +10,6 @@ with device 0 sending scaled or sign-flipped updates; plus a no-attack FedAvg re
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from fedge.hub.config import HubConfig  # noqa: E402
-from fedge.hub.report import machine_info  # noqa: E402
+from fedge.hub.report import machine_info, write_results  # noqa: E402
 from fedge.hub.sim.fleet import Fleet, FleetConfig  # noqa: E402
 from fedge.models.data import load_dataset, synthetic  # noqa: E402
 from fedge.models.partition import PartitionSpec  # noqa: E402
@@ -59,10 +58,7 @@ def main() -> int:
                     "accuracy_per_round": [r["accuracy"] for r in report["rounds"]], "seconds": time.time() - started}
             results["cells"].append(cell)
             print(f"{attack:10s} {strategy:13s} accuracy {cell['final_accuracy']:.4f}", flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1))
-    _plot(results, out.with_suffix(".png"))
+    out = write_results(results, args.out, _plot)
     print(f"wrote {out} and {out.with_suffix('.png')}")
     return 0
 

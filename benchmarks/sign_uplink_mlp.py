@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from fedge.hub.report import machine_info  # noqa: E402
+from fedge.hub.report import machine_info, write_results  # noqa: E402
 
 METHODS = {"mpt-fl-1bit-sign": "sign uplink (1 bit / weight)", "mpt-fl-1/32": "score averaging (fp32 up)"}
 
@@ -128,10 +128,7 @@ def main() -> int:
                 results["cells"].append(run_cell(method, seed, transport, args))
     results["summary"] = summary(results["cells"])
     results["same_accuracy_across_transports"] = same_across_transports(results["cells"])
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1))
-    plot(results, out.with_suffix(".png"))
+    out = write_results(results, args.out, plot)
     for row in results["summary"]:
         print(f"{row['method']:18s} {row['transport']:6s}: best {row['best_mean']:.2f} +- {row['best_std']:.2f} "
               f"final {row['final_mean']:.2f} +- {row['final_std']:.2f}  up {row['uplink_bytes_per_device']:,.0f} B")

@@ -22,7 +22,6 @@ stacked result is checked against the sequential one):
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -36,7 +35,7 @@ import torch  # noqa: E402
 
 from fedge.edge_agent.stacked import StackJob, stack_size, train_stacked  # noqa: E402
 from fedge.edge_agent.trainer import LocalTrainer, TrainConfig  # noqa: E402
-from fedge.hub.report import machine_info  # noqa: E402
+from fedge.hub.report import machine_info, write_results  # noqa: E402
 from fedge.models.registry import build_model, count_parameters, get_state  # noqa: E402
 
 CASES = {  # name: (model, devices, images per device, batch size)
@@ -129,10 +128,7 @@ def main() -> int:
         for t in threads:
             results["sweep"] += _stack_sweep(t, args.repeats, [int(s) for s in args.stack_sizes.split(",")])
     results["machine"]["torch_threads"] = threads
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1))
-    _plot(results, out.with_suffix(".png"))
+    out = write_results(results, args.out, _plot)
     print(f"wrote {out} and {out.with_suffix('.png')}")
     return 0
 

@@ -48,7 +48,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
 from fedge.edge_agent.trainer import job_seed  # noqa: E402
-from fedge.hub.report import machine_info  # noqa: E402
+from fedge.hub.report import machine_info, write_results  # noqa: E402
 from fedge.hub.sim.recipes import get_recipe  # noqa: E402
 from fedge.models.data import DEFAULT_FASHION_ROOT, load_dataset  # noqa: E402
 from fedge.models.normalisation import NORMALISATION  # noqa: E402
@@ -232,9 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, run in results["runs"].items():
         if name != "flower" and "skipped" not in run and "skipped" not in flower and flower:
             run["fedge_over_flower"] = run["median_seconds_per_round"] / flower["median_seconds_per_round"]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1))
-    plot(results, out.with_suffix(".png"))
+    write_results(results, out, plot)
     for name, run in results["runs"].items():
         if "skipped" in run:
             print(f"{name:16s} skipped: {run['skipped']}")

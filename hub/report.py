@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +36,16 @@ def machine_info() -> dict[str, Any]:
     info["torch"] = torch.__version__
     info["torch_threads"] = torch.get_num_threads()
     return info
+
+
+def write_results(results: dict[str, Any], out: str | Path, plot: Callable[[dict[str, Any], Path], Any]) -> Path:
+    """A benchmark's record: `results` as JSON at `out` and `plot(results, path)` beside it (the
+    same name, .png), so every benchmarks/ script leaves the pair docs/benchmarks.md cites."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1))
+    plot(results, out.with_suffix(".png"))
+    return out
 
 
 def _jsonable(obj: Any) -> Any:
