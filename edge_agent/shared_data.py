@@ -75,13 +75,17 @@ class SharedSlice:
     def samples(self) -> int:
         return int(self.y_shape[0])
 
+    def views(self, buf: memoryview) -> tuple[np.ndarray, np.ndarray]:
+        """(x, y) as arrays over the block's buffer `buf`: no copy."""
+        x = np.ndarray(self.x_shape, dtype=self.x_dtype, buffer=buf, offset=self.x_offset)
+        y = np.ndarray(self.y_shape, dtype=self.y_dtype, buffer=buf, offset=self.y_offset)
+        return x, y
+
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
         shm = _ATTACHED.get(self.block)
         if shm is None:
             shm = _ATTACHED[self.block] = _attach(self.block)
-        x = np.ndarray(self.x_shape, dtype=self.x_dtype, buffer=shm.buf, offset=self.x_offset)
-        y = np.ndarray(self.y_shape, dtype=self.y_dtype, buffer=shm.buf, offset=self.y_offset)
-        return x, y
+        return self.views(shm.buf)
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = self.arrays()
@@ -127,20 +131,15 @@ class DataArena:
         for split, (x_at, y_at) in zip(splits, layout):
             ref = SharedSlice(self._shm.name, x_at, tuple(split.x.shape), split.x.dtype.str,
                               y_at, tuple(split.y.shape), split.y.dtype.str)
-            x, y = self._views(ref)
+            x, y = ref.views(self._shm.buf)
             x[...] = split.x
             y[...] = split.y
             self.slices.append(ref)
         self.nbytes = size
 
-    def _views(self, ref: SharedSlice) -> tuple[np.ndarray, np.ndarray]:
-        x = np.ndarray(ref.x_shape, dtype=ref.x_dtype, buffer=self._shm.buf, offset=ref.x_offset)
-        y = np.ndarray(ref.y_shape, dtype=ref.y_dtype, buffer=self._shm.buf, offset=ref.y_offset)
-        return x, y
-
     def split(self, i: int) -> Split:
         """Device i's data as views into the block (no copy in the simulator either)."""
-        x, y = self._views(self.slices[i])
+        x, y = self.slices[i].views(self._shm.buf)
         return Split(x, y)
 
     def close(self) -> None:

@@ -10,7 +10,7 @@ or stacked together (edge_agent/stacked.py) where that gives the same result fas
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +22,7 @@ from fedge.models.spec import ModelSpec
 from fedge.models.wire.codecs import UPDATE_CARRIES
 
 from .shared_data import DeviceData
+from .stacked import StackJob, prefer_stacked, train_stacked
 from .task_checks import TimeBudget
 from .trainer import LocalTrainer, TrainConfig, TrainResult, uplink_state
 
@@ -69,15 +70,12 @@ def run_one(trainer: LocalTrainer, request: Request) -> TrainResult | dict[str, 
     return result
 
 
-StackedTrainer = Callable[[LocalTrainer, Sequence[TrainRequest]], list[TrainResult] | None]
-
-
 def run_group(trainer: LocalTrainer, requests: Sequence[Request]) -> list[Outcome]:
     """Every request of one model, in order: an outcome each (a failure is that request's
     exception, the others still run). Train requests with the same settings are stacked when
     stacked training reproduces the one-by-one result and is faster (stacked.prefer_stacked)."""
     outcomes: list[Outcome] = [None] * len(requests)
-    pending = list(range(len(requests)))
+    stacked: set[int] = set()
     for indices in _stackable_groups(trainer, requests):
         group = [requests[i] for i in indices]
         try:
@@ -86,8 +84,8 @@ def run_group(trainer: LocalTrainer, requests: Sequence[Request]) -> list[Outcom
             results = [exc] * len(group)
         for i, result in zip(indices, results):
             outcomes[i] = result
-            pending.remove(i)
-    for i in pending:
+        stacked.update(indices)
+    for i in (i for i in range(len(requests)) if i not in stacked):
         try:
             outcomes[i] = run_one(trainer, requests[i])
         except Exception as exc:  # noqa: BLE001 - reported by the device that asked, the worker goes on
@@ -99,10 +97,6 @@ def run_group(trainer: LocalTrainer, requests: Sequence[Request]) -> list[Outcom
 def _stackable_groups(trainer: LocalTrainer, requests: Sequence[Request]) -> list[list[int]]:
     """Indices of train requests that can train as one stack: same settings, a codec that
     sends the trained state or its change (a mask codec reads the model's own masks)."""
-    try:
-        from .stacked import prefer_stacked  # noqa: PLC0415 - optional until stacked training lands
-    except ImportError:
-        return []
     by_settings: dict[tuple, list[int]] = {}
     for i, request in enumerate(requests):
         if isinstance(request, TrainRequest) and UPDATE_CARRIES.get(request.codec or "", "state") != "mask":
@@ -115,8 +109,6 @@ def _stackable_groups(trainer: LocalTrainer, requests: Sequence[Request]) -> lis
 
 
 def _train_stacked(trainer: LocalTrainer, group: Sequence[TrainRequest]) -> list[TrainResult]:
-    from .stacked import StackJob, train_stacked  # noqa: PLC0415
-
     jobs = []
     for request in group:
         x, y = request.data.tensors()

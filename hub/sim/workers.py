@@ -217,6 +217,7 @@ class ProcessPool(GatheringPool):
         self.device = device
         self._procs: list[subprocess.Popen | None] = [None] * workers
         self._conns: list[Connection | None] = [None] * workers
+        self._send_locks = [threading.Lock() for _ in range(workers)]  # one writer at a time per pipe
         for slot in range(workers):
             self._spawn(slot)
         self.start()
@@ -232,9 +233,23 @@ class ProcessPool(GatheringPool):
         threading.Thread(target=self._read, args=(slot, conn), name=f"fedge-results-{slot}", daemon=True).start()
 
     def _send(self, slot: int, batch: list[tuple[int, ModelKey, Request]]) -> None:
+        self._post(slot, (own_models(batch), share_states(batch)))
+
+    def _post(self, slot: int, message: Any) -> None:
+        """Send one message down worker `slot`'s pipe. The dispatcher and the fleet's own thread
+        (forget, close) both write; interleaved writes would corrupt the stream."""
         conn = self._conns[slot]
         assert conn is not None
-        conn.send((own_models(batch), share_states(batch)))
+        with self._send_locks[slot]:
+            conn.send(message)
+
+    def _post_all(self, message: Any) -> None:
+        """`message` to every worker; one whose pipe is gone (dying, replaced) is skipped."""
+        for slot in range(self.slots):
+            try:
+                self._post(slot, message)
+            except (OSError, ValueError, AssertionError):
+                pass
 
     def _read(self, slot: int, conn: Connection) -> None:
         while True:
@@ -261,12 +276,7 @@ class ProcessPool(GatheringPool):
 
     def forget(self, block: str) -> None:
         """The data block `block` is gone: each worker unmaps it (after the batches sent before)."""
-        for conn in self._conns:
-            try:
-                if conn is not None:
-                    conn.send(block)
-            except (OSError, ValueError):
-                pass
+        self._post_all(block)
 
     def pids(self) -> list[int]:
         """The worker processes' ids (benchmarks sample their memory)."""
@@ -274,12 +284,7 @@ class ProcessPool(GatheringPool):
 
     def close(self) -> None:
         super().close()
-        for conn in self._conns:
-            try:
-                if conn is not None:
-                    conn.send(None)
-            except (OSError, ValueError):
-                pass
+        self._post_all(None)
         for proc in self._procs:
             if proc is not None:
                 try:
@@ -316,6 +321,12 @@ def _try(call: Any) -> Any:
 _SHARED: list[tuple[tuple, ProcessPool]] = []  # this process's worker processes, kept between fleets
 
 
+@atexit.register
+def _close_shared() -> None:
+    while _SHARED:
+        _SHARED.pop()[1].close()
+
+
 def shared_process_pool(workers: int, threads: int | None, device: str) -> ProcessPool:
     """The worker processes of this Python process, started once and reused by every fleet that
     asks for the same shape (a grid of runs, a test session: no start-up per run); another shape
@@ -323,17 +334,10 @@ def shared_process_pool(workers: int, threads: int | None, device: str) -> Proce
     key = (workers, threads, device)
     if _SHARED and _SHARED[0][0] == key and not _SHARED[0][1].closed:
         return _SHARED[0][1]
-    while _SHARED:
-        _SHARED.pop()[1].close()
+    _close_shared()
     pool = ProcessPool(workers=workers, threads=threads, device=device)
     _SHARED.append((key, pool))
     return pool
-
-
-@atexit.register
-def _close_shared() -> None:
-    while _SHARED:
-        _SHARED.pop()[1].close()
 
 
 class FleetPool(Protocol):
