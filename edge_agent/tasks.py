@@ -43,6 +43,12 @@ class Job:
 Handler = Callable[["Agent", TaskMessage, ModelMessage], Job]
 
 
+def _private(agent: Agent, model: ModelMessage) -> dict | None:
+    """The device's private tensors for the job, or None for a model that has none (no seeded
+    model is built just to find that out)."""
+    return agent.private_tensors(model.spec) if private_patterns(model.spec) else None
+
+
 def train(agent: Agent, task: TaskMessage, model: ModelMessage) -> Job:
     """`train`: local training from the received model; answers with an `update` (tensors in the
     codec the task asks for)."""
@@ -52,7 +58,7 @@ def train(agent: Agent, task: TaskMessage, model: ModelMessage) -> Job:
     tensors = model.tensors
     request = TrainRequest(
         state=tensors, data=agent.data, cfg=cfg, seed=job_seed(agent.seed, task.round, agent.device_id),
-        codec=task.codec, private=agent.private_tensors(model.spec) if private_patterns(model.spec) else None,
+        codec=task.codec, private=_private(agent, model),
         budget=time_budget(agent.profile),
     )
 
@@ -83,7 +89,7 @@ def evaluate(agent: Agent, task: TaskMessage, model: ModelMessage) -> Job:
     batch_size = check_evaluate_params(task.params)
     check_model(model.tensors, model.version)
     request = EvaluateRequest(state=model.tensors, data=agent.data, batch_size=batch_size,
-                              private=agent.private_tensors(model.spec) if private_patterns(model.spec) else None)
+                              private=_private(agent, model))
     started = time.monotonic()
 
     def message(metrics: dict[str, float]) -> bytes:
