@@ -150,6 +150,13 @@ class Worker:
                 outcomes[i] = result
         return outcomes
 
+    def run_tagged(self, batch: Sequence[tuple[int, ModelKey, Request]],
+                   models: Mapping[str, Registered] | None = None) -> list[tuple[int, Outcome]]:
+        """`run` for a pool's batch, whose jobs carry the pool's tags: each outcome goes back
+        with its job's tag (hub/sim/workers.py hands it to that job's device)."""
+        outcomes = self.run([(key, request) for _, key, request in batch], models)
+        return [(tag, outcome) for (tag, _, _), outcome in zip(batch, outcomes)]
+
 
 def set_worker_threads(threads: int | None) -> None:
     """torch's intra-op threads of this worker (a process worker's own; None: leave torch's)."""

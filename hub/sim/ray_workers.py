@@ -60,8 +60,7 @@ class _Trainer:
         self.worker = Worker(device)
 
     def run(self, models: dict[str, Any], batch: list[tuple[int, ModelKey, Request]]) -> list[tuple[int, Outcome]]:
-        outcomes = self.worker.run([(key, request) for _, key, request in batch], models)
-        return [(tag, outcome) for (tag, _, _), outcome in zip(batch, outcomes)]
+        return self.worker.run_tagged(batch, models)
 
     def node(self) -> str:
         return f"{os.uname().nodename}:{os.getpid()}"

@@ -11,10 +11,12 @@ import pickle
 import sys
 from multiprocessing.connection import Client
 
+WORKER_KEY_ENV = "FEDGE_WORKER_KEY"  # the connection key: in the worker's environment, not on its command line
+
 
 def main(argv: list[str]) -> int:
     address, threads, device = argv[0], int(argv[1]), argv[2]
-    conn = Client(address, family="AF_UNIX", authkey=bytes.fromhex(os.environ.pop("FEDGE_WORKER_KEY")))
+    conn = Client(address, family="AF_UNIX", authkey=bytes.fromhex(os.environ.pop(WORKER_KEY_ENV)))
 
     from fedge.edge_agent.shared_data import forget_block  # noqa: PLC0415 - after connecting: torch is slow to load
     from fedge.edge_agent.work import Worker, set_worker_threads  # noqa: PLC0415
@@ -35,8 +37,7 @@ def main(argv: list[str]) -> int:
             forget_block(batch)
             continue
         models, tagged = batch
-        outcomes = worker.run([(key, request) for _, key, request in tagged], models)
-        conn.send([(tag, _picklable(outcome)) for (tag, _, _), outcome in zip(tagged, outcomes)])
+        conn.send([(tag, _picklable(outcome)) for tag, outcome in worker.run_tagged(tagged, models)])
 
 
 def _picklable(outcome: object) -> object:

@@ -39,11 +39,12 @@ from fedge.models.errors import ConfigError
 from fedge.models.registry import Registered, registrations
 from fedge.models.spec import ModelSpec
 
+from .worker_proc import WORKER_KEY_ENV
+
 log = logging.getLogger("fedge.workers")
 
 Item = tuple[ModelKey, Request, Done]
 BACKENDS = ("process", "thread", "ray")
-WORKER_KEY_ENV = "FEDGE_WORKER_KEY"  # the worker's connection key: in its environment, not on its command line
 
 
 def default_workers(device: str = "cpu") -> int:
