@@ -7,6 +7,7 @@ name; options live in the spec, never in the name."""
 from __future__ import annotations
 
 import functools
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -200,11 +201,18 @@ def build_model(model: ModelSpec | str, in_shape: tuple[int, ...] = (1, 28, 28),
     shape = tuple(int(d) for d in in_shape)
     if not shape or min(shape) < 1:
         raise ConfigError(f"model {name}: in_shape must be positive sizes, got {list(in_shape)}")
-    if seed is not None:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return reg.build(shape, int(num_classes), **options)
-    return reg.build(shape, int(num_classes), **options)
+    # Initial weights come from torch's one global generator. A seeded build sets it and draws;
+    # another thread's build drawing in between (a trainer built on a pool thread while an
+    # agent builds its seeded head) would shift the seeded weights. One build at a time.
+    with _BUILD_LOCK:
+        if seed is not None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                return reg.build(shape, int(num_classes), **options)
+        return reg.build(shape, int(num_classes), **options)
+
+
+_BUILD_LOCK = threading.RLock()  # re-entrant: a builder may build a sub-model through build_model
 
 
 def count_parameters(model: nn.Module) -> int:

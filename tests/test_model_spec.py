@@ -309,3 +309,30 @@ def test_exported_files_and_the_predictor_carry_the_spec(tmp_path) -> None:
             assert summary["model_options"] == spec.options_dict()
             predictor = Predictor.load(tmp_path / f"{builder}.onnx")
             assert predictor.spec == spec and predictor.describe()["model_options"] == spec.options_dict(), builder
+
+
+def test_a_seeded_build_is_the_same_while_another_thread_builds_models():
+    """Seeded initial weights do not depend on what other threads build meanwhile (a pool thread
+    building its trainer while an agent builds its seeded head drew from the same global generator)."""
+    import threading
+
+    import numpy as np
+
+    from fedge.models.registry import build_model, get_state
+
+    reference = get_state(build_model("mlp", (1, 28, 28), 10, seed=0))
+    stop = threading.Event()
+
+    def unseeded() -> None:
+        while not stop.is_set():
+            build_model("mlp", (1, 28, 28), 10)
+
+    other = threading.Thread(target=unseeded, daemon=True)
+    other.start()
+    try:
+        for _ in range(30):
+            state = get_state(build_model("mlp", (1, 28, 28), 10, seed=0))
+            assert all(np.array_equal(state[k], reference[k]) for k in reference)
+    finally:
+        stop.set()
+        other.join(10)
