@@ -26,7 +26,7 @@ from fedge.models.errors import ConfigError
 from fedge.models.evaluate import evaluate
 from fedge.models.registry import build_model, get_state, model_family, private_patterns, set_state, split_state
 from fedge.models.wire import EnvelopeError, Topics, check_against, decode
-from fedge.models.wire.envelope import Envelope
+from fedge.models.wire.envelope import Envelope, body_size
 from fedge.models.wire.keys import device_key, hub_signer
 from fedge.models.wire.messages import (
     ReportMessage,
@@ -62,12 +62,13 @@ class Accepted:
     tensors: OrderedDict[str, np.ndarray]  # empty for a report
     num_samples: int
     metrics: dict
-    nbytes: int
+    nbytes: int  # the whole envelope
+    body_bytes: int  # its body: what the uplink codec cost
 
     @classmethod
-    def of(cls, msg: UpdateMessage | ReportMessage, nbytes: int) -> Accepted:
+    def of(cls, msg: UpdateMessage | ReportMessage, payload: bytes) -> Accepted:
         tensors = msg.tensors if isinstance(msg, UpdateMessage) else OrderedDict()
-        return cls(tensors, msg.num_samples, msg.metrics, nbytes)
+        return cls(tensors, msg.num_samples, msg.metrics, len(payload), body_size(payload))
 
 
 def parse_answer(env: Envelope) -> UpdateMessage | ReportMessage:
@@ -262,7 +263,7 @@ class Hub:
             if not self.store.add_pending(upd.round, upd.device, bytes(payload)):
                 log.info("duplicate update from %s for round %d ignored", device, upd.round)
                 return
-            self._accepted[upd.device] = Accepted.of(upd, len(payload))
+            self._accepted[upd.device] = Accepted.of(upd, payload)
             self.accepted_answers += 1
             self._roster.seen(upd.device)
             self._cond.notify_all()
@@ -366,7 +367,7 @@ class Hub:
             self._accepted = {}
             self._declined = {}
             for device, payload in self.store.pending(round_id).items():
-                self._accepted[device] = Accepted.of(parse_answer(decode(payload)), len(payload))
+                self._accepted[device] = Accepted.of(parse_answer(decode(payload)), payload)
             for device in task.selected:  # statuses that came before the task (a resumed round)
                 status = self._roster.status(device)
                 if status is not None:
@@ -505,6 +506,7 @@ class Hub:
             "participants": sorted(accepted),
             "selected": list(task.selected),
             "bytes_up": int(sum(a.nbytes for a in accepted.values())),
+            "bytes_up_body": int(sum(a.body_bytes for a in accepted.values())),
             "bytes_down": int(down_bytes * len(task.selected)),
             "seconds": time.time() - started,
             "kind": task.kind,

@@ -80,6 +80,7 @@ def summarise(history: list[dict], family: Family) -> dict[str, Any]:
     produced it."""
     ups = [r["bytes_up"] / max(1, len(r["participants"])) for r in history]
     downs = [r["bytes_down"] / max(1, len(r["selected"])) for r in history]
+    bodies = [r["bytes_up_body"] / max(1, len(r["participants"])) for r in history if r.get("bytes_up_body") is not None]
     evaluated = [r for r in history if r.get("device_metrics")]
     device = device_means(evaluated[-1]) if evaluated else None
     out: dict[str, Any] = {
@@ -87,6 +88,7 @@ def summarise(history: list[dict], family: Family) -> dict[str, Any]:
         # the latest evaluate round (run plans): each metric, the sample-weighted mean of the devices' own
         "device_metrics_mean": device,
         "uplink_bytes_per_device": statistics.mean(ups) if ups else None,
+        "uplink_body_bytes_per_device": statistics.mean(bodies) if bodies else None,  # without header and digest
         "downlink_bytes_per_device": statistics.mean(downs) if downs else None,
         "seconds_per_round": statistics.median(r["seconds"] for r in history) if history else None,
     }

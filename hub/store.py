@@ -34,7 +34,8 @@ CREATE TABLE IF NOT EXISTS pending (
 CREATE TABLE IF NOT EXISTS rejections (ts REAL NOT NULL, device TEXT, round INTEGER, reason TEXT NOT NULL);
 """
 ROUND_COLUMNS_ADDED = (("kind", "TEXT"), ("stage", "INTEGER"), ("device_accuracy", "REAL"), ("device_loss", "REAL"),
-                      ("device_metrics", "TEXT"), ("metrics", "TEXT"))  # run plans, reports, families (issue 11)
+                      ("device_metrics", "TEXT"), ("metrics", "TEXT"),  # run plans, reports, families (issue 11)
+                      ("bytes_up_body", "INTEGER"))  # the updates' bodies alone (issue 14: bits per weight)
 ROUND_COLUMNS = ("round", "model_version", "accuracy", "loss", "participants", "selected", "bytes_up", "bytes_down",
                  "seconds", "weight_change", "train_loss", "completed_at") + tuple(c for c, _ in ROUND_COLUMNS_ADDED)
 

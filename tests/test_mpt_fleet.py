@@ -101,6 +101,8 @@ def test_mpt_one_bit_uplink_learns_and_sends_bits(mosquitto_url, topic_prefix, t
     assert report["rounds_completed"] == 3
     assert report["final_accuracy"] > 0.25, report["final_accuracy"]
     assert report["uplink_bytes_per_device"] < 198_800 / 8 + 2048  # one bit per weight + header
+    # the hub records the bodies alone too: mlp-mpt's three score tensors, each packed to whole bytes
+    assert report["uplink_body_bytes_per_device"] == (784 * 200 + 200 * 200 + 200 * 10) // 8
     assert report["downlink_bytes_per_device"] > 198_800 * 4  # the hub sends float scores back (32 bit)
 
 

@@ -47,6 +47,12 @@ MAX_HEADER_BYTES = 1024 * 1024
 KINDS = ("model", "task", "update", "report")
 
 
+def body_size(payload: bytes) -> int:
+    """The body's length, read from the prefix of an envelope already decoded once: what the
+    codec cost, without the header and digest (the hub records it per round)."""
+    return int(_PREFIX.unpack_from(payload)[4])
+
+
 class EnvelopeError(WireError):
     """A message that is not a valid fedge envelope; the text says exactly why."""
 
