@@ -42,6 +42,20 @@ import json, os, resource, sys, time
 sys.path.insert(0, sys.argv[1])
 def peak(): return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 def rss(): return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+def cuda_libs_mb():  # resident pages of the CUDA libraries a CUDA build of torch maps even on the CPU
+    total, cuda, end = 0, False, None
+    for line in open("/proc/self/smaps"):
+        f = line.split()
+        if len(f) >= 5 and "-" in f[0] and ":" in f[3]:  # a mapping's header
+            lo, hi = (int(a, 16) for a in f[0].split("-"))
+            path = f[5] if len(f) > 5 else ""
+            if path or lo != end:  # an anonymous mapping right after a library's last one is its .bss
+                cuda = "/nvidia/" in path or "/cuda/bindings/" in path or os.path.basename(path).startswith(
+                    ("libtorch_cuda", "libc10_cuda", "libtorch_nvshmem"))
+            end = hi
+        elif f[0] == "Rss:" and cuda:
+            total += int(f[1])
+    return total / 1024
 import numpy as np, torch
 torch.set_num_threads(1)
 from fedge.edge_agent.trainer import LocalTrainer, TrainConfig, uplink_state
@@ -71,7 +85,8 @@ for r in range(3):
 down = build_model_message("f", "run", 0, model, state)
 print(json.dumps({"uplink_bytes": len(up), "downlink_bytes": len(down), "seconds_per_local_round": min(times),
                   "peak_rss_mb": peak(), "rss_after_imports_mb": base, "peak_rss_by_phase_mb": phases,
-                  "trained_tensor_mb": trained_mb}))
+                  "trained_tensor_mb": trained_mb, "cuda_libraries_rss_mb": cuda_libs_mb(),
+                  "torch": torch.__version__, "torch_cuda": torch.version.cuda}))
 """
 
 
@@ -83,18 +98,20 @@ def run_mode(model: str, strategy: str, opt: dict, malloc_env: dict[str, str]) -
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-RSS_KEYS = ("peak_rss_mb", "peak_rss_runs_mb", "rss_after_imports_mb", "peak_above_imports_mb", "peak_rss_by_phase_mb")
+RSS_KEYS = ("peak_rss_mb", "peak_rss_runs_mb", "rss_after_imports_mb", "peak_above_imports_mb", "peak_rss_by_phase_mb",
+            "cuda_libraries_rss_mb", "peak_without_cuda_libraries_mb")
 
 
 def median_of(runs: list[dict]) -> dict:
     """Median over fresh-process runs of every number (bytes are identical run to run)."""
     out = dict(runs[-1])
-    for key in ("peak_rss_mb", "rss_after_imports_mb", "seconds_per_local_round"):
+    for key in ("peak_rss_mb", "rss_after_imports_mb", "seconds_per_local_round", "cuda_libraries_rss_mb"):
         out[key] = statistics.median(r[key] for r in runs)
     out["peak_rss_by_phase_mb"] = {k: statistics.median(r["peak_rss_by_phase_mb"][k] for r in runs)
                                    for k in runs[0]["peak_rss_by_phase_mb"]}
     out["peak_rss_runs_mb"] = [r["peak_rss_mb"] for r in runs]
     out["peak_above_imports_mb"] = statistics.median(r["peak_rss_mb"] - r["rss_after_imports_mb"] for r in runs)
+    out["peak_without_cuda_libraries_mb"] = statistics.median(r["peak_rss_mb"] - r["cuda_libraries_rss_mb"] for r in runs)
     return out
 
 
@@ -120,7 +137,10 @@ def main() -> int:
         print(f"{mode:28s} up {row['uplink_bytes']:>10,d} B  down {row['downlink_bytes']:>10,d} B  "
               f"peak RSS {row['peak_rss_mb']:6.1f} MB (runs {', '.join(f'{v:.1f}' for v in row['peak_rss_runs_mb'])}; "
               f"after imports {row['rss_after_imports_mb']:.1f}); fixed mmap threshold "
-              f"{row['fixed_mmap_threshold']['peak_rss_mb']:.1f} MB  local round {row['seconds_per_local_round']:.2f} s",
+              f"{row['fixed_mmap_threshold']['peak_rss_mb']:.1f} MB  CUDA libraries {row['cuda_libraries_rss_mb']:.1f} MB, "
+              f"peak without them {row['peak_without_cuda_libraries_mb']:.1f} / "
+              f"{row['fixed_mmap_threshold']['peak_without_cuda_libraries_mb']:.1f} MB  "
+              f"local round {row['seconds_per_local_round']:.2f} s",
               flush=True)
     dense = results["modes"]["fedavg (dense fp32)"]
     for row in results["modes"].values():

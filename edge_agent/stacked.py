@@ -42,6 +42,7 @@ from fedge.models.errors import ConfigError
 from fedge.models.families import CLASSIFICATION, Family
 from fedge.models.supermask import BinaryActivation, BinaryWeightLayer, SupermaskLayer
 
+from .optimiser import adam_update, sgd_update
 from .trainer import TrainConfig, TrainResult
 
 
@@ -270,46 +271,34 @@ def _schedule(jobs: Sequence[StackJob], cfg: TrainConfig, device: torch.device) 
 
 
 class _StackedOptimiser:
-    """torch.optim.SGD (momentum, dampening 0, L2 weight decay; first step's buffer = the
-    gradient) or torch.optim.Adam (betas 0.9/0.999, eps 1e-8, L2 weight decay), as
-    LocalTrainer.train makes them, on stacked parameters. `step(grads, k, s)` updates the first
-    k devices (those still training) at their step s + 1; the others' parameters and state are
-    not touched. Devices all start at step 0 and stop for good, so a device's step counter is
-    s + 1 whenever it steps (Adam's bias correction). FedProx adds mu (w - w_start) to the
-    gradient: the gradient of mu/2 ||w - w_start||^2."""
+    """LocalTrainer.train's optimiser (edge_agent/optimiser.py: SGD with momentum, or Adam; L2
+    weight decay) on stacked parameters. `step(grads, k, s)` updates the first k devices (those
+    still training) at their step s + 1; the others' parameters and state are not touched.
+    Devices all start at step 0 and stop for good, so a device's step counter is s + 1
+    whenever it steps (Adam's bias correction), and the first k rows of the momentum buffers
+    made at step 0 are the k devices'. FedProx adds mu (w - w_start) to the gradient: the
+    gradient of mu/2 ||w - w_start||^2."""
 
     def __init__(self, cfg: TrainConfig, params: dict[str, torch.Tensor]) -> None:
         self.cfg, self.params = cfg, params
         self.adam = cfg.optimizer == "adam"
         self.anchor = {k: p.clone() for k, p in params.items()} if cfg.proximal_mu > 0 else {}
-        keep_first = self.adam or cfg.momentum != 0
-        self.first = {k: torch.zeros_like(p) for k, p in params.items()} if keep_first else {}
-        self.second = {k: torch.zeros_like(p) for k, p in params.items()} if self.adam else {}
+        self.bufs: list[torch.Tensor] | None = None  # SGD momentum, made at step 0 (rows: devices)
+        self.moments = ([torch.zeros_like(p) for p in params.values()],
+                        [torch.zeros_like(p) for p in params.values()]) if self.adam else None
 
     @torch.no_grad()
     def step(self, grads: Mapping[str, torch.Tensor], k: int, s: int) -> None:
         cfg = self.cfg
-        for name, p_all in self.params.items():
-            p, g = p_all[:k], grads[name]
-            if cfg.proximal_mu > 0:
-                g = g + cfg.proximal_mu * (p - self.anchor[name][:k])
-            if cfg.weight_decay != 0:
-                g = g.add(p, alpha=cfg.weight_decay)
-            if self.adam:
-                self._adam(p, g, self.first[name][:k], self.second[name][:k], s + 1)
-            elif name in self.first:
-                buf = self.first[name][:k]
-                if s == 0:
-                    buf.copy_(g)
-                else:
-                    buf.mul_(cfg.momentum).add_(g)
-                p.add_(buf, alpha=-cfg.lr)
-            else:
-                p.add_(g, alpha=-cfg.lr)
-
-    def _adam(self, p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, t: int) -> None:
-        beta1, beta2, eps = 0.9, 0.999, 1e-8
-        m.lerp_(g, 1 - beta1)
-        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        denom = (v.sqrt() / math.sqrt(1 - beta2**t)).add_(eps)
-        p.addcdiv_(m, denom, value=-self.cfg.lr / (1 - beta1**t))
+        params = [p_all[:k] for p_all in self.params.values()]
+        g = [grads[name] for name in self.params]
+        if cfg.proximal_mu > 0:
+            g = [gi + cfg.proximal_mu * (p - self.anchor[name][:k]) for gi, p, name in zip(g, params, self.params)]
+        if self.moments is not None:
+            m, v = ([t[:k] for t in ts] for ts in self.moments)
+            adam_update(params, g, m, v, [s + 1] * len(params), lr=cfg.lr, weight_decay=cfg.weight_decay)
+            return
+        bufs = None if self.bufs is None else [b[:k] for b in self.bufs]
+        new = sgd_update(params, g, bufs, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        if self.bufs is None:
+            self.bufs = new

@@ -32,6 +32,7 @@ from fedge.models.spec import ModelSpec
 from fedge.models.supermask import model_masks
 from fedge.models.wire.codecs import UPDATE_CARRIES
 
+from .optimiser import LocalOptimiser
 from .profile import Profile
 
 
@@ -107,14 +108,9 @@ class LocalTrainer:
         set_state(self.model, {**state, **(private or {})})
         model = self.model.train()
         params = [p for p in model.parameters() if p.requires_grad]
-        if cfg.optimizer == "adam":
-            opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                                          foreach=True)
-        else:
-            # foreach: one kernel per step for all tensors; torch picks it by default only on CUDA,
-            # and per-tensor updates were ~15 % of a small MLP's CPU step (py-spy, paper001)
-            opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                                  foreach=True)
+        # foreach update rules of torch.optim's SGD/Adam without torch.optim itself, which imports
+        # torch._dynamo (~150 MB resident) when an optimiser is built (edge_agent/optimiser.py)
+        opt = LocalOptimiser(params, cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         # FedProx's anchor: the weights as received; no term (and no copy) when mu is 0
         prox = (cfg.proximal_mu, params, [p.detach().clone() for p in params]) if cfg.proximal_mu > 0 else None
         gen = torch.Generator().manual_seed(seed)
@@ -165,14 +161,14 @@ def initial_private(spec: ModelSpec, in_shape: tuple[int, ...], num_classes: int
 Proximal = tuple[float, list[torch.nn.Parameter], list[torch.Tensor]]  # (mu, parameters, their anchors)
 
 
-def _step(model: torch.nn.Module, opt: torch.optim.Optimizer, xb: torch.Tensor, yb: torch.Tensor,
+def _step(model: torch.nn.Module, opt: LocalOptimiser, xb: torch.Tensor, yb: torch.Tensor,
           gen: torch.Generator, prox: Proximal | None = None, family: Family = CLASSIFICATION) -> tuple[float, int, int]:
     """One SGD/Adam step on the family's loss (`family.step`: the loss of the output, or for
     the contrastive family of two augmented views drawn from `gen`); returns (batch data loss,
     right predictions, scored predictions: examples, pixels or views). With `prox`, the
     FedProx term mu/2 sum ||p - anchor||^2 joins the loss that is minimised (not the one
     reported). Gradients are cleared before forward, so last step's are not held through it."""
-    opt.zero_grad(set_to_none=True)
+    opt.zero_grad()
     loss, right, scored = family.step(model, xb, yb, gen)
     if prox is None:
         loss.backward()
@@ -184,11 +180,10 @@ def _step(model: torch.nn.Module, opt: torch.optim.Optimizer, xb: torch.Tensor, 
     return float(loss.detach()), right, scored
 
 
-def _release(opt: torch.optim.Optimizer) -> None:
+def _release(opt: LocalOptimiser) -> None:
     """Drop gradients and optimiser state (momentum) once training is over, so they do not sit
     next to the state copy and the update envelope (a new optimiser is made every round)."""
-    opt.zero_grad(set_to_none=True)
-    opt.state.clear()
+    opt.release()
 
 
 def uplink_state(trainer: LocalTrainer, result: TrainResult, codec: str | None,
