@@ -1,8 +1,9 @@
-"""fp32 vs fp16 model downlink on paper003's fleet, in one run: accuracy per round and bytes.
+"""fp32 vs fp16 vs q8 model downlink on paper003's fleet, in one run: accuracy per round and bytes.
 
 The downlink (the model the hub sends every selected device each round) is what is left of
 the bytes on the air once the uplink is 1 bit per weight: 7.7 MB of fp32 scores against
-0.24 MB up for Conv-4. `--model-codec fp16` halves it; the hub keeps and checkpoints the exact
+0.24 MB up for Conv-4. `--model-codec fp16` halves it, `q8` (8 bits + a float32 offset
+and scale per 256 weights) cuts it to about a quarter; the hub keeps and checkpoints the exact
 fp32 model, so the only effect is that devices start local training from rounded values.
 This measures that effect: each method x seed runs twice, with the same selection, data and
 seeds, once per downlink codec, through the fleet (the real hub and agents, every update
@@ -68,7 +69,7 @@ def run_cell(method: str, seed: int, codec: str, args: argparse.Namespace, ds) -
 
 def summary(cells: list[dict]) -> list[dict]:
     """Per method and codec: best and final accuracy (mean, std over seeds) and the paired
-    difference fp16 - fp32 per seed (same seed, same selection: only the downlink differs)."""
+    difference codec - fp32 per seed (same seed, same selection: only the downlink differs)."""
     rows = []
     for method in dict.fromkeys(c["method"] for c in cells):
         for codec in dict.fromkeys(c["model_codec"] for c in cells):
@@ -98,7 +99,7 @@ def plot(results: dict, path: Path) -> None:
     methods = list(dict.fromkeys(c["method"] for c in cells))
     fig, axes = plt.subplots(1, len(methods), figsize=(4.5 * len(methods), 4), squeeze=False)
     for ax, method in zip(axes[0], methods):
-        for codec, style in (("fp32", "-"), ("fp16", "--")):
+        for codec, style in (("fp32", "-"), ("fp16", "--"), ("q8", ":")):
             runs = [c["accuracy"] for c in cells if c["method"] == method and c["model_codec"] == codec]
             if not runs:
                 continue
@@ -111,7 +112,7 @@ def plot(results: dict, path: Path) -> None:
         ax.set_ylabel("test accuracy (%), mean over seeds")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle("paper003 shards: model downlink fp32 vs fp16 (same seeds, selection and data)")
+    fig.suptitle("paper003 shards: model downlink fp32 vs fp16 vs q8 (same seeds, selection and data)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -130,7 +131,7 @@ def main() -> int:
     ap.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
     ap.add_argument("--rounds", type=int, default=40)
     ap.add_argument("--arch", choices=["mlp", "conv4"], default="mlp")
-    ap.add_argument("--codecs", nargs="*", default=["fp32", "fp16"])
+    ap.add_argument("--codecs", nargs="*", default=["fp32", "fp16", "q8"])
     ap.add_argument("--eval-size", type=int, default=0, help="test images per round (0 = all 10,000)")
     ap.add_argument("--profile", default="sim", help="device profile (desktop-gpu trains on CUDA)")
     ap.add_argument("--transport", choices=["inproc", "mqtt"], default="inproc",
@@ -152,7 +153,7 @@ def main() -> int:
     out = write_results(results, args.out, plot)
     for row in results["summary"]:
         diff = row.get("best_minus_fp32_per_seed")
-        extra = f"  fp16 - fp32 per seed: {', '.join(f'{d:+.2f}' for d in diff)}" if diff else ""
+        extra = f"  {row['model_codec']} - fp32 per seed: {', '.join(f'{d:+.2f}' for d in diff)}" if diff else ""
         print(f"{row['method']:18s} {row['model_codec']}: best {row['best_mean']:.2f} +- {row['best_std']:.2f} "
               f"final {row['final_mean']:.2f}  down {row['downlink_bytes']:,} B{extra}")
     print(f"wrote {out} and {out.with_suffix('.png')}")

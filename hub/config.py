@@ -41,7 +41,7 @@ class HubConfig:
     strategy_options: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)  # lr, epochs, batch_size, optimizer, momentum
     update_codec: str | None = None
-    model_codec: str = "fp32"  # the published model only (fp16 halves the downlink); checkpoints stay fp32
+    model_codec: str = "fp32"  # the published model only (fp16 halves the downlink, q8 ~quarters it); checkpoints stay fp32
     seed: int = 0
     max_payload: int = DEFAULT_MAX_BYTES
     keep_checkpoints: int = 2

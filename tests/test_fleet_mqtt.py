@@ -172,3 +172,32 @@ def test_fp16_downlink_halves_the_model_bytes_and_checkpoints_stay_exact(embedde
     with _fleet(embedded_broker, topic_prefix, tmp_path, small_data, model_codec="mask1") as fleet:
         with pytest.raises(ValueError, match="cannot carry a model"):
             fleet.make_hub()
+
+
+def test_q8_downlink_quarters_the_model_bytes_and_devices_decode_the_hubs_quantised_model(
+        embedded_broker, topic_prefix, tmp_path, small_data):
+    """--model-codec q8: ~8.25 bits per weight down, devices still learn, every device holds
+    exactly q8(the hub's exact model) for the version it received, and checkpoints stay fp32."""
+    from fedge.models.wire import decode, decode_tensors, encode_tensors
+    from fedge.models.wire.messages import parse_model
+
+    with _fleet(embedded_broker, topic_prefix, tmp_path, small_data, model_codec="q8") as fleet:
+        hub = fleet.make_hub()
+        report = fleet.run(hub)
+        agents = fleet.agents
+        assert all(a.finished.wait(10) for a in agents)
+    assert report["rounds_completed"] == 3 and report["final_accuracy"] > 0.5, report["final_accuracy"]  # chance 0.10
+    # the MLP is 198,800 weights: 198,800 + 8 per block of 256 (~6.3 KB) bytes against ~0.8 MB in fp32
+    assert 200_000 < report["downlink_bytes_per_device"] < 210_000, report["downlink_bytes_per_device"]
+    for agent in agents:
+        held = agent._model
+        assert held is not None and held.run == report["run_id"]
+        exact = parse_model(decode(hub.store.load_checkpoint(held.version))).tensors
+        expected = decode_tensors(*encode_tensors(exact, "q8"))
+        assert list(held.tensors) == list(expected)
+        for k, v in expected.items():
+            np.testing.assert_array_equal(held.tensors[k], v)
+    final = parse_model(decode((tmp_path / report["run_id"] / "final_model.fedge").read_bytes()))
+    for k, v in hub.global_state.items():
+        np.testing.assert_array_equal(final.tensors[k], v)
+    assert any(not np.array_equal(v, expected[k]) for k, v in exact.items())  # q8 did round

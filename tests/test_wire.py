@@ -53,6 +53,45 @@ def test_fp16_round_trip_halves_the_body_within_fp16_precision():
         np.testing.assert_allclose(out[name], tensors[name], rtol=1e-3, atol=1e-3)
 
 
+def test_q8_round_trip_is_within_half_a_step_of_each_block_at_about_8_bits():
+    rng = np.random.default_rng(0)
+    scores = rng.standard_normal(1000).astype(np.float32)
+    scores[7] = 500.0  # one outlier coarsens only its own block of 256
+    tensors = OrderedDict(w=rng.standard_normal((30, 40)).astype(np.float32), s=scores,
+                          c=np.full((3,), 2.5, np.float32), e=np.zeros((0, 4), np.float32))
+    fields, body = encode_tensors(tensors, "q8")
+    assert len(body) == (8 * 5 + 1200) + (8 * 4 + 1000) + (8 + 3)  # blocks' offset+scale, then a byte each
+    out = decode_tensors(fields, body)
+    assert [(k, v.shape, v.dtype) for k, v in out.items()] == [(k, v.shape, np.float32) for k, v in tensors.items()]
+    for name, arr in tensors.items():
+        flat, got = arr.reshape(-1), out[name].reshape(-1)
+        for start in range(0, flat.size, 256):
+            blk = flat[start:start + 256]
+            step = (float(blk.max()) - float(blk.min())) / 255
+            assert np.abs(got[start:start + 256] - blk).max() <= step / 2 + 1e-6 * (1 + np.abs(blk).max())
+    np.testing.assert_array_equal(out["c"], tensors["c"])  # a constant block is exact
+    assert np.abs(out["s"][256:] - scores[256:]).max() < 0.05  # blocks without the outlier stay fine
+    assert encode_tensors(tensors, "q8") == (fields, body)  # deterministic: every device decodes the same
+
+
+def test_q8_refuses_bad_bodies_and_non_finite_input():
+    from fedge.models.errors import ConfigError
+
+    tensors = OrderedDict(w=np.arange(300, dtype=np.float32))
+    fields, body = encode_tensors(tensors, "q8")
+    with pytest.raises(EnvelopeError, match="needs 316 for codec q8"):
+        decode_tensors(fields, body[:-1])
+    for bad in (float("nan"), -1.0, float("inf")):
+        damaged = body[:4] + struct.pack("<f", bad) + body[8:]  # block 0's scale
+        with pytest.raises(EnvelopeError, match="q8 offset or scale"):
+            decode_tensors(fields, damaged)
+    damaged = struct.pack("<f", float("nan")) + body[4:]  # block 0's offset
+    with pytest.raises(EnvelopeError, match="q8 offset or scale"):
+        decode_tensors(fields, damaged)
+    with pytest.raises(ConfigError, match="NaN or Inf"):
+        encode_tensors(OrderedDict(w=np.array([1.0, np.nan], np.float32)), "q8")
+
+
 def _valid() -> bytes:
     return build_update_message("f", "r", "dev1", 1, 0, _tensors(), num_samples=10)
 

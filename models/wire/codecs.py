@@ -30,13 +30,19 @@ MASK_CODEC = "mask1"
 # scale (>= 0) followed by the signs (1 = positive) packed as in mask1. Decodes to
 # float32 +-scale: a 1-bit-per-weight uplink that still says which way every score moved.
 SIGN_CODEC = "sign1"
-ALL_CODECS = (*CODECS, MASK_CODEC, SIGN_CODEC)
+# 8-bit model codec: each tensor cut into blocks of Q8_BLOCK elements (the last may be short);
+# per tensor first every block's float32 offset (its min) and float32 scale ((max - min) / 255),
+# then one uint8 code per element. Decodes to float32 offset + scale * code, the same bits on
+# every receiver. Per block, not per tensor, so one outlier score coarsens only its block.
+Q8_CODEC = "q8"
+Q8_BLOCK = 256
+ALL_CODECS = (*CODECS, MASK_CODEC, SIGN_CODEC, Q8_CODEC)
 # what an update holds under each codec (any other codec: the device's trained state). The
 # codec in a round's task is all a device needs to know what to send, and all the hub needs
 # to know that an update in another codec means something else and must be refused.
 UPDATE_CARRIES: dict[str, str] = {MASK_CODEC: "mask", SIGN_CODEC: "sign"}
 # codecs a model envelope may use: a model's tensors are values, which the 1-bit codecs cannot carry
-MODEL_CODECS = tuple(CODECS)
+MODEL_CODECS = (*CODECS, Q8_CODEC)
 
 
 def _bits_len(n: int) -> int:
@@ -55,6 +61,8 @@ def encode_tensors(tensors: Mapping[str, np.ndarray], codec: str = "fp32") -> tu
         return {"codec": codec, "tensors": manifest_of(tensors)}, b"".join(parts)
     if codec == SIGN_CODEC:
         return {"codec": codec, "tensors": manifest_of(tensors)}, b"".join(_sign_part(arr) for arr in tensors.values())
+    if codec == Q8_CODEC:
+        return {"codec": codec, "tensors": manifest_of(tensors)}, b"".join(_q8_part(arr) for arr in tensors.values())
     if codec not in CODECS:
         raise ConfigError(f"unknown codec {codec!r}; known: {sorted(ALL_CODECS)}")
     dtype = CODECS[codec]
@@ -67,6 +75,42 @@ def _sign_part(arr: np.ndarray) -> bytes:
     flat = np.asarray(arr, dtype=np.float32).reshape(-1)
     scale = np.float32(np.mean(np.abs(flat), dtype=np.float64)) if flat.size else np.float32(0.0)
     return np.array([scale], dtype="<f4").tobytes() + np.packbits(flat > 0, bitorder="big").tobytes()
+
+
+def _q8_part(arr: np.ndarray) -> bytes:
+    """Round to nearest (ties to even): deterministic, so the hub can predict what devices decode."""
+    flat = np.asarray(arr, dtype=np.float32).reshape(-1)
+    if not np.all(np.isfinite(flat)):
+        raise ConfigError("codec q8 cannot carry NaN or Inf")
+    pad = -flat.size % Q8_BLOCK
+    blocks = np.pad(flat, (0, pad), mode="edge").reshape(-1, Q8_BLOCK) if flat.size else flat.reshape(0, Q8_BLOCK)
+    lo, hi = blocks.min(axis=1), blocks.max(axis=1)
+    scale = ((hi.astype(np.float64) - lo) / 255).astype(np.float32)
+    safe = np.where(scale > 0, scale, np.float32(1))[:, None]
+    codes = np.clip(np.rint((blocks - lo[:, None]) / safe), 0, 255).astype(np.uint8).reshape(-1)[: flat.size]
+    head: bytes = np.stack([lo, scale], axis=1).astype("<f4").tobytes()
+    return head + bytes(codes.tobytes())
+
+
+def _decode_q8(entries: list[tuple[str, tuple[int, ...]]], sizes: list[int], body: bytes
+               ) -> OrderedDict[str, np.ndarray]:
+    nblocks = [-(-n // Q8_BLOCK) for n in sizes]
+    expected = sum(8 * b + n for b, n in zip(nblocks, sizes))
+    if expected != len(body):
+        raise EnvelopeError(f"body has {len(body)} bytes but the manifest needs {expected} for codec q8")
+    out: OrderedDict[str, np.ndarray] = OrderedDict()
+    offset = 0
+    for (name, shape), size, nb in zip(entries, sizes, nblocks):
+        if name in out:
+            raise EnvelopeError(f"tensor {name!r} appears twice in the manifest")
+        pairs = np.frombuffer(body, dtype="<f4", count=2 * nb, offset=offset).reshape(nb, 2)
+        if not np.all(np.isfinite(pairs)) or np.any(pairs[:, 1] < 0):
+            raise EnvelopeError(f"tensor {name!r} has a q8 offset or scale that is not finite, or a scale < 0")
+        codes = np.frombuffer(body, dtype=np.uint8, count=size, offset=offset + 8 * nb).astype(np.float32)
+        idx = np.arange(size) // Q8_BLOCK
+        out[name] = (pairs[idx, 0] + pairs[idx, 1] * codes).astype(np.float32).reshape(shape)
+        offset += 8 * nb + size
+    return out
 
 
 def _check_manifest(manifest: object) -> list[tuple[str, tuple[int, ...]]]:
@@ -95,6 +139,8 @@ def decode_tensors(header: Mapping[str, Any], body: bytes) -> OrderedDict[str, n
     sizes = [int(np.prod(shape, dtype=np.int64)) for _, shape in entries]
     if codec in (MASK_CODEC, SIGN_CODEC):
         return _decode_packed(entries, sizes, body, codec)
+    if codec == Q8_CODEC:
+        return _decode_q8(entries, sizes, body)
     dtype = CODECS[codec]
     expected = sum(sizes) * dtype.itemsize
     if expected != len(body):
