@@ -37,6 +37,7 @@ def paper001() -> FleetConfig:
 # lr 0.1, momentum 0.9, weight decay 1e-4 and a cosine schedule (1/32), or Adam lr 0.1 (1/1).
 _SGD_SCORES = {"optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4, "lr_schedule": "cosine"}
 _ADAM_SCORES = {"optimizer": "adam", "lr": 0.1}
+_FEDPM_SCORES = {"optimizer": "adam", "lr": 0.1}
 _ADAM_BNN = {"optimizer": "adam", "lr": 1e-3}
 _SGD_DENSE = {"optimizer": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4, "lr_schedule": "cosine"}
 PAPER003_METHODS: dict[str, dict] = {
@@ -51,6 +52,8 @@ PAPER003_METHODS: dict[str, dict] = {
     "mpt-fl-1bit": {"model": "conv4-mpt", "strategy": "mpt-mask", "train": _SGD_SCORES, "federated": True},
     # fedge's own: 1 bit per weight up as well, but the sign of each score's change (sign-delta)
     "mpt-fl-1bit-sign": {"model": "conv4-mpt", "strategy": "sign-delta", "train": _SGD_SCORES, "federated": True},
+    # FedPM (Isik et al. 2023): masks drawn from sigmoid(scores), one sampled mask up, Beta posterior at the hub
+    "fedpm": {"model": "conv4-fedpm", "strategy": "fedpm", "train": _FEDPM_SCORES, "federated": True},
 }
 
 
