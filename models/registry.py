@@ -24,6 +24,7 @@ from .maskfile import MaskFile, MaskFileError
 from .mpt_nets import build_mpt
 from .nets import MLP, ContrastiveMLP, Conv4, SplitMLP
 from .spec import ModelSpec, Option, OptionValue, split_option_text, unknown_option
+from .supermask.fedpm import use_sampled_masks
 
 Builder = Callable[..., nn.Module]  # (in_shape, num_classes, **options) -> model
 
@@ -68,8 +69,6 @@ def _fedpm(arch: str, name: str) -> Builder:
     inner = _mpt(arch, "mpt-1/32", name)
 
     def build(in_shape: tuple[int, ...], num_classes: int, **options: Any) -> nn.Module:
-        from .supermask.fedpm import use_sampled_masks
-
         return use_sampled_masks(inner(in_shape, num_classes, **options))
     return build
 

@@ -126,21 +126,24 @@ def test_bad_options_and_updates_are_refused():
     assert np.all(np.isfinite(scores_of(np.array([0.0, 1.0]), 0.01)))
 
 
-def test_fedpm_learns_through_the_fleet_with_one_bit_up(embedded_broker, topic_prefix, tmp_path, small_data):
+@pytest.mark.parametrize("codec", ["mask1", "maskrc"])
+def test_fedpm_learns_through_the_fleet_with_one_bit_up(embedded_broker, topic_prefix, tmp_path, small_data, codec):
     import onnxruntime as ort
 
     from fedge.models.export import export
 
     hub = HubConfig(fleet="fedpm", prefix=topic_prefix, model="mlp-fedpm", rounds=3, deadline_s=60,
-                    strategy="fedpm", strategy_options={"prior": 1e-3},
+                    strategy="fedpm", strategy_options={"prior": 1e-3}, update_codec=codec,
                     train={"optimizer": "adam", "lr": 0.1, "epochs": 2, "batch_size": 32})
     cfg = FleetConfig(devices=4, dataset="synthetic", partition=PartitionSpec("iid"), broker=embedded_broker,
                       runs_dir=str(tmp_path), progress=False, hub=hub)
     with Fleet(cfg, dataset=small_data) as fleet:
         report = fleet.run()
-    assert report["rounds_completed"] == 3
+    assert report["rounds_completed"] == 3 and report["rejected_updates"] == 0
     assert report["final_accuracy"] > 0.5, report["final_accuracy"]  # chance 0.10
     assert report["uplink_bytes_per_device"] < 198_800 / 8 + 2048  # one bit per weight + header
+    if codec == "maskrc":  # rounds 2 and 3 code against polarised keep-probabilities: below 1 bit
+        assert report["uplink_bytes_per_device"] < 198_800 / 8, report["uplink_bytes_per_device"]
     # the run's 1-bit file rebuilds the evaluated network (mask theta > 0.5) in ONNX
     summary = export(tmp_path / report["run_id"] / "final_model.mask", out=tmp_path / "fedpm.onnx")
     sess = ort.InferenceSession(summary["onnx"])

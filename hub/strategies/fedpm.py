@@ -19,6 +19,7 @@ import numpy as np
 
 from fedge.models.errors import ConfigError
 from fedge.models.spec import ModelSpec
+from fedge.models.wire.codecs import MASK_CODEC, MASK_RC_CODEC, MASK_ZSTD_CODEC
 
 from .base import Strategy
 from .mpt_mask import MptMask
@@ -36,6 +37,7 @@ def scores_of(theta: np.ndarray, eps: float) -> np.ndarray:
     return np.log(t / (1.0 - t)).astype(np.float32)
 
 
+MASK_CODECS = (MASK_CODEC, MASK_RC_CODEC, MASK_ZSTD_CODEC)  # what a FedPM update may be sent in
 POSTERIORS = ("reset", "accumulate")  # a fresh Beta(prior, prior) every round, or counts kept across rounds
 
 
@@ -84,6 +86,16 @@ class FedPM(Strategy):
                 self.alpha[name], self.beta[name] = alpha, beta
             out[name] = scores_of(alpha / (alpha + beta), self.eps)
         return out
+
+    def task_codec(self, requested: str | None) -> str | None:
+        """mask1 by default; --update-codec may pick an entropy-coded mask instead (maskrc:
+        range-coded with theta as the model, mask1z: zstd of the mask1 bits)."""
+        if requested is None:
+            return self.codec
+        if requested not in MASK_CODECS:
+            raise ConfigError(f"strategy fedpm sends masks: update codec must be one of {', '.join(MASK_CODECS)}, "
+                              f"not {requested!r}")
+        return requested
 
     def check_fits(self, model: ModelSpec, state: State) -> None:
         """Only supermask scores (as mpt-mask), and the model should draw its masks (mlp-fedpm, conv4-fedpm)."""

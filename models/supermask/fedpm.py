@@ -27,6 +27,13 @@ if TYPE_CHECKING:
 SAMPLE = "sample"  # SupermaskLayer.mask_rule of a FedPM layer ("topk": MPT's top-k of |scores|)
 
 
+def _layers(model: nn.Module) -> list[tuple[str, SupermaskLayer]]:
+    """(scores state name, layer) of every supermask layer (model.supermask_layers, which this
+    module, imported by layers.py, cannot import)."""
+    return [(f"{name}.scores" if name else "scores", m) for name, m in model.named_modules()
+            if hasattr(m, "mask_rule") and hasattr(m, "frozen")]
+
+
 def sampled_forward(layer: SupermaskLayer, x: torch.Tensor) -> torch.Tensor:
     """op(x, W * m) with m ~ Bernoulli(sigmoid(s)) and the straight-through gradient."""
     theta = torch.sigmoid(layer.scores)
@@ -38,19 +45,15 @@ def sampled_forward(layer: SupermaskLayer, x: torch.Tensor) -> torch.Tensor:
 
 def use_sampled_masks(model: nn.Module) -> nn.Module:
     """Turn every supermask layer of `model` into a FedPM layer (in place); returns it."""
-    from .model import supermask_layers
-
-    for _, layer in supermask_layers(model):
+    for _, layer in _layers(model):
         layer.mask_rule = SAMPLE
     return model
 
 
 def seed_sampling(model: nn.Module, seed: int) -> None:
     """One seeded generator for all of the model's mask draws in a job (reproducible runs)."""
-    from .model import supermask_layers
-
     gen = torch.Generator().manual_seed(int(seed))
-    for _, layer in supermask_layers(model):
+    for _, layer in _layers(model):
         layer.sampler = gen
 
 
@@ -58,10 +61,8 @@ def seed_sampling(model: nn.Module, seed: int) -> None:
 def uplink_masks(model: nn.Module) -> OrderedDict[str, np.ndarray]:
     """The masks a device uploads: a FedPM layer's one draw from Bernoulli(sigmoid(s)), any
     other supermask layer's current (top-k) mask."""
-    from .model import supermask_layers
-
     out: OrderedDict[str, np.ndarray] = OrderedDict()
-    for name, layer in supermask_layers(model):
+    for name, layer in _layers(model):
         if layer.mask_rule == SAMPLE:
             theta = torch.sigmoid(layer.scores.detach().float())
             out[name] = torch.bernoulli(theta, generator=layer.sampler).bool().cpu().numpy()
