@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from fedge.models.registry import private_patterns
+from fedge.models.wire.codecs import CONTEXT_CODECS, keep_probs
 from fedge.models.wire.messages import ModelMessage, TaskMessage, build_report_message, build_update_message
 
 from .task_checks import check_evaluate_params, check_model, check_train_settings, time_budget
@@ -74,6 +75,7 @@ def train(agent: Agent, task: TaskMessage, model: ModelMessage) -> Job:
             base_version=task.model_version, tensors=state, num_samples=result.num_samples,
             metrics={"loss": result.loss, "accuracy": result.accuracy, "seconds": result.seconds},
             codec=task.codec or agent.profile.precision, key=agent.device_key,
+            model_probs=keep_probs(tensors) if task.codec in CONTEXT_CODECS else None,
         )
 
     def describe(result: TrainResult) -> str:

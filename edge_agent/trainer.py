@@ -29,7 +29,7 @@ from fedge.models.registry import (
     split_state,
 )
 from fedge.models.spec import ModelSpec
-from fedge.models.supermask import model_masks
+from fedge.models.supermask.fedpm import seed_sampling, uplink_masks
 from fedge.models.wire.codecs import UPDATE_CARRIES
 
 from .optimiser import LocalOptimiser
@@ -114,6 +114,7 @@ class LocalTrainer:
         # FedProx's anchor: the weights as received; no term (and no copy) when mu is 0
         prox = (cfg.proximal_mu, params, [p.detach().clone() for p in params]) if cfg.proximal_mu > 0 else None
         gen = torch.Generator().manual_seed(seed)
+        seed_sampling(model, seed)  # FedPM layers' mask draws (a no-op without supermask layers)
         n = len(y)
         total_loss, correct, seen, scored = 0.0, 0, 0, 0
         for _ in range(cfg.epochs):
@@ -190,12 +191,13 @@ def uplink_state(trainer: LocalTrainer, result: TrainResult, codec: str | None,
                  received: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """What a device sends after training, as the task's codec says (UPDATE_CARRIES, declared
     by the hub's strategy): its trained state; for a 'mask' codec (mask1, strategy mpt-mask)
-    only the masks its trained scores select; for a 'sign' codec (sign1, strategy sign-delta)
+    only the masks its trained scores select (FedPM layers: one mask drawn from sigmoid(scores),
+    supermask/fedpm.py); for a 'sign' codec (sign1, strategy sign-delta)
     the change from `received` (the global the job started from), which the codec cuts to 1 bit.
     Only shared tensors: a model's private ones (registry.split_state) never leave the device."""
     carries = UPDATE_CARRIES.get(codec or "", "state")
     if carries == "mask":
-        return {k: v for k, v in model_masks(trainer.model).items() if not is_private(trainer.spec, k)}
+        return {k: v for k, v in uplink_masks(trainer.model).items() if not is_private(trainer.spec, k)}
     if carries == "sign":
         return {k: v - np.asarray(received[k], dtype=np.float32) for k, v in result.state.items()
                 if not is_private(trainer.spec, k)}

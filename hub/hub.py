@@ -26,9 +26,11 @@ from fedge.models.errors import ConfigError
 from fedge.models.evaluate import evaluate
 from fedge.models.registry import build_model, get_state, model_family, private_patterns, set_state, split_state
 from fedge.models.wire import EnvelopeError, Topics, check_against, decode
+from fedge.models.wire.codecs import keep_probs
 from fedge.models.wire.envelope import Envelope, body_size
 from fedge.models.wire.keys import device_key, hub_signer
 from fedge.models.wire.messages import (
+    ProbsFor,
     ReportMessage,
     TaskMessage,
     UpdateMessage,
@@ -71,13 +73,14 @@ class Accepted:
         return cls(tensors, msg.num_samples, msg.metrics, len(payload), body_size(payload))
 
 
-def parse_answer(env: Envelope) -> UpdateMessage | ReportMessage:
-    """A device's answer to a task: an update (tensors) or a report (numbers only)."""
+def parse_answer(env: Envelope, probs_for: ProbsFor | None = None) -> UpdateMessage | ReportMessage:
+    """A device's answer to a task: an update (tensors) or a report (numbers only). A context
+    codec (maskrc) decodes with `probs_for(base_version)` (Hub.probs_for)."""
     if env.kind == "report":
         return parse_report(env)
     if env.kind != "update":
         raise EnvelopeError(f"a device answers with an update or a report, not a {env.kind!r} message")
-    return parse_update(env)
+    return parse_update(env, probs_for)
 
 
 def _headline(scores: dict[str, float]) -> dict:
@@ -236,7 +239,7 @@ class Hub:
                     return
             env = decode(payload, max_bytes=self.config.max_payload, key=key)
             round_id = env.header.get("round") if isinstance(env.header.get("round"), int) else None
-            upd = parse_answer(env)
+            upd = parse_answer(env, self.probs_for)
             if isinstance(upd, UpdateMessage):
                 leaked = sorted(self.private_names.intersection(upd.tensors))
                 if leaked:
@@ -367,7 +370,7 @@ class Hub:
             self._accepted = {}
             self._declined = {}
             for device, payload in self.store.pending(round_id).items():
-                self._accepted[device] = Accepted.of(parse_answer(decode(payload)), payload)
+                self._accepted[device] = Accepted.of(parse_answer(decode(payload), self.probs_for), payload)
             for device in task.selected:  # statuses that came before the task (a resumed round)
                 status = self._roster.status(device)
                 if status is not None:
@@ -408,6 +411,19 @@ class Hub:
             log.info("round %d closed with %d/%d updates; ignored for this round: %s", task.round,
                      len(accepted), len(task.selected), ", ".join(late))
         return accepted
+
+    def probs_for(self, version: int) -> OrderedDict[str, np.ndarray] | None:
+        """The keep-probabilities (codecs.keep_probs) of model `version` for a context codec
+        (maskrc): the current global's, the one every update of the open round trained from;
+        None for any other version (the update is then refused as a bad envelope)."""
+        state, current = self.global_state, self.version  # one read: the round may advance meanwhile
+        if version != current:
+            return None
+        cached = getattr(self, "_probs_cache", None)
+        if cached is None or cached[0] != current or cached[1] is not state:
+            cached = (current, state, keep_probs(state))
+            self._probs_cache = cached
+        return cached[2]
 
     def metrics(self, state: OrderedDict[str, np.ndarray], full: bool = False) -> dict[str, float]:
         """The model family's test metrics of the global model (`family.metric_names`);

@@ -40,9 +40,11 @@ from .supermask import (
     layer_alphas,
     materialize,
     model_masks,
+    set_scores,
     set_scores_from_masks,
     supermask_layers,
 )
+from .supermask.fedpm import SAMPLE, use_sampled_masks
 
 VARIANTS = ("mpt-1/32", "mpt-1/1", "bnn-1/32", "bnn-1/1")
 
@@ -248,9 +250,16 @@ def to_mask_file(model: MPTNet, model_name: str | None = None, meta: dict | None
         layers=layers,
         masks=masks,
         extras=extras,
-        meta={"arch": model.arch, **({"hidden": cfg["hidden"]} if "hidden" in cfg else {}), **(meta or {})},
+        meta={"arch": model.arch, **({"hidden": cfg["hidden"]} if "hidden" in cfg else {}), **_rule_meta(model),
+              **(meta or {})},
         bits=bits,
     )
+
+
+def _rule_meta(model: MPTNet) -> dict[str, str]:
+    """{"mask_rule": "sample"} for a FedPM model (its masks keep any number of weights), else {}."""
+    rules = {layer.mask_rule for _, layer in supermask_layers(model)}
+    return {"mask_rule": SAMPLE} if SAMPLE in rules else {}
 
 
 def save_mask_file(model: MPTNet, path: str | os.PathLike, model_name: str | None = None) -> int:
@@ -288,14 +297,21 @@ def build_from_mask_file(src: str | os.PathLike | bytes | MaskFile, dense: bool 
                 signs = torch.from_numpy(np.asarray(mf.masks[info.name], dtype=np.bool_))
                 weight.copy_(torch.where(signs, info.alpha, -info.alpha))
         return _with_extras(model, mf, dense)
+    sampled = mf.meta.get("mask_rule") == SAMPLE
+    if sampled:  # FedPM: the mask is scores > 0, so scores +-1 reproduce it (any number kept)
+        use_sampled_masks(model)
     for info in mf.layers:
         layer = layers[info.name]
-        if tuple(info.shape) != layer.weight_shape or info.index != layer.frozen.index or info.kept != layer.kept:
+        if tuple(info.shape) != layer.weight_shape or info.index != layer.frozen.index or (
+                info.kept != layer.kept and not sampled):
             raise MaskFileError(
                 f"layer {info.name!r}: file has shape {info.shape}, index {info.index}, kept {info.kept}; "
                 f"model has {layer.weight_shape}, {layer.frozen.index}, {layer.kept}"
             )
-    set_scores_from_masks(model, mf.masks)
+    if sampled:
+        set_scores(model, {k: np.where(np.asarray(m, dtype=np.bool_), 1.0, -1.0) for k, m in mf.masks.items()})
+    else:
+        set_scores_from_masks(model, mf.masks)
     for info in mf.layers:
         alpha = layers[info.name].alpha()
         if not np.isclose(alpha, info.alpha, rtol=1e-5, atol=0):

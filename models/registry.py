@@ -24,6 +24,7 @@ from .maskfile import MaskFile, MaskFileError
 from .mpt_nets import build_mpt
 from .nets import MLP, ContrastiveMLP, Conv4, SplitMLP
 from .spec import ModelSpec, Option, OptionValue, split_option_text, unknown_option
+from .supermask.fedpm import use_sampled_masks
 
 Builder = Callable[..., nn.Module]  # (in_shape, num_classes, **options) -> model
 
@@ -63,6 +64,15 @@ def _mpt(arch: str, variant: str, name: str) -> Builder:
     return build
 
 
+def _fedpm(arch: str, name: str) -> Builder:
+    """An MPT 1/32 net whose layers use FedPM's sampled masks (models/supermask/fedpm.py)."""
+    inner = _mpt(arch, "mpt-1/32", name)
+
+    def build(in_shape: tuple[int, ...], num_classes: int, **options: Any) -> nn.Module:
+        return use_sampled_masks(inner(in_shape, num_classes, **options))
+    return build
+
+
 def _conv4(in_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     return Conv4(_image_shape("conv4", in_shape), num_classes)
 
@@ -86,6 +96,10 @@ MODELS: dict[str, Registered] = {
     "conv4-bnn": Registered(_mpt("conv4", "bnn-1/32", "conv4-bnn")),
     "conv4-bnn11": Registered(_mpt("conv4", "bnn-1/1", "conv4-bnn11")),
     "mlp-mpt": Registered(_mpt("mlp", "mpt-1/32", "mlp-mpt"), options=(PRUNE_RATIO, SEED, HIDDEN)),
+    # FedPM (strategy fedpm): masks drawn from sigmoid(scores); the prune ratio is unused
+    # (the keep-probabilities are learnt), so it is not an option
+    "mlp-fedpm": Registered(_fedpm("mlp", "mlp-fedpm"), options=(SEED, HIDDEN)),
+    "conv4-fedpm": Registered(_fedpm("conv4", "conv4-fedpm"), options=(SEED,)),
     "mlp-bnn": Registered(_mpt("mlp", "bnn-1/32", "mlp-bnn"), options=(HIDDEN,)),
     # the MLP with a per-device classifier: the encoder is federated, each device keeps its head
     "mlp-private-head": Registered(SplitMLP, private=("head.*",), options=(HIDDEN,)),

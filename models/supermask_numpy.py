@@ -12,6 +12,8 @@ template was built, saying how each dense tensor comes from the wire tensors:
   layer's effective weight ``alpha * sign(W) * m``, ``m`` the top ``keep_count(numel, prune_ratio)``
   |scores| (ties to the lower index, bits.topk_mask, the rule the torch layers use) and ``W``
   regenerated from (seed, i) (bits.frozen_weight);
+  With ``"mask_rule": "sample"`` (a FedPM layer, models/supermask/fedpm.py) ``m`` is scores > 0
+  and no prune ratio is needed;
 * ``{"op": "sign", "from": LATENT}``: a BNN layer's weight ``sign(w) * mean|w|`` (sign(0) = +1).
 
 The model-wide options ``prune_ratio`` and ``seed`` come with the call (the message header's
@@ -41,12 +43,13 @@ class MaterialiseError(ModelFileError):
 
 def supermask_weight(
     scores: np.ndarray, seed: int, index: int, prune_ratio: float, binarize: bool = True,
-    weight_init: str = "signed_constant",
+    weight_init: str = "signed_constant", mask_rule: str = "topk",
 ) -> np.ndarray:
-    """Effective float32 weight of MPT layer `index`: what SupermaskLayer.dense_weight() returns."""
+    """Effective float32 weight of MPT layer `index`: what SupermaskLayer.dense_weight() returns
+    (mask_rule "sample", a FedPM layer: the mask is scores > 0 and prune_ratio is unused)."""
     scores = np.asarray(scores, dtype=np.float32)
     w = frozen_weight(seed, index, scores.shape, weight_init)
-    mask = topk_mask(scores, keep_count(w.size, prune_ratio))
+    mask = scores > 0 if mask_rule == "sample" else topk_mask(scores, keep_count(w.size, prune_ratio))
     if binarize and weight_init != "signed_constant":  # signed constants: alpha * sign(W) is W itself
         alpha = np.float32(np.abs(w)[mask].sum(dtype=np.float64) / max(1, int(np.count_nonzero(mask))))
         w = np.where(w >= 0, alpha, -alpha).astype(np.float32)
@@ -82,12 +85,14 @@ def materialise(
         elif op == "sign":
             out[name] = sign_weight(arr)
         else:
-            for key in ("prune_ratio", "seed"):
+            rule = str(spec.get("mask_rule", "topk"))
+            for key in ("prune_ratio", "seed") if rule == "topk" else ("seed",):
                 if key not in options:
                     raise MaterialiseError(f"supermask layer {source!r} needs the model option {key!r}")
             try:
-                out[name] = supermask_weight(arr, int(options["seed"]), int(spec["index"]), float(options["prune_ratio"]),
-                                             bool(spec.get("binarize", True)), str(spec.get("weight_init", "signed_constant")))
+                out[name] = supermask_weight(arr, int(options["seed"]), int(spec["index"]),
+                                             float(options.get("prune_ratio", 0.0)), bool(spec.get("binarize", True)),
+                                             str(spec.get("weight_init", "signed_constant")), rule)
             except (ConfigError, ValueError, TypeError, KeyError) as exc:
                 raise MaterialiseError(f"supermask layer {source!r}: {exc}") from None
     return out

@@ -31,7 +31,8 @@ from fedge.models.wire.codecs import ALL_CODECS, MODEL_CODECS
 log = logging.getLogger("fedge")
 HUB_DEFAULTS = HubConfig()
 # strategy options with a command-line flag (--server-lr -> server_lr): the constructor parameter names
-STRATEGY_OPTION_FLAGS = ("server_lr", "server_momentum", "proximal_mu", "trim_fraction", "byzantine")
+STRATEGY_OPTION_FLAGS = ("server_lr", "server_momentum", "proximal_mu", "trim_fraction", "byzantine", "prior", "posterior",
+                         "prob_clip", "posterior_decay")
 
 
 def _positive_int(text: str) -> int:
@@ -80,6 +81,14 @@ def _add_round_args(parser: argparse.ArgumentParser,
                         "(default 0.1)")
     s.add_argument("--byzantine", type=int, metavar="F",
                    help="krum, multi-krum: devices that may lie (Krum's f; default 1)")
+    s.add_argument("--prior", type=float, metavar="A0",
+                   help="fedpm: the Beta(A0, A0) prior of each weight's keep-probability (default 1, uniform)")
+    s.add_argument("--posterior", choices=("reset", "accumulate"),
+                   help="fedpm: start each round's posterior from the prior (reset, default) or keep the counts")
+    s.add_argument("--posterior-decay", type=float, metavar="G",
+                   help="fedpm with --posterior accumulate: old counts are multiplied by G each round (default 1)")
+    s.add_argument("--prob-clip", type=float, metavar="EPS",
+                   help="fedpm: keep-probabilities sent down are clipped to [EPS, 1 - EPS] (default 0.01)")
     g.add_argument("--lr", type=float, help="local learning rate sent with each task")
     g.add_argument("--epochs", type=int, help="local epochs per round")
     g.add_argument("--batch-size", type=int, help="local batch size (capped by each device's profile)")

@@ -37,6 +37,10 @@ def paper001() -> FleetConfig:
 # lr 0.1, momentum 0.9, weight decay 1e-4 and a cosine schedule (1/32), or Adam lr 0.1 (1/1).
 _SGD_SCORES = {"optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4, "lr_schedule": "cosine"}
 _ADAM_SCORES = {"optimizer": "adam", "lr": 0.1}
+# FedPM: Adam on the scores (the reference code's optimiser, there lr 0.1); 0.03 and the
+# near-MAP posterior (prior 1e-3) were best on the MLP counterpart (docs/benchmarks.md)
+_FEDPM_SCORES = {"optimizer": "adam", "lr": 0.03}
+_FEDPM_POSTERIOR = {"prior": 0.001}
 _ADAM_BNN = {"optimizer": "adam", "lr": 1e-3}
 _SGD_DENSE = {"optimizer": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4, "lr_schedule": "cosine"}
 PAPER003_METHODS: dict[str, dict] = {
@@ -51,6 +55,12 @@ PAPER003_METHODS: dict[str, dict] = {
     "mpt-fl-1bit": {"model": "conv4-mpt", "strategy": "mpt-mask", "train": _SGD_SCORES, "federated": True},
     # fedge's own: 1 bit per weight up as well, but the sign of each score's change (sign-delta)
     "mpt-fl-1bit-sign": {"model": "conv4-mpt", "strategy": "sign-delta", "train": _SGD_SCORES, "federated": True},
+    # FedPM (Isik et al. 2023): masks drawn from sigmoid(scores), one sampled mask up, Beta posterior at the hub
+    "fedpm": {"model": "conv4-fedpm", "strategy": "fedpm", "train": _FEDPM_SCORES, "federated": True,
+              "strategy_options": _FEDPM_POSTERIOR},
+    # the same, its masks range-coded with the global keep-probabilities as the model (codec maskrc)
+    "fedpm-rc": {"model": "conv4-fedpm", "strategy": "fedpm", "train": _FEDPM_SCORES, "federated": True,
+                 "strategy_options": _FEDPM_POSTERIOR, "update_codec": "maskrc"},
 }
 
 
@@ -72,7 +82,8 @@ def paper003(method: str = "mpt-fl-1/32", prune_ratio: float = 0.8) -> FleetConf
         recipe="paper003",
         hub=HubConfig(
             fleet="paper003", model=model, rounds=100, clients_per_round=10, deadline_s=600, quorum=1.0,
-            strategy=spec["strategy"], eval_size=2000,
+            strategy=spec["strategy"], eval_size=2000, update_codec=spec.get("update_codec"),
+            strategy_options=dict(spec.get("strategy_options", {})),
             train={"epochs": 5, "batch_size": 10, **spec["train"]},
         ),
     )

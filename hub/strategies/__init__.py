@@ -18,6 +18,7 @@ from .base import Strategy
 from .fedadam import FedAdam
 from .fedavg import FedAvg
 from .fedavgm import FedAvgM
+from .fedpm import FedPM
 from .fedprox import FedProx
 from .krum import Krum, MultiKrum
 from .median import Median
@@ -32,7 +33,7 @@ __all__ = ["STRATEGIES", "Strategy", "State", "Update", "make_strategy", "weight
 
 # name -> class; the name is what --strategy and HubConfig.strategy take
 STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (
-    MptScoreAvg, MptMask, SignDelta, FedAvg, Median, TrimmedMean, Krum, MultiKrum, FedAvgM, FedAdam, FedProx)}
+    MptScoreAvg, MptMask, SignDelta, FedAvg, Median, TrimmedMean, Krum, MultiKrum, FedAvgM, FedAdam, FedProx, FedPM)}
 
 # codecs whose updates mean something else than a state: an update in another codec is refused
 ONE_BIT_CODECS = frozenset(UPDATE_CARRIES)

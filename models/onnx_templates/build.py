@@ -96,14 +96,16 @@ def dense_form(model: nn.Module) -> tuple[nn.Module, dict[str, dict[str, Any]], 
         recipe[scores.rsplit(".", 1)[0] + ".weight"] = {
             "op": "supermask", "from": scores, "index": layer.frozen.index, "binarize": layer.binarize,
             "weight_init": layer.frozen.init,
+            **({"mask_rule": layer.mask_rule} if layer.mask_rule != "topk" else {}),
         }
-        ratios.add(layer.prune_ratio)
+        if layer.mask_rule == "topk":  # a FedPM layer's mask is scores > 0: no prune ratio
+            ratios.add(layer.prune_ratio)
         seeds.add(layer.frozen.seed)
     for latent, _layer in binary_weight_layers(model):
         recipe[latent] = {"op": "sign", "from": latent}
     if len(ratios) > 1 or len(seeds) > 1:
         raise TemplateBuildError(f"supermask layers differ in prune ratio {sorted(ratios)} or seed {sorted(seeds)}")
-    options = {"prune_ratio": ratios.pop(), "seed": seeds.pop()} if ratios else {}
+    options = {"prune_ratio": ratios.pop(), "seed": seeds.pop()} if ratios else {"seed": seeds.pop()} if seeds else {}
     missing = set(recipe) - set(dense.state_dict())
     if missing:
         raise TemplateBuildError(f"the dense form lacks {sorted(missing)[:4]}: its tensors are not named like the wire's")

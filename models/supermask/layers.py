@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..bits import keep_count
+from .fedpm import SAMPLE, sampled_forward
 from .frozen import CHUNK, FrozenWeights
 from .ops import SupermaskOp, SupermaskWeight, _effective, _SignActSTE, _SignWeightSTE
 from .topk import mask_from_scores
@@ -42,6 +43,8 @@ class _WeightOps:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if isinstance(self, SupermaskLayer) and torch.is_grad_enabled() and self.scores.requires_grad:
+            if self.mask_rule == SAMPLE:
+                return sampled_forward(self, x)
             return SupermaskOp.apply(x, self.scores, self)
         return self.apply_weight(x, self.forward_weight())  # type: ignore[attr-defined]
 
@@ -106,7 +109,13 @@ class _LinearOps(_WeightOps):
 
 
 class SupermaskLayer(nn.Module):
-    """Common part of SupermaskConv2d / SupermaskLinear: scores, frozen weights, the mask."""
+    """Common part of SupermaskConv2d / SupermaskLinear: scores, frozen weights, the mask.
+
+    `mask_rule`: "topk" (MPT: the top `kept` |scores|) or "sample" (FedPM, fedpm.py: trains
+    on masks drawn from sigmoid(scores) and evaluates with sigmoid(scores) > 0.5)."""
+
+    mask_rule: str = "topk"
+    sampler: torch.Generator | None = None  # FedPM's mask draws (fedpm.seed_sampling); None: torch's global RNG
 
     def __init__(
         self,
@@ -133,7 +142,10 @@ class SupermaskLayer(nn.Module):
         return self.frozen.shape
 
     def effective_weight(self) -> torch.Tensor:
-        """w_eff, differentiable w.r.t. the scores (through the straight-through estimator)."""
+        """w_eff, differentiable w.r.t. the scores (through the straight-through estimator);
+        a FedPM layer's deterministic w_eff (not differentiable: it trains in sampled_forward)."""
+        if self.mask_rule == SAMPLE:
+            return self.dense_weight()
         return SupermaskWeight.apply(self.scores.abs(), self.frozen, self.kept, self.binarize)
 
     forward_weight = effective_weight
@@ -163,7 +175,9 @@ class SupermaskLayer(nn.Module):
 
     @torch.no_grad()
     def mask(self) -> torch.Tensor:
-        """Current boolean mask (top `kept` of |scores|)."""
+        """Current boolean mask (top `kept` of |scores|; a FedPM layer's sigmoid(scores) > 0.5)."""
+        if self.mask_rule == SAMPLE:
+            return self.scores.detach() > 0
         return mask_from_scores(self.scores, self.kept)
 
     @torch.no_grad()

@@ -7,6 +7,7 @@ Torch-free: both the hub and a torch-less device import this.
 
 from __future__ import annotations
 
+import zlib
 from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
@@ -36,11 +37,25 @@ SIGN_CODEC = "sign1"
 # every receiver. Per block, not per tensor, so one outlier score coarsens only its block.
 Q8_CODEC = "q8"
 Q8_BLOCK = 256
-ALL_CODECS = (*CODECS, MASK_CODEC, SIGN_CODEC, Q8_CODEC)
+# Entropy-coded masks (strategy fedpm): the mask bits range-coded (constriction's queue
+# RangeEncoder, Bernoulli model) with a per-weight keep-probability p that sender and receiver
+# both hold: sigmoid of the global scores the device trained from (`keep_probs`). Body: the
+# CRC-32 of the mask1 packing of the same bits (little-endian uint32), then the coder's 32-bit
+# words (little-endian). Costs about the masks' cross-entropy under p: well below one bit per
+# weight once p polarises. Decoding needs the same p (`model_probs`): with other
+# probabilities the bits come out wrong and the CRC says so.
+MASK_RC_CODEC = "maskrc"
+# Baseline: the mask1 body compressed with zstandard (level 19); needs no probabilities.
+MASK_ZSTD_CODEC = "mask1z"
+ALL_CODECS = (*CODECS, MASK_CODEC, SIGN_CODEC, Q8_CODEC, MASK_RC_CODEC, MASK_ZSTD_CODEC)
+# codecs whose encoder and decoder need the keep-probabilities of the model the update was trained from
+CONTEXT_CODECS = frozenset({MASK_RC_CODEC})
+P_FLOOR = 2.0**-12  # p is clipped to [P_FLOOR, 1 - P_FLOOR]: a bit against the model costs at most ~12 bits
 # what an update holds under each codec (any other codec: the device's trained state). The
 # codec in a round's task is all a device needs to know what to send, and all the hub needs
 # to know that an update in another codec means something else and must be refused.
-UPDATE_CARRIES: dict[str, str] = {MASK_CODEC: "mask", SIGN_CODEC: "sign"}
+UPDATE_CARRIES: dict[str, str] = {MASK_CODEC: "mask", SIGN_CODEC: "sign", MASK_RC_CODEC: "mask",
+                                   MASK_ZSTD_CODEC: "mask"}
 # codecs a model envelope may use: a model's tensors are values, which the 1-bit codecs cannot carry
 MODEL_CODECS = (*CODECS, Q8_CODEC)
 
@@ -54,11 +69,96 @@ def manifest_of(tensors: Mapping[str, np.ndarray]) -> list[list[Any]]:
     return [[name, [int(d) for d in np.shape(arr)]] for name, arr in tensors.items()]
 
 
-def encode_tensors(tensors: Mapping[str, np.ndarray], codec: str = "fp32") -> tuple[dict[str, Any], bytes]:
-    """Return (header fields, body) for the tensors under the chosen codec."""
+def keep_probs(scores: Mapping[str, np.ndarray]) -> OrderedDict[str, np.ndarray]:
+    """The probability model of codec maskrc: sigmoid(score) per weight in float64, clipped to
+    [P_FLOOR, 1 - P_FLOOR]. Both sides compute it from the same float32 scores (the global
+    model of the update's base version) with this one function."""
+    out: OrderedDict[str, np.ndarray] = OrderedDict()
+    for name, arr in scores.items():
+        s = np.clip(np.asarray(arr, dtype=np.float32).astype(np.float64), -64.0, 64.0)  # exp stays finite
+        out[name] = np.clip(1.0 / (1.0 + np.exp(-s)), P_FLOOR, 1.0 - P_FLOOR)
+    return out
+
+
+def _mask1_body(tensors: Mapping[str, np.ndarray]) -> bytes:
+    return b"".join(np.packbits(np.asarray(arr).reshape(-1) != 0, bitorder="big").tobytes() for arr in tensors.values())
+
+
+def _flat_probs(entries: list[tuple[str, tuple[int, ...]]], model_probs: Mapping[str, np.ndarray] | None,
+                error: type[Exception]) -> np.ndarray:
+    """The probabilities for the manifest's tensors, concatenated; `error` names what does not fit."""
+    if model_probs is None:
+        raise error(f"codec {MASK_RC_CODEC} needs the keep-probabilities of the model the update was trained from")
+    parts = []
+    for name, shape in entries:
+        p = model_probs.get(name)
+        if p is None or tuple(np.shape(p)) != tuple(shape):
+            raise error(f"codec {MASK_RC_CODEC}: no keep-probabilities of shape {list(shape)} for tensor {name!r}")
+        parts.append(np.asarray(p, dtype=np.float64).reshape(-1))
+    return np.concatenate(parts) if parts else np.zeros(0)
+
+
+def _encode_rc(tensors: Mapping[str, np.ndarray], model_probs: Mapping[str, np.ndarray] | None) -> bytes:
+    import constriction  # type: ignore[import-untyped]  # noqa: PLC0415 - only this codec's users need it
+
+    entries = [(name, tuple(np.shape(arr))) for name, arr in tensors.items()]
+    p = _flat_probs(entries, model_probs, ConfigError)
+    bits = np.concatenate([(np.asarray(a).reshape(-1) != 0) for a in tensors.values()]) if tensors else np.zeros(0, bool)
+    encoder = constriction.stream.queue.RangeEncoder()
+    if bits.size:
+        encoder.encode(bits.astype(np.int32), constriction.stream.model.Bernoulli(perfect=False), p)
+    crc = zlib.crc32(_mask1_body(tensors))
+    words: np.ndarray = np.asarray(encoder.get_compressed(), dtype="<u4")
+    return np.array([crc], dtype="<u4").tobytes() + words.tobytes()
+
+
+def _decode_rc(entries: list[tuple[str, tuple[int, ...]]], sizes: list[int], body: bytes,
+               model_probs: Mapping[str, np.ndarray] | None) -> OrderedDict[str, np.ndarray]:
+    import constriction  # noqa: PLC0415
+
+    p = _flat_probs(entries, model_probs, EnvelopeError)
+    if len(body) < 4 or len(body) % 4:
+        raise EnvelopeError(f"codec {MASK_RC_CODEC}: body of {len(body)} bytes is not a CRC and whole 32-bit words")
+    crc = int(np.frombuffer(body, dtype="<u4", count=1)[0])
+    words = np.frombuffer(body, dtype="<u4", offset=4).astype(np.uint32)
+    try:
+        decoder = constriction.stream.queue.RangeDecoder(words)
+        bits = (decoder.decode(constriction.stream.model.Bernoulli(perfect=False), p) if p.size
+                else np.zeros(0, np.int32))
+    except BaseException as exc:  # constriction raises AssertionError / ValueError on invalid data
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise EnvelopeError(f"codec {MASK_RC_CODEC}: the body does not decode ({exc})") from None
+    out: OrderedDict[str, np.ndarray] = OrderedDict()
+    offset = 0
+    for (name, shape), size in zip(entries, sizes):
+        if name in out:
+            raise EnvelopeError(f"tensor {name!r} appears twice in the manifest")
+        out[name] = np.asarray(bits[offset : offset + size], dtype=np.float32).reshape(shape)
+        offset += size
+    if zlib.crc32(_mask1_body(out)) != crc:
+        raise EnvelopeError(f"codec {MASK_RC_CODEC}: decoded masks fail their CRC (decoded with other keep-probabilities "
+                            "than they were coded with: a wrong base model version, or a corrupt body)")
+    if _encode_rc(out, model_probs) != body:  # one body per mask: no trailing or padded words
+        raise EnvelopeError(f"codec {MASK_RC_CODEC}: the body is not the canonical coding of its masks "
+                            f"({len(body)} bytes)")
+    return out
+
+
+def encode_tensors(tensors: Mapping[str, np.ndarray], codec: str = "fp32",
+                   model_probs: Mapping[str, np.ndarray] | None = None) -> tuple[dict[str, Any], bytes]:
+    """Return (header fields, body) for the tensors under the chosen codec. `model_probs`
+    (codec maskrc only: keep_probs of the global the update was trained from) is the
+    per-weight probability model, keyed and shaped like `tensors`."""
     if codec == MASK_CODEC:
-        parts = [np.packbits(np.asarray(arr).reshape(-1) != 0, bitorder="big").tobytes() for arr in tensors.values()]
-        return {"codec": codec, "tensors": manifest_of(tensors)}, b"".join(parts)
+        return {"codec": codec, "tensors": manifest_of(tensors)}, _mask1_body(tensors)
+    if codec == MASK_ZSTD_CODEC:
+        import zstandard  # noqa: PLC0415
+
+        return {"codec": codec, "tensors": manifest_of(tensors)}, zstandard.ZstdCompressor(level=19).compress(
+            _mask1_body(tensors))
+    if codec == MASK_RC_CODEC:
+        return {"codec": codec, "tensors": manifest_of(tensors)}, _encode_rc(tensors, model_probs)
     if codec == SIGN_CODEC:
         return {"codec": codec, "tensors": manifest_of(tensors)}, b"".join(_sign_part(arr) for arr in tensors.values())
     if codec == Q8_CODEC:
@@ -130,13 +230,20 @@ def _check_manifest(manifest: object) -> list[tuple[str, tuple[int, ...]]]:
     return out
 
 
-def decode_tensors(header: Mapping[str, Any], body: bytes) -> OrderedDict[str, np.ndarray]:
-    """Cut the body into named float32 arrays; EnvelopeError if it does not add up."""
+def decode_tensors(header: Mapping[str, Any], body: bytes,
+                   model_probs: Mapping[str, np.ndarray] | None = None) -> OrderedDict[str, np.ndarray]:
+    """Cut the body into named float32 arrays; EnvelopeError if it does not add up. Codec
+    maskrc needs `model_probs`, the keep-probabilities it was encoded with (encode_tensors)."""
     codec = header.get("codec")
     if codec not in ALL_CODECS:
         raise EnvelopeError(f"unknown codec {codec!r}; known: {sorted(ALL_CODECS)}")
     entries = _check_manifest(header.get("tensors"))
     sizes = [int(np.prod(shape, dtype=np.int64)) for _, shape in entries]
+    if codec == MASK_RC_CODEC:
+        return _decode_rc(entries, sizes, body, model_probs)
+    if codec == MASK_ZSTD_CODEC:
+        body = _unzstd(body, sum(_bits_len(n) for n in sizes))
+        codec = MASK_CODEC
     if codec in (MASK_CODEC, SIGN_CODEC):
         return _decode_packed(entries, sizes, body, codec)
     if codec == Q8_CODEC:
@@ -153,6 +260,17 @@ def decode_tensors(header: Mapping[str, Any], body: bytes) -> OrderedDict[str, n
         arr = np.frombuffer(body, dtype=dtype, count=size, offset=offset).reshape(shape)
         out[name] = arr.astype(np.float32)
         offset += size * dtype.itemsize
+    return out
+
+
+def _unzstd(body: bytes, expected: int) -> bytes:
+    """The mask1 body inside a mask1z body; at most `expected` bytes are ever produced."""
+    import zstandard  # noqa: PLC0415
+
+    try:
+        out = zstandard.ZstdDecompressor().decompress(body, max_output_size=expected)
+    except zstandard.ZstdError as exc:
+        raise EnvelopeError(f"codec {MASK_ZSTD_CODEC}: the body does not decompress ({exc})") from None
     return out
 
 

@@ -10,14 +10,14 @@ import json
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from ..spec import ModelSpec, OptionValue
-from .codecs import decode_tensors, encode_tensors
+from .codecs import CONTEXT_CODECS, decode_tensors, encode_tensors
 from .envelope import Envelope, EnvelopeError, Signer, encode
 
 
@@ -176,15 +176,21 @@ class UpdateMessage:
 def build_update_message(
     fleet: str, run: str, device: str, round_id: int, base_version: int, tensors: Mapping[str, np.ndarray],
     num_samples: int, metrics: Mapping[str, float] | None = None, codec: str = "fp32", key: bytes | None = None,
+    model_probs: Mapping[str, np.ndarray] | None = None,
 ) -> bytes:
-    fields_, body = encode_tensors(tensors, codec)
+    """An update envelope; `model_probs` is the probability model of a context codec (maskrc:
+    codecs.keep_probs of the received global scores)."""
+    fields_, body = encode_tensors(tensors, codec, model_probs=model_probs)
     header = {"kind": "update", "fleet": fleet, "run": run, "device": device, "round": int(round_id),
               "base_version": int(base_version), "num_samples": int(num_samples),
               "metrics": dict(metrics or {}), **fields_}
     return encode(header, body, key=key)
 
 
-def parse_update(env: Envelope) -> UpdateMessage:
+def parse_update(env: Envelope, probs_for: ProbsFor | None = None) -> UpdateMessage:
+    """An update's fields and tensors. A context codec (maskrc) decodes with
+    `probs_for(base_version)`, the keep-probabilities of the model the device trained from
+    (None: the receiver does not hold that version, and decoding fails with EnvelopeError)."""
     h = env.header
     if env.kind != "update":
         raise EnvelopeError(f"expected an update message, got kind {env.kind!r}")
@@ -195,8 +201,23 @@ def parse_update(env: Envelope) -> UpdateMessage:
     return UpdateMessage(
         fleet=_field(h, "fleet", str), run=_field(h, "run", str), device=_field(h, "device", str),
         round=_field(h, "round", int), base_version=_field(h, "base_version", int), num_samples=num_samples,
-        tensors=decode_tensors(h, env.body), metrics=metrics, codec=str(h.get("codec")),
+        tensors=decode_tensors(h, env.body, model_probs=_probs(h, probs_for)), metrics=metrics,
+        codec=str(h.get("codec")),
     )
+
+
+ProbsFor = Callable[[int], "Mapping[str, np.ndarray] | None"]  # model version -> keep-probabilities (or None)
+
+
+def _probs(h: Mapping[str, Any], probs_for: ProbsFor | None) -> Mapping[str, np.ndarray] | None:
+    if h.get("codec") not in CONTEXT_CODECS:
+        return None
+    version = _field(h, "base_version", int)
+    probs = probs_for(version) if probs_for is not None else None
+    if probs is None:
+        raise EnvelopeError(f"codec {h.get('codec')} decodes with the keep-probabilities of model version {version}, "
+                            "which the receiver does not hold")
+    return probs
 
 
 # ----------------------------------------------------------------------------- report
