@@ -210,8 +210,9 @@ ProbsFor = Callable[[int], "Mapping[str, np.ndarray] | None"]  # model version -
 
 
 def _probs(h: Mapping[str, Any], probs_for: ProbsFor | None) -> Mapping[str, np.ndarray] | None:
-    if h.get("codec") not in CONTEXT_CODECS:
-        return None
+    codec = h.get("codec")
+    if not isinstance(codec, str) or codec not in CONTEXT_CODECS:
+        return None  # a malformed codec is refused by decode_tensors, which names it
     version = _field(h, "base_version", int)
     probs = probs_for(version) if probs_for is not None else None
     if probs is None:
