@@ -51,6 +51,14 @@ PAPER003_METHODS: dict[str, dict] = {
     "mpt-fl-1bit": {"model": "conv4-mpt", "strategy": "mpt-mask", "train": _SGD_SCORES, "federated": True},
     # fedge's own: 1 bit per weight up as well, but the sign of each score's change (sign-delta)
     "mpt-fl-1bit-sign": {"model": "conv4-mpt", "strategy": "sign-delta", "train": _SGD_SCORES, "federated": True},
+    # the same sign1 uplink, unbiased: stochastic signs (+-max|d| per tensor), alone or with
+    # error feedback kept on each device between its participations (models/wire/sign_quant.py)
+    "mpt-fl-1bit-stoch": {"model": "conv4-mpt", "strategy": "sign-delta", "train": _SGD_SCORES, "federated": True,
+                          "options": {"quantiser": "stochastic"}},
+    "mpt-fl-1bit-ef": {"model": "conv4-mpt", "strategy": "sign-delta", "train": _SGD_SCORES, "federated": True,
+                       "options": {"quantiser": "stochastic", "error_feedback": True}},
+    "mpt-fl-1bit-sign-ef": {"model": "conv4-mpt", "strategy": "sign-delta", "train": _SGD_SCORES, "federated": True,
+                            "options": {"error_feedback": True}},
 }
 
 
@@ -72,7 +80,7 @@ def paper003(method: str = "mpt-fl-1/32", prune_ratio: float = 0.8) -> FleetConf
         recipe="paper003",
         hub=HubConfig(
             fleet="paper003", model=model, rounds=100, clients_per_round=10, deadline_s=600, quorum=1.0,
-            strategy=spec["strategy"], eval_size=2000,
+            strategy=spec["strategy"], strategy_options=dict(spec.get("options", {})), eval_size=2000,
             train={"epochs": 5, "batch_size": 10, **spec["train"]},
         ),
     )
