@@ -46,7 +46,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for method, entry in results["methods"].items():
-        for i, (seed, run) in enumerate(sorted(entry["seeds"].items())):
+        for i, (_seed, run) in enumerate(sorted(entry["seeds"].items())):
             ax.plot(range(1, len(run["curve"]) + 1), run["curve"], alpha=0.7,
                     color=f"C{list(results['methods']).index(method)}", label=method if i == 0 else None)
     ax.set_xlabel("round")
