@@ -70,6 +70,7 @@ class Agent:
         guard: RunGuard | None = None,
         warn_unverified: bool = True,
         private_state: str | Path | None = None,
+        residual_state: str | Path | None = None,
         data_ref: DeviceData | None = None,
     ) -> None:
         self.device_id = device_id
@@ -92,6 +93,8 @@ class Agent:
         self.warn_unverified = warn_unverified  # False: a simulator on its own in-process broker
         self.guard = guard or RunGuard(topics.fleet)  # refuses replays of earlier runs/versions
         self.private = PrivateStore(private_state)  # the model's private tensors (its head): never sent
+        # error feedback (sign uplinks): what quantisation dropped, added to the next change; never sent
+        self.residual = PrivateStore(residual_state)
         self._lock = threading.Lock()
         self._model: ModelMessage | None = None
         self._task: TaskMessage | None = None

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from fedge.models.errors import ConfigError
+from fedge.models.wire.sign_quant import QUANTISERS
 
 from .profile import Profile
 
@@ -76,6 +77,11 @@ def check_train_settings(train: Mapping[str, Any], profile: Profile, num_samples
     mu = _number(train, "proximal_mu")
     if mu is not None and mu < 0:
         raise Refused(f"task setting 'proximal_mu' is {mu!r}; it must be >= 0 (FedProx)")
+    quantiser = train.get("sign_quantiser", "deterministic")
+    if quantiser not in QUANTISERS:
+        raise Refused(f"task setting 'sign_quantiser' is {quantiser!r}; allowed: {', '.join(QUANTISERS)}")
+    if not isinstance(train.get("error_feedback", False), bool):
+        raise Refused(f"task setting 'error_feedback' must be true or false, got {train['error_feedback']!r}")
     optimizer = train.get("optimizer", profile.optimizer)
     if optimizer not in OPTIMIZERS:
         raise Refused(f"task setting 'optimizer' is {optimizer!r}; allowed: {', '.join(OPTIMIZERS)}")

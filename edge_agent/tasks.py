@@ -61,11 +61,14 @@ def train(agent: Agent, task: TaskMessage, model: ModelMessage) -> Job:
         state=tensors, data=agent.data, cfg=cfg, seed=job_seed(agent.seed, task.round, agent.device_id),
         codec=task.codec, private=_private(agent, model),
         budget=time_budget(agent.profile),
+        residual=agent.residual.load(model.spec) if cfg.error_feedback else None,
     )
 
     def settle(result: TrainResult) -> None:
         if result.private:
             agent.private.save(model.spec, result.private)
+        if result.residual:
+            agent.residual.save(model.spec, result.residual)
         agent.seconds_per_sample = result.seconds / max(1, cfg.epochs * len(agent.y))
 
     def message(result: TrainResult) -> bytes:

@@ -31,6 +31,7 @@ from fedge.models.registry import (
 from fedge.models.spec import ModelSpec
 from fedge.models.supermask.fedpm import seed_sampling, uplink_masks
 from fedge.models.wire.codecs import UPDATE_CARRIES
+from fedge.models.wire.sign_quant import quantise_change
 
 from .optimiser import LocalOptimiser
 from .profile import Profile
@@ -47,6 +48,10 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 0.0
     proximal_mu: float = 0.0  # FedProx: adds mu/2 ||w - w_received||^2 to the loss (0: plain local SGD)
+    # sign uplinks only (models/wire/sign_quant.py): how the change becomes +-scale, and whether
+    # the device keeps what quantisation dropped and adds it to its next change (error feedback)
+    sign_quantiser: str = "deterministic"
+    error_feedback: bool = False
 
     @classmethod
     def resolve(cls, profile: Profile, task: Mapping[str, Any] | None) -> TrainConfig:
@@ -60,6 +65,8 @@ class TrainConfig:
             momentum=float(task.get("momentum", profile.momentum)),
             weight_decay=float(task.get("weight_decay", 0.0)),
             proximal_mu=float(task.get("proximal_mu", 0.0)),
+            sign_quantiser=str(task.get("sign_quantiser", "deterministic")),
+            error_feedback=bool(task.get("error_feedback", False)),
         )
 
 
@@ -71,6 +78,7 @@ class TrainResult:
     accuracy: float  # the family's running score: right / scored predictions (examples, pixels or contrastive views)
     seconds: float
     private: dict[str, np.ndarray] = field(default_factory=dict)  # trained private tensors: they stay here
+    residual: dict[str, np.ndarray] = field(default_factory=dict)  # error feedback: what the uplink dropped
 
 
 def job_seed(base_seed: int, round_id: int, device_id: str) -> int:
@@ -188,17 +196,26 @@ def _release(opt: LocalOptimiser) -> None:
 
 
 def uplink_state(trainer: LocalTrainer, result: TrainResult, codec: str | None,
-                 received: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+                 received: Mapping[str, np.ndarray], cfg: TrainConfig | None = None, seed: int = 0,
+                 residual: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """What a device sends after training, as the task's codec says (UPDATE_CARRIES, declared
     by the hub's strategy): its trained state; for a 'mask' codec (mask1, strategy mpt-mask)
     only the masks its trained scores select (FedPM layers: one mask drawn from sigmoid(scores),
     supermask/fedpm.py); for a 'sign' codec (sign1, strategy sign-delta)
-    the change from `received` (the global the job started from), which the codec cuts to 1 bit.
+    the change from `received` (the global the job started from), which the codec cuts to 1 bit,
+    quantised as `cfg` says (sign_quant.quantise_change, seeded by the job's `seed`; with error
+    feedback `residual` is added first and the new residual is left in `result.residual`).
     Only shared tensors: a model's private ones (registry.split_state) never leave the device."""
     carries = UPDATE_CARRIES.get(codec or "", "state")
     if carries == "mask":
         return {k: v for k, v in uplink_masks(trainer.model).items() if not is_private(trainer.spec, k)}
     if carries == "sign":
-        return {k: v - np.asarray(received[k], dtype=np.float32) for k, v in result.state.items()
-                if not is_private(trainer.spec, k)}
+        change = {k: v - np.asarray(received[k], dtype=np.float32) for k, v in result.state.items()
+                  if not is_private(trainer.spec, k)}
+        cfg = cfg or TrainConfig()
+        if cfg.sign_quantiser == "deterministic" and not cfg.error_feedback:
+            return change
+        sent, left = quantise_change(change, cfg.sign_quantiser, seed, residual if cfg.error_feedback else None)
+        result.residual = left if cfg.error_feedback else {}
+        return sent
     return {k: v for k, v in result.state.items() if not is_private(trainer.spec, k)}

@@ -43,6 +43,7 @@ class TrainRequest:
     codec: str | None
     private: Mapping[str, np.ndarray] | None = None
     budget: TimeBudget | None = None
+    residual: Mapping[str, np.ndarray] | None = None  # error feedback kept by the device (cfg.error_feedback)
 
 
 @dataclass
@@ -66,7 +67,8 @@ def run_one(trainer: LocalTrainer, request: Request) -> TrainResult | dict[str, 
         return trainer.evaluate(request.state, x, y, private=request.private, batch_size=request.batch_size)
     result = trainer.train(request.state, x, y, request.cfg, request.seed, after_step=request.budget,
                            private=request.private)
-    result.state = uplink_state(trainer, result, request.codec, request.state)
+    result.state = uplink_state(trainer, result, request.codec, request.state, request.cfg, request.seed,
+                                request.residual)
     return result
 
 
@@ -117,7 +119,8 @@ def _train_stacked(trainer: LocalTrainer, group: Sequence[TrainRequest]) -> list
     for request, result in zip(group, results):
         trained, kept = split_state(trainer.spec, result.state)
         result.state, result.private = dict(trained), dict(kept)
-        result.state = uplink_state(trainer, result, request.codec, request.state)
+        result.state = uplink_state(trainer, result, request.codec, request.state, request.cfg, request.seed,
+                                request.residual)
     return results
 
 

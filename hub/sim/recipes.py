@@ -61,6 +61,14 @@ PAPER003_METHODS: dict[str, dict] = {
     # the same, its masks range-coded with the global keep-probabilities as the model (codec maskrc)
     "fedpm-rc": {"model": "conv4-fedpm", "strategy": "fedpm", "train": _FEDPM_SCORES, "federated": True,
                  "strategy_options": _FEDPM_POSTERIOR, "update_codec": "maskrc"},
+    # the same sign1 uplink, unbiased: stochastic signs (+-max|d| per tensor), alone or with
+    # error feedback kept on each device between its participations (models/wire/sign_quant.py)
+    "mpt-fl-1bit-stoch": {"model": "conv4-mpt", "strategy": "sign-delta", "train": _SGD_SCORES, "federated": True,
+                          "strategy_options": {"quantiser": "stochastic"}},
+    "mpt-fl-1bit-ef": {"model": "conv4-mpt", "strategy": "sign-delta", "train": _SGD_SCORES, "federated": True,
+                       "strategy_options": {"quantiser": "stochastic", "error_feedback": True}},
+    "mpt-fl-1bit-sign-ef": {"model": "conv4-mpt", "strategy": "sign-delta", "train": _SGD_SCORES, "federated": True,
+                            "strategy_options": {"error_feedback": True}},
 }
 
 
