@@ -1,6 +1,8 @@
-"""Stacked training (edge_agent/stacked.py) vs LocalTrainer.train one job at a time: the same
-jobs, the same machine and torch threads, in one run; reported as a ratio (sequential seconds /
-stacked seconds: above 1, stacking is faster).
+"""Stacked training (edge_agent/stacked.py) and fused MLP training (edge_agent/fused_mlp.py) vs
+LocalTrainer.train's autograd loop one job at a time: the same jobs, the same machine and torch
+threads, in one run; reported as ratios (sequential autograd seconds / stacked seconds, and
+sequential autograd seconds / sequential fused seconds: above 1, the other path is faster).
+Fused applies to plain MLPs only; for conv4 its column is the autograd loop again.
 
 Cases (random data of the stated shape, labels random: only the timing matters, and the
 stacked result is checked against the sequential one):
@@ -33,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from fedge.edge_agent.fused_mlp import fused_reason  # noqa: E402
 from fedge.edge_agent.stacked import StackJob, stack_size, train_stacked  # noqa: E402
 from fedge.edge_agent.trainer import LocalTrainer, TrainConfig  # noqa: E402
 from fedge.hub.report import machine_info, write_results  # noqa: E402
@@ -65,7 +68,8 @@ def _time(fn) -> float:  # noqa: ANN001
 def _case(name: str, threads: int, repeats: int, device: str = "cpu") -> dict:
     model, devices, per_device, batch = CASES[name]
     torch.set_num_threads(threads)
-    trainer = LocalTrainer(model, SHAPE, 10, device=device)
+    trainer = LocalTrainer(model, SHAPE, 10, device=device, fused=False)
+    fused_trainer = LocalTrainer(model, SHAPE, 10, device=device)
     cfg = TrainConfig(epochs=1, batch_size=batch, lr=0.01, momentum=0.9)
     jobs = _jobs(model, devices, per_device)
 
@@ -75,27 +79,37 @@ def _case(name: str, threads: int, repeats: int, device: str = "cpu") -> dict:
     def stacked() -> list:
         return train_stacked(trainer.model, trainer.family, jobs, cfg)
 
-    ref, got = sequential(), stacked()  # warm-up (first vmap call), and the equality check
+    def fused() -> list:
+        return [fused_trainer.train(j.state, j.x, j.y, cfg, j.seed) for j in jobs]
+
+    ref, got, fus = sequential(), stacked(), fused()  # warm-up (first vmap call), and the equality check
     diff = max(float(np.abs(r.state[k] - g.state[k]).max()) for r, g in zip(ref, got) for k in r.state)
-    seq_s, stk_s = [], []
-    for _ in range(repeats):  # interleaved, so a slow spell of a shared machine hits both
+    fused_diff = max(float(np.abs(r.state[k] - g.state[k]).max()) for r, g in zip(ref, fus) for k in r.state)
+    seq_s, stk_s, fus_s = [], [], []
+    for _ in range(repeats):  # interleaved, so a slow spell of a shared machine hits all three
         seq_s.append(_time(sequential))
         stk_s.append(_time(stacked))
-    seq, stk = statistics.median(seq_s), statistics.median(stk_s)
+        fus_s.append(_time(fused))
+    seq, stk, fus_med = statistics.median(seq_s), statistics.median(stk_s), statistics.median(fus_s)
+    is_fused = fused_reason(fused_trainer.model, fused_trainer.family, cfg) is None
     row = {"case": name, "model": model, "devices": devices, "per_device": per_device, "batch_size": batch,
            "threads": threads, "device": device, "parameters": count_parameters(trainer.model),
            "stack_size": stack_size(trainer.model),
            "sequential_s": seq_s, "stacked_s": stk_s, "median_sequential_s": seq, "median_stacked_s": stk,
-           "ratio": seq / stk, "max_abs_diff": diff}
+           "ratio": seq / stk, "max_abs_diff": diff,
+           "fused": is_fused, "fused_s": fus_s, "median_fused_s": fus_med, "fused_ratio": seq / fus_med,
+           "fused_max_abs_diff": fused_diff, "per_job_s": {"autograd": seq / devices, "stacked": stk / devices,
+                                                           "fused": fus_med / devices}}
     print(f"{name:10s} {device} threads={threads}: sequential {seq:.2f} s, stacked {stk:.2f} s, ratio {seq / stk:.2f}x "
-          f"(max |diff| {diff:.1e})", flush=True)
+          f"(max |diff| {diff:.1e}); fused{'' if is_fused else ' (n/a: autograd)'} {fus_med:.2f} s, "
+          f"ratio {seq / fus_med:.2f}x (max |diff| {fused_diff:.1e})", flush=True)
     return row
 
 
 def _stack_sweep(threads: int, repeats: int, sizes: list[int]) -> list[dict]:
     model, devices, per_device, batch = CASES["fleet1000"]
     torch.set_num_threads(threads)
-    trainer = LocalTrainer(model, SHAPE, 10)
+    trainer = LocalTrainer(model, SHAPE, 10, fused=False)
     cfg = TrainConfig(epochs=1, batch_size=batch, lr=0.01, momentum=0.9)
     jobs = _jobs(model, devices, per_device)
     train_stacked(trainer.model, trainer.family, jobs[:10], cfg)
@@ -144,12 +158,25 @@ def _plot(results: dict, path: Path) -> None:
     ax = axes[0][0]
     rows = results["rows"]
     labels = [f"{r['case']}\n{r.get('device', 'cpu')} {r['threads']} thr" for r in rows]
-    bars = ax.bar(labels, [r["ratio"] for r in rows], color=["#1f77b4" if r["ratio"] >= 1 else "#d62728" for r in rows])
+    pos = np.arange(len(rows))
+    width = 0.4 if any("fused_ratio" in r for r in rows) else 0.8
+    bars = ax.bar(pos - (width / 2 if width < 0.8 else 0), [r["ratio"] for r in rows], width, label="stacked",
+                  color="#1f77b4")
     for bar, r in zip(bars, rows):
-        ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height(), f"{r['ratio']:.2f}x", ha="center", va="bottom")
+        ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height(), f"{r['ratio']:.2f}x", ha="center", va="bottom",
+                fontsize=8)
+    if width < 0.8:
+        fused_rows = [r.get("fused_ratio", 0.0) for r in rows]
+        fbars = ax.bar(pos + width / 2, fused_rows, width, label="fused (MLP only)", color="#2ca02c")
+        for bar, r in zip(fbars, rows):
+            ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height(),
+                    f"{r.get('fused_ratio', 0.0):.2f}x" if r.get("fused") else "n/a", ha="center", va="bottom",
+                    fontsize=8)
+        ax.legend()
+    ax.set_xticks(pos, labels)
     ax.axhline(1.0, color="#888", lw=1)
-    ax.set_ylabel("sequential s / stacked s")
-    ax.set_title("stacked vs one-by-one local training (>1: stacked faster)")
+    ax.set_ylabel("autograd one-by-one s / path s")
+    ax.set_title("stacked and fused vs one-by-one autograd training (>1: faster)")
     if sweep:
         ax2 = axes[0][1]
         for t in sorted({s["threads"] for s in sweep}):

@@ -42,6 +42,7 @@ from fedge.models.errors import ConfigError
 from fedge.models.families import CLASSIFICATION, Family
 from fedge.models.supermask import BinaryActivation, BinaryWeightLayer, SupermaskLayer
 
+from .fused_mlp import fused_reason
 from .optimiser import adam_update, sgd_update
 from .trainer import TrainConfig, TrainResult
 
@@ -108,7 +109,7 @@ def stackable(model: nn.Module, family: Family, cfg: TrainConfig) -> str | None:
 MIN_STACK_JOBS = 8
 
 
-def prefer_stacked(model: nn.Module, family: Family, cfg: TrainConfig, n_jobs: int) -> bool:
+def prefer_stacked(model: nn.Module, family: Family, cfg: TrainConfig, n_jobs: int, fused: bool = True) -> bool:
     """Whether to train `n_jobs` jobs with train_stacked rather than one by one: stackable, at
     least MIN_STACK_JOBS of them, and no convolution on the CPU.
 
@@ -118,11 +119,18 @@ def prefer_stacked(model: nn.Module, family: Family, cfg: TrainConfig, n_jobs: i
     Conv-4 loses (0.85x on 1 thread, 0.29x on 2): convolutions under vmap become grouped
     convolutions, slower on the CPU than one device at a time. On a GPU (one H200,
     benchmarks/results/stacked_training_cuda.json) stacking wins for every case: paper001
-    3.4x, 100 x 60 images 5.8x, Conv-4 1.5x, so convolutions stack there."""
+    3.4x, 100 x 60 images 5.8x, Conv-4 1.5x, so convolutions stack there.
+
+    FUSED_NOTE: on the CPU a plain MLP that LocalTrainer.train trains autograd-free
+    (`fused`, the trainer's setting, and fused_mlp.fused_reason is None) is not stacked: one by one, fused beat stacked in every
+    MLP case of benchmarks/stacked_training.py (1 thread, loaded 2-core VM, same run;
+    benchmarks/results/fused_training.json, docs/benchmarks.md)."""
     if n_jobs < MIN_STACK_JOBS or stackable(model, family, cfg) is not None:
         return False
-    has_conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
     on_cpu = all(p.device.type == "cpu" for p in model.parameters())
+    if fused and on_cpu and fused_reason(model, family, cfg) is None:
+        return False  # one by one, LocalTrainer.train's fused MLP step is faster than a stack (see FUSED_NOTE)
+    has_conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
     return not (has_conv and on_cpu)
 
 

@@ -33,6 +33,7 @@ from fedge.models.supermask.fedpm import seed_sampling, uplink_masks
 from fedge.models.wire.codecs import UPDATE_CARRIES
 from fedge.models.wire.sign_quant import quantise_change
 
+from .fused_mlp import fused_reason, train_fused
 from .optimiser import LocalOptimiser
 from .profile import Profile
 
@@ -95,7 +96,8 @@ def estimate_training_mb(num_params: int, batch_size: int, in_numel: int, optimi
 class LocalTrainer:
     """Holds one model instance and trains it on whatever partition a job brings."""
 
-    def __init__(self, spec: ModelSpec | str, in_shape: tuple[int, ...], num_classes: int, device: str = "cpu") -> None:
+    def __init__(self, spec: ModelSpec | str, in_shape: tuple[int, ...], num_classes: int, device: str = "cpu",
+                 fused: bool = True) -> None:
         if device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("profile asks for device 'cuda' but torch sees no CUDA GPU; use a cpu profile")
         self.device = torch.device(device)
@@ -103,6 +105,7 @@ class LocalTrainer:
         self.model = build_model(self.spec, in_shape, num_classes).to(self.device)
         self.family = model_family(self.spec)  # its training step and metrics (families.FAMILIES)
         self.num_params = count_parameters(self.model)
+        self.fused = fused  # train plain MLPs autograd-free (fused_mlp) where that gives the same result
 
     def train(
         self, state: Mapping[str, np.ndarray], x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, seed: int,
@@ -115,6 +118,9 @@ class LocalTrainer:
         start = time.perf_counter()
         set_state(self.model, {**state, **(private or {})})
         model = self.model.train()
+        if self.fused and fused_reason(model, self.family, cfg) is None:  # same result without autograd (fused_mlp)
+            total, right, done, counted = train_fused(model, x, y, cfg, seed, after_step, start)
+            return self._result(model, len(y), total, right, done, counted, start)
         params = [p for p in model.parameters() if p.requires_grad]
         # foreach update rules of torch.optim's SGD/Adam without torch.optim itself, which imports
         # torch._dynamo (~150 MB resident) when an optimiser is built (edge_agent/optimiser.py)
@@ -142,6 +148,10 @@ class LocalTrainer:
                         _release(opt)
                         raise
         _release(opt)
+        return self._result(model, n, total_loss, correct, seen, scored, start)
+
+    def _result(self, model: torch.nn.Module, n: int, total_loss: float, correct: int, seen: int, scored: int,
+                start: float) -> TrainResult:
         trained, kept = split_state(self.spec, get_state(model))
         return TrainResult(
             state=trained,

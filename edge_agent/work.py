@@ -75,7 +75,8 @@ def run_one(trainer: LocalTrainer, request: Request) -> TrainResult | dict[str, 
 def run_group(trainer: LocalTrainer, requests: Sequence[Request]) -> list[Outcome]:
     """Every request of one model, in order: an outcome each (a failure is that request's
     exception, the others still run). Train requests with the same settings are stacked when
-    stacked training reproduces the one-by-one result and is faster (stacked.prefer_stacked)."""
+    stacked training reproduces the one-by-one result and is faster (stacked.prefer_stacked:
+    not for a plain MLP on the CPU, which LocalTrainer.train's fused step trains faster)."""
     outcomes: list[Outcome] = [None] * len(requests)
     stacked: set[int] = set()
     for indices in _stackable_groups(trainer, requests):
@@ -105,7 +106,8 @@ def _stackable_groups(trainer: LocalTrainer, requests: Sequence[Request]) -> lis
             by_settings.setdefault((request.cfg, request.budget), []).append(i)
     groups = []
     for (cfg, _budget), indices in by_settings.items():
-        if len(indices) > 1 and prefer_stacked(trainer.model, trainer.family, cfg, len(indices)):
+        if len(indices) > 1 and prefer_stacked(trainer.model, trainer.family, cfg, len(indices),
+                                                    fused=trainer.fused):
             groups.append(indices)
     return groups
 

@@ -32,7 +32,7 @@ def _jobs(spec: ModelSpec, sizes: tuple[int, ...] = SIZES) -> list[StackJob]:
 
 def _assert_same_as_one_by_one(spec: ModelSpec, cfg: TrainConfig, max_stack: int | None = None,
                                sizes: tuple[int, ...] = SIZES) -> None:
-    trainer = LocalTrainer(spec, SHAPE, 10)
+    trainer = LocalTrainer(spec, SHAPE, 10, fused=False)  # compare with the autograd loop
     jobs = _jobs(spec, sizes)
     stacked = train_stacked(trainer.model, trainer.family, jobs, cfg, max_stack=max_stack)
     for job, got in zip(jobs, stacked):
@@ -105,7 +105,10 @@ def test_batchnorm_and_dropout_are_refused() -> None:
 
 def test_prefer_stacked_picks_linear_models_of_several_jobs_on_the_cpu() -> None:
     mlp, conv = LocalTrainer("mlp", SHAPE, 10), LocalTrainer("conv4", SHAPE, 10)
-    assert prefer_stacked(mlp.model, mlp.family, TrainConfig(), 10)
+    assert not prefer_stacked(mlp.model, mlp.family, TrainConfig(), 10), "fused one by one is faster"
+    assert prefer_stacked(mlp.model, mlp.family, TrainConfig(), 10, fused=False)
+    tanh = nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.Tanh(), nn.Linear(8, 10))  # not fused: stacks
+    assert prefer_stacked(tanh, mlp.family, TrainConfig(), 10)
     assert not prefer_stacked(mlp.model, mlp.family, TrainConfig(), 2)
     assert not prefer_stacked(conv.model, conv.family, TrainConfig(), 10)
 

@@ -167,8 +167,9 @@ def test_an_agent_with_its_own_data_trains_on_worker_processes_too(small_data) -
 
 
 def test_a_worker_stacks_many_small_mlp_jobs_with_the_one_by_one_result(small_data) -> None:
-    """run_group (every pool's code path) trains >= MIN_STACK_JOBS MLP jobs as one stack, and
-    what each device sends equals its job trained alone; a conv model is not stacked on the CPU."""
+    """run_group (every pool's code path) trains >= MIN_STACK_JOBS MLP jobs as one stack when
+    its trainer is not fused, and what each device sends equals its job trained alone; a conv
+    model is not stacked on the CPU, nor a fused MLP (one by one is faster)."""
     import torch
 
     from fedge.edge_agent.shared_data import LocalData
@@ -183,7 +184,8 @@ def test_a_worker_stacks_many_small_mlp_jobs_with_the_one_by_one_result(small_da
         data = LocalData(torch.from_numpy(small_data.train.x[rows]), torch.from_numpy(small_data.train.y[rows]))
         spec, request = _request(data, epochs=2, seed=i)
         requests.append(request)
-    trainer = LocalTrainer(spec, (1, 28, 28), 10)
+    assert _stackable_groups(LocalTrainer(spec, (1, 28, 28), 10), requests) == [], "fused MLP: one by one"
+    trainer = LocalTrainer(spec, (1, 28, 28), 10, fused=False)  # the autograd trainer: stacking pays
     assert _stackable_groups(trainer, requests) == [list(range(n))]
     stacked = run_group(trainer, requests)
     for request, result in zip(requests, stacked):
