@@ -33,6 +33,7 @@ STRATEGY_MODELS: dict[str, tuple[str, dict]] = {
     "sign-delta": ("mlp-mpt", {}),
     "mpt-score-avg": ("mlp-mpt", {}),
     "mpt-mask": ("mlp-mpt", {}),
+    "fedpm": ("mlp-fedpm", {}),
 }
 
 
