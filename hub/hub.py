@@ -26,7 +26,7 @@ from fedge.models.errors import ConfigError
 from fedge.models.evaluate import evaluate
 from fedge.models.registry import build_model, get_state, model_family, private_patterns, set_state, split_state
 from fedge.models.wire import EnvelopeError, Topics, check_against, decode
-from fedge.models.wire.codecs import keep_probs
+from fedge.models.wire.codecs import UPDATE_CARRIES, keep_probs
 from fedge.models.wire.envelope import Envelope, body_size
 from fedge.models.wire.keys import device_key, hub_signer
 from fedge.models.wire.messages import (
@@ -71,6 +71,14 @@ class Accepted:
     def of(cls, msg: UpdateMessage | ReportMessage, payload: bytes) -> Accepted:
         tensors = msg.tensors if isinstance(msg, UpdateMessage) else OrderedDict()
         return cls(tensors, msg.num_samples, msg.metrics, len(payload), body_size(payload))
+
+
+def _plus(tensors: OrderedDict[str, np.ndarray], error: dict[str, np.ndarray]) -> OrderedDict[str, np.ndarray]:
+    """An update's tensors with the downlink's rounding error added back (Hub._downlink_error)."""
+    if not error:
+        return tensors
+    return OrderedDict((k, v + error[k] if k in error and error[k].shape == np.shape(v) else v)
+                       for k, v in tensors.items())
 
 
 def parse_answer(env: Envelope, probs_for: ProbsFor | None = None) -> UpdateMessage | ReportMessage:
@@ -544,7 +552,8 @@ class Hub:
         """A train round's new global model, checkpointed with the strategy's server state, and
         its record fields."""
         # sorted by device id: the float sums do not depend on arrival order (reproducible runs)
-        updates = [(a.tensors, a.num_samples) for _, a in sorted(accepted.items())]
+        error = self._downlink_error()
+        updates = [(_plus(a.tensors, error), a.num_samples) for _, a in sorted(accepted.items())]
         new_state = self.strategy.aggregate(self.global_state, updates)
         change = weight_change(self.global_state, new_state)
         scores = self.metrics(new_state)
@@ -554,6 +563,19 @@ class Hub:
         train_losses = [a.metrics.get("loss") for a in accepted.values() if isinstance(a.metrics.get("loss"), (int, float))]
         return new_state, {"model_version": new_version, **_headline(scores), "weight_change": change,
                            "train_loss": float(np.mean(train_losses)) if train_losses else None}
+
+    def _downlink_error(self) -> dict[str, np.ndarray]:
+        """What the lossy downlink took from this round's model (exact global minus what the
+        devices decoded), per shared tensor: empty for an fp32 downlink, or when updates are
+        masks or changes rather than trained states (UPDATE_CARRIES). A device trains from the
+        rounded model, so its trained state is `rounded + change`; adding this error back gives
+        `global + change`, and the hub's fp32 model moves by the devices' changes only instead
+        of being snapped to the downlink's grid every round (docs/protocol.md, "Model downlink")."""
+        codec = self.strategy.task_codec(self.config.update_codec)
+        if self.config.model_codec == "fp32" or UPDATE_CARRIES.get(codec or "", "state") != "state":
+            return {}
+        received = parse_model(decode(self.model_payload(self.version, self.global_state))).tensors
+        return {k: (np.asarray(self.global_state[k], dtype=np.float32) - v) for k, v in received.items()}
 
     def _finish(self) -> None:
         """Publish the final model and a 'finished' task so agents know the run is over."""

@@ -201,3 +201,29 @@ def test_q8_downlink_quarters_the_model_bytes_and_devices_decode_the_hubs_quanti
     for k, v in hub.global_state.items():
         np.testing.assert_array_equal(final.tensors[k], v)
     assert any(not np.array_equal(v, expected[k]) for k, v in exact.items())  # q8 did round
+
+
+@pytest.mark.parametrize("codec", ["q8", "fp16"])
+def test_lossy_downlink_error_is_added_back_so_the_hub_moves_by_the_devices_changes_only(
+        codec, topic_prefix, tmp_path, small_data):
+    """Devices that do not move (lr 1e-30: every step is below a float32 ulp of the weights)
+    send back exactly the rounded model they received; the hub adds the rounding back
+    (Hub._downlink_error), so after two rounds its model is still the initial one, not snapped
+    to the downlink's grid."""
+    from fedge.models.wire import decode, decode_tensors, encode_tensors
+    from fedge.models.wire.messages import parse_model
+
+    hub_cfg = HubConfig(fleet="t", prefix=topic_prefix, model="mlp", rounds=2, deadline_s=20, model_codec=codec,
+                        train={"lr": 1e-30, "momentum": 0.0, "batch_size": 32, "epochs": 1})
+    cfg = FleetConfig(devices=3, dataset="synthetic", partition=PartitionSpec("iid"), transport="inproc",
+                      runs_dir=str(tmp_path), progress=False, hub=hub_cfg)
+    with Fleet(cfg, dataset=small_data) as fleet:
+        hub = fleet.make_hub()
+        initial = {k: v.copy() for k, v in hub.global_state.items()}
+        report = fleet.run(hub)
+    assert report["rounds_completed"] == 2
+    rounded = decode_tensors(*encode_tensors(initial, codec))
+    assert max(float(np.abs(rounded[k] - v).max()) for k, v in initial.items()) > 1e-5  # the codec does round
+    final = parse_model(decode(hub.store.load_checkpoint(2))).tensors
+    for k, v in initial.items():
+        np.testing.assert_allclose(final[k], v, rtol=0, atol=1e-7, err_msg=k)
