@@ -50,6 +50,7 @@ class Method:
     model: str  # the MLP counterpart of the method's Conv-4 model
     model_codec: str = "fp32"
     label: str = ""
+    extra: tuple[str, ...] = ()  # more `fedge fleet` flags (strategy options)
 
 
 METHODS: dict[str, Method] = {
@@ -57,6 +58,13 @@ METHODS: dict[str, Method] = {
     "score-avg": Method("mpt-fl-1/32", "mlp-mpt", label="MPT score averaging, fp32 scores up and down"),
     "mask-1bit": Method("mpt-fl-1bit", "mlp-mpt", label="MPT, 1-bit top-k mask up (mpt-mask)"),
     "sign-1bit": Method("mpt-fl-1bit-sign", "mlp-mpt", label="MPT, 1-bit sign of the score change up (sign-delta)"),
+    "sign-1bit-ef": Method("mpt-fl-1bit-sign-ef", "mlp-mpt", extra=("--server-lr", "2"),
+                           label="MPT, 1-bit sign up with device error feedback, server lr 2"),
+    "fedpm": Method("fedpm", "mlp-fedpm", label="FedPM, one sampled mask up (mask1), Beta posterior"),
+    "fedpm-rc": Method("fedpm-rc", "mlp-fedpm", label="FedPM, the mask range-coded (maskrc)"),
+    "fedavg-q8": Method("fedavg", "mlp", model_codec="q8", label="dense FedAvg, fp32 up, q8 down"),
+    "score-avg-q8": Method("mpt-fl-1/32", "mlp-mpt", model_codec="q8", label="MPT score averaging, fp32 up, q8 down"),
+    "fedpm-rc-q8": Method("fedpm-rc", "mlp-fedpm", model_codec="q8", label="FedPM range-coded up, q8 scores down"),
 }
 
 
@@ -69,7 +77,7 @@ def command(key: str, seed: int, args: argparse.Namespace) -> list[str]:
     return ["fedge", "fleet", "--recipe", "paper003", "--method", m.method, "--model", m.model,
             "--model-codec", m.model_codec, "--rounds", str(args.rounds), "--seed", str(seed), "--eval-size", "0",
             "--transport", args.transport, "--runs-dir", args.runs_dir,
-            "--run-id", run_id(key, seed, args.transport, args.rounds), "--no-progress"]
+            "--run-id", run_id(key, seed, args.transport, args.rounds), "--no-progress", *m.extra]
 
 
 def shared_weights(model: str) -> int:

@@ -53,43 +53,51 @@ def test_fp16_round_trip_halves_the_body_within_fp16_precision():
         np.testing.assert_allclose(out[name], tensors[name], rtol=1e-3, atol=1e-3)
 
 
-def test_q8_round_trip_is_within_half_a_step_of_each_block_at_about_8_bits():
+@pytest.mark.parametrize(("codec", "bits"), [("q8", 8), ("q6", 6), ("q4", 4)])
+def test_block_quantised_round_trip_is_within_half_a_step_of_each_block(codec, bits):
     rng = np.random.default_rng(0)
     scores = rng.standard_normal(1000).astype(np.float32)
     scores[7] = 500.0  # one outlier coarsens only its own block of 256
     tensors = OrderedDict(w=rng.standard_normal((30, 40)).astype(np.float32), s=scores,
                           c=np.full((3,), 2.5, np.float32), e=np.zeros((0, 4), np.float32))
-    fields, body = encode_tensors(tensors, "q8")
-    assert len(body) == (8 * 5 + 1200) + (8 * 4 + 1000) + (8 + 3)  # blocks' offset+scale, then a byte each
+    fields, body = encode_tensors(tensors, codec)
+    codes = [-(-n * bits // 8) for n in (1200, 1000, 3, 0)]  # per tensor its codes, padded to a byte
+    assert len(body) == (8 * 5 + codes[0]) + (8 * 4 + codes[1]) + (8 + codes[2])  # blocks' offset+scale, codes
     out = decode_tensors(fields, body)
     assert [(k, v.shape, v.dtype) for k, v in out.items()] == [(k, v.shape, np.float32) for k, v in tensors.items()]
+    levels = 2**bits - 1
     for name, arr in tensors.items():
         flat, got = arr.reshape(-1), out[name].reshape(-1)
         for start in range(0, flat.size, 256):
             blk = flat[start:start + 256]
-            step = (float(blk.max()) - float(blk.min())) / 255
+            step = (float(blk.max()) - float(blk.min())) / levels
             assert np.abs(got[start:start + 256] - blk).max() <= step / 2 + 1e-6 * (1 + np.abs(blk).max())
+            if step > 0:  # the codes use the whole range: the block's min and max come back exactly
+                assert got[start:start + 256].min() == blk.min()
     np.testing.assert_array_equal(out["c"], tensors["c"])  # a constant block is exact
-    assert np.abs(out["s"][256:] - scores[256:]).max() < 0.05  # blocks without the outlier stay fine
-    assert encode_tensors(tensors, "q8") == (fields, body)  # deterministic: every device decodes the same
+    assert np.abs(out["s"][256:] - scores[256:]).max() < 4.0 / levels  # blocks without the outlier stay fine
+    assert encode_tensors(tensors, codec) == (fields, body)  # deterministic: every device decodes the same
 
 
-def test_q8_refuses_bad_bodies_and_non_finite_input():
+@pytest.mark.parametrize(("codec", "size"), [("q8", 316), ("q6", 241), ("q4", 166)])
+def test_block_quantised_codecs_refuse_bad_bodies_and_non_finite_input(codec, size):
     from fedge.models.errors import ConfigError
 
     tensors = OrderedDict(w=np.arange(300, dtype=np.float32))
-    fields, body = encode_tensors(tensors, "q8")
-    with pytest.raises(EnvelopeError, match="needs 316 for codec q8"):
-        decode_tensors(fields, body[:-1])
+    fields, body = encode_tensors(tensors, codec)
+    assert len(body) == size  # 2 blocks x 8 bytes + ceil(300 x bits / 8)
+    for cut in (body[:-1], body + b"\0"):
+        with pytest.raises(EnvelopeError, match=f"needs {size} for codec {codec}"):
+            decode_tensors(fields, cut)
     for bad in (float("nan"), -1.0, float("inf")):
         damaged = body[:4] + struct.pack("<f", bad) + body[8:]  # block 0's scale
-        with pytest.raises(EnvelopeError, match="q8 offset or scale"):
+        with pytest.raises(EnvelopeError, match=f"{codec} offset or scale"):
             decode_tensors(fields, damaged)
     damaged = struct.pack("<f", float("nan")) + body[4:]  # block 0's offset
-    with pytest.raises(EnvelopeError, match="q8 offset or scale"):
+    with pytest.raises(EnvelopeError, match=f"{codec} offset or scale"):
         decode_tensors(fields, damaged)
     with pytest.raises(ConfigError, match="NaN or Inf"):
-        encode_tensors(OrderedDict(w=np.array([1.0, np.nan], np.float32)), "q8")
+        encode_tensors(OrderedDict(w=np.array([1.0, np.nan], np.float32)), codec)
 
 
 def _valid() -> bytes:

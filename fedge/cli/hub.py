@@ -95,8 +95,9 @@ def _add_round_args(parser: argparse.ArgumentParser,
     g.add_argument("--update-codec", choices=list(ALL_CODECS), help="codec devices use for updates")
     g.add_argument("--model-codec", choices=list(MODEL_CODECS),
                    help="codec of the model the hub sends each round: fp32 (default), fp16 (half the downlink "
-                        "bytes) or q8 (8-bit per block of 256, ~8.25 bits per weight); the hub keeps and "
-                        "checkpoints the exact fp32 model")
+                        "bytes), q8, q6 or q4 (8, 6 or 4 bits per weight plus a float32 offset and scale per block of "
+                        "256: 8.25, 6.25, 4.25 bits per weight); the hub keeps and checkpoints the exact fp32 "
+                        "model and adds the rounding back to the devices' updates")
     g.add_argument("--eval-size", type=int, help="test images evaluated each round (0 = all)")
     g.add_argument("--max-samples", type=_positive_int, metavar="N",
                    help="most training examples one update may claim (its FedAvg weight); an update claiming "

@@ -31,12 +31,15 @@ MASK_CODEC = "mask1"
 # scale (>= 0) followed by the signs (1 = positive) packed as in mask1. Decodes to
 # float32 +-scale: a 1-bit-per-weight uplink that still says which way every score moved.
 SIGN_CODEC = "sign1"
-# 8-bit model codec: each tensor cut into blocks of Q8_BLOCK elements (the last may be short);
-# per tensor first every block's float32 offset (its min) and float32 scale ((max - min) / 255),
-# then one uint8 code per element. Decodes to float32 offset + scale * code, the same bits on
-# every receiver. Per block, not per tensor, so one outlier score coarsens only its block.
+# Block-quantised model codecs q8, q6, q4: each tensor cut into blocks of Q8_BLOCK elements
+# (the last may be short); per tensor first every block's float32 offset (its min) and float32
+# scale ((max - min) / (2^bits - 1)), then one code of `bits` bits per element: q8 one uint8 per
+# element, q6 and q4 the codes as one bit stream (most significant bit first, the tensor's
+# stream padded with zero bits to a whole byte). Decodes to float32 offset + scale * code, the
+# same bits on every receiver. Per block, not per tensor, so one outlier coarsens only its block.
 Q8_CODEC = "q8"
 Q8_BLOCK = 256
+QUANT_BITS: dict[str, int] = {Q8_CODEC: 8, "q6": 6, "q4": 4}
 # Entropy-coded masks (strategy fedpm): the mask bits range-coded (constriction's queue
 # RangeEncoder, Bernoulli model) with a per-weight keep-probability p that sender and receiver
 # both hold: sigmoid of the global scores the device trained from (`keep_probs`). Body: the
@@ -47,7 +50,7 @@ Q8_BLOCK = 256
 MASK_RC_CODEC = "maskrc"
 # Baseline: the mask1 body compressed with zstandard (level 19); needs no probabilities.
 MASK_ZSTD_CODEC = "mask1z"
-ALL_CODECS = (*CODECS, MASK_CODEC, SIGN_CODEC, Q8_CODEC, MASK_RC_CODEC, MASK_ZSTD_CODEC)
+ALL_CODECS = (*CODECS, MASK_CODEC, SIGN_CODEC, *QUANT_BITS, MASK_RC_CODEC, MASK_ZSTD_CODEC)
 # codecs whose encoder and decoder need the keep-probabilities of the model the update was trained from
 CONTEXT_CODECS = frozenset({MASK_RC_CODEC})
 P_FLOOR = 2.0**-12  # p is clipped to [P_FLOOR, 1 - P_FLOOR]: a bit against the model costs at most ~12 bits
@@ -57,7 +60,7 @@ P_FLOOR = 2.0**-12  # p is clipped to [P_FLOOR, 1 - P_FLOOR]: a bit against the 
 UPDATE_CARRIES: dict[str, str] = {MASK_CODEC: "mask", SIGN_CODEC: "sign", MASK_RC_CODEC: "mask",
                                    MASK_ZSTD_CODEC: "mask"}
 # codecs a model envelope may use: a model's tensors are values, which the 1-bit codecs cannot carry
-MODEL_CODECS = (*CODECS, Q8_CODEC)
+MODEL_CODECS = (*CODECS, *QUANT_BITS)
 
 
 def _bits_len(n: int) -> int:
@@ -161,8 +164,10 @@ def encode_tensors(tensors: Mapping[str, np.ndarray], codec: str = "fp32",
         return {"codec": codec, "tensors": manifest_of(tensors)}, _encode_rc(tensors, model_probs)
     if codec == SIGN_CODEC:
         return {"codec": codec, "tensors": manifest_of(tensors)}, b"".join(_sign_part(arr) for arr in tensors.values())
-    if codec == Q8_CODEC:
-        return {"codec": codec, "tensors": manifest_of(tensors)}, b"".join(_q8_part(arr) for arr in tensors.values())
+    if codec in QUANT_BITS:
+        bits = QUANT_BITS[codec]
+        return {"codec": codec, "tensors": manifest_of(tensors)}, b"".join(_quant_part(arr, codec, bits)
+                                                                            for arr in tensors.values())
     if codec not in CODECS:
         raise ConfigError(f"unknown codec {codec!r}; known: {sorted(ALL_CODECS)}")
     dtype = CODECS[codec]
@@ -177,27 +182,47 @@ def _sign_part(arr: np.ndarray) -> bytes:
     return np.array([scale], dtype="<f4").tobytes() + np.packbits(flat > 0, bitorder="big").tobytes()
 
 
-def _q8_part(arr: np.ndarray) -> bytes:
+def _code_bytes(size: int, bits: int) -> int:
+    return -(-size * bits // 8)
+
+
+def _quant_part(arr: np.ndarray, codec: str, bits: int) -> bytes:
     """Round to nearest (ties to even): deterministic, so the hub can predict what devices decode."""
     flat = np.asarray(arr, dtype=np.float32).reshape(-1)
     if not np.all(np.isfinite(flat)):
-        raise ConfigError("codec q8 cannot carry NaN or Inf")
+        raise ConfigError(f"codec {codec} cannot carry NaN or Inf")
+    levels = (1 << bits) - 1
     pad = -flat.size % Q8_BLOCK
     blocks = np.pad(flat, (0, pad), mode="edge").reshape(-1, Q8_BLOCK) if flat.size else flat.reshape(0, Q8_BLOCK)
     lo, hi = blocks.min(axis=1), blocks.max(axis=1)
-    scale = ((hi.astype(np.float64) - lo) / 255).astype(np.float32)
+    scale = ((hi.astype(np.float64) - lo) / levels).astype(np.float32)
     safe = np.where(scale > 0, scale, np.float32(1))[:, None]
-    codes = np.clip(np.rint((blocks - lo[:, None]) / safe), 0, 255).astype(np.uint8).reshape(-1)[: flat.size]
+    codes = np.clip(np.rint((blocks - lo[:, None]) / safe), 0, levels).astype(np.uint8).reshape(-1)[: flat.size]
     head: bytes = np.stack([lo, scale], axis=1).astype("<f4").tobytes()
-    return head + bytes(codes.tobytes())
+    if bits == 8:
+        return head + bytes(codes.tobytes())
+    stream = np.unpackbits(codes[:, None], axis=1, bitorder="big")[:, 8 - bits:].reshape(-1)
+    return head + bytes(np.packbits(stream, bitorder="big").tobytes())
 
 
-def _decode_q8(entries: list[tuple[str, tuple[int, ...]]], sizes: list[int], body: bytes
-               ) -> OrderedDict[str, np.ndarray]:
+def _codes(body: bytes, offset: int, size: int, bits: int) -> np.ndarray:
+    """`size` codes of `bits` bits from body[offset:], as float32."""
+    if bits == 8:
+        return np.frombuffer(body, dtype=np.uint8, count=size, offset=offset).astype(np.float32)
+    raw = np.frombuffer(body, dtype=np.uint8, count=_code_bytes(size, bits), offset=offset)
+    stream = np.unpackbits(raw, bitorder="big")[: size * bits].reshape(size, bits)
+    padded = np.zeros((size, 8), dtype=np.uint8)  # each code left-padded to a byte
+    padded[:, 8 - bits:] = stream
+    return np.packbits(padded, axis=1, bitorder="big").reshape(-1).astype(np.float32)
+
+
+def _decode_quant(entries: list[tuple[str, tuple[int, ...]]], sizes: list[int], body: bytes, codec: str
+                  ) -> OrderedDict[str, np.ndarray]:
+    bits = QUANT_BITS[codec]
     nblocks = [-(-n // Q8_BLOCK) for n in sizes]
-    expected = sum(8 * b + n for b, n in zip(nblocks, sizes))
+    expected = sum(8 * b + _code_bytes(n, bits) for b, n in zip(nblocks, sizes))
     if expected != len(body):
-        raise EnvelopeError(f"body has {len(body)} bytes but the manifest needs {expected} for codec q8")
+        raise EnvelopeError(f"body has {len(body)} bytes but the manifest needs {expected} for codec {codec}")
     out: OrderedDict[str, np.ndarray] = OrderedDict()
     offset = 0
     for (name, shape), size, nb in zip(entries, sizes, nblocks):
@@ -205,11 +230,11 @@ def _decode_q8(entries: list[tuple[str, tuple[int, ...]]], sizes: list[int], bod
             raise EnvelopeError(f"tensor {name!r} appears twice in the manifest")
         pairs = np.frombuffer(body, dtype="<f4", count=2 * nb, offset=offset).reshape(nb, 2)
         if not np.all(np.isfinite(pairs)) or np.any(pairs[:, 1] < 0):
-            raise EnvelopeError(f"tensor {name!r} has a q8 offset or scale that is not finite, or a scale < 0")
-        codes = np.frombuffer(body, dtype=np.uint8, count=size, offset=offset + 8 * nb).astype(np.float32)
+            raise EnvelopeError(f"tensor {name!r} has a {codec} offset or scale that is not finite, or a scale < 0")
+        codes = _codes(body, offset + 8 * nb, size, bits)
         idx = np.arange(size) // Q8_BLOCK
         out[name] = (pairs[idx, 0] + pairs[idx, 1] * codes).astype(np.float32).reshape(shape)
-        offset += 8 * nb + size
+        offset += 8 * nb + _code_bytes(size, bits)
     return out
 
 
@@ -246,8 +271,8 @@ def decode_tensors(header: Mapping[str, Any], body: bytes,
         codec = MASK_CODEC
     if codec in (MASK_CODEC, SIGN_CODEC):
         return _decode_packed(entries, sizes, body, codec)
-    if codec == Q8_CODEC:
-        return _decode_q8(entries, sizes, body)
+    if codec in QUANT_BITS:
+        return _decode_quant(entries, sizes, body, codec)
     dtype = CODECS[codec]
     expected = sum(sizes) * dtype.itemsize
     if expected != len(body):
