@@ -99,20 +99,22 @@ def plot(results: dict, path: Path) -> None:
     methods = list(dict.fromkeys(c["method"] for c in cells))
     fig, axes = plt.subplots(1, len(methods), figsize=(4.5 * len(methods), 4), squeeze=False)
     for ax, method in zip(axes[0], methods):
-        for codec, style in (("fp32", "-"), ("fp16", "--"), ("q8", ":")):
+        for codec, style in (("fp32", "-"), ("fp16", "--"), ("q8", ":"), ("q6", "-."), ("q4", "-")):
             runs = [c["accuracy"] for c in cells if c["method"] == method and c["model_codec"] == codec]
             if not runs:
                 continue
             n = min(len(r) for r in runs)
             mean = [100 * statistics.mean(r[i] for r in runs) for i in range(n)]
             down = next(c["downlink_bytes"] for c in cells if c["method"] == method and c["model_codec"] == codec)
-            ax.plot(range(1, n + 1), mean, style, label=f"{codec} downlink ({down / 1e6:.2f} MB)")
+            ax.plot(range(1, n + 1), mean, style, lw=0.8 if codec == "q4" else 1.5,
+                    label=f"{codec} downlink ({down / 1e6:.2f} MB)")
         ax.set_title(f"{method} ({next(c['model'] for c in cells if c['method'] == method)})")
         ax.set_xlabel("round")
         ax.set_ylabel("test accuracy (%), mean over seeds")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle("paper003 shards: model downlink fp32 vs fp16 vs q8 (same seeds, selection and data)")
+    codecs = " vs ".join(dict.fromkeys(c["model_codec"] for c in cells))
+    fig.suptitle(f"paper003 shards: model downlink {codecs} (same seeds, selection and data)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

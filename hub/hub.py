@@ -422,14 +422,16 @@ class Hub:
 
     def probs_for(self, version: int) -> OrderedDict[str, np.ndarray] | None:
         """The keep-probabilities (codecs.keep_probs) of model `version` for a context codec
-        (maskrc): the current global's, the one every update of the open round trained from;
-        None for any other version (the update is then refused as a bad envelope)."""
+        (maskrc): the current global's, the one every update of the open round trained from,
+        as the devices decoded it (a lossy downlink rounds the scores, and the coder's model must
+        be the device's to the bit); None for any other version (the update is then refused as a
+        bad envelope)."""
         state, current = self.global_state, self.version  # one read: the round may advance meanwhile
         if version != current:
             return None
         cached = getattr(self, "_probs_cache", None)
         if cached is None or cached[0] != current or cached[1] is not state:
-            cached = (current, state, keep_probs(state))
+            cached = (current, state, keep_probs(self._as_devices_hold(current, state)))
             self._probs_cache = cached
         return cached[2]
 
@@ -574,8 +576,15 @@ class Hub:
         codec = self.strategy.task_codec(self.config.update_codec)
         if self.config.model_codec == "fp32" or UPDATE_CARRIES.get(codec or "", "state") != "state":
             return {}
-        received = parse_model(decode(self.model_payload(self.version, self.global_state))).tensors
+        received = self._as_devices_hold(self.version, self.global_state)
         return {k: (np.asarray(self.global_state[k], dtype=np.float32) - v) for k, v in received.items()}
+
+    def _as_devices_hold(self, version: int, state: OrderedDict[str, np.ndarray]) -> OrderedDict[str, np.ndarray]:
+        """The shared tensors of `state` as a device decodes them from the downlink: `state`
+        itself for fp32, else the decoded model envelope (its rounding included)."""
+        if self.config.model_codec == "fp32":
+            return state
+        return parse_model(decode(self.model_payload(version, state))).tensors
 
     def _finish(self) -> None:
         """Publish the final model and a 'finished' task so agents know the run is over."""

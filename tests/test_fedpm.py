@@ -126,14 +126,17 @@ def test_bad_options_and_updates_are_refused():
     assert np.all(np.isfinite(scores_of(np.array([0.0, 1.0]), 0.01)))
 
 
-@pytest.mark.parametrize("codec", ["mask1", "maskrc"])
-def test_fedpm_learns_through_the_fleet_with_one_bit_up(embedded_broker, topic_prefix, tmp_path, small_data, codec):
+@pytest.mark.parametrize(("codec", "model_codec"), [("mask1", "fp32"), ("maskrc", "fp32"), ("maskrc", "q8")])
+def test_fedpm_learns_through_the_fleet_with_one_bit_up(embedded_broker, topic_prefix, tmp_path, small_data, codec,
+                                                        model_codec):
+    """maskrc with a lossy downlink (q8): the hub must code against the keep-probabilities of
+    the model as devices decoded it, or every update fails to decode (rejected_updates)."""
     import onnxruntime as ort
 
     from fedge.models.export import export
 
     hub = HubConfig(fleet="fedpm", prefix=topic_prefix, model="mlp-fedpm", rounds=3, deadline_s=60,
-                    strategy="fedpm", strategy_options={"prior": 1e-3}, update_codec=codec,
+                    strategy="fedpm", strategy_options={"prior": 1e-3}, update_codec=codec, model_codec=model_codec,
                     train={"optimizer": "adam", "lr": 0.1, "epochs": 2, "batch_size": 32})
     cfg = FleetConfig(devices=4, dataset="synthetic", partition=PartitionSpec("iid"), broker=embedded_broker,
                       runs_dir=str(tmp_path), progress=False, hub=hub)
